@@ -1,0 +1,3 @@
+from mlx_clip.cli import run
+
+run()

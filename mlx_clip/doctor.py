@@ -1,0 +1,57 @@
+"""What `mlxclip doctor` reports: MLX, its device, the BLAS in use and the fp32 matmul rate it gives, torch."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import statistics
+import time
+
+from mlx_clip import _blas
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 7, dtype: str = "float32") -> float:
+    """Median fp32 GFLOP/s of an n×n @ n×n MLX matmul on the default device (after one warm-up)."""
+    import mlx.core as mx
+
+    a = mx.random.normal((n, n)).astype(getattr(mx, dtype))
+    b = mx.random.normal((n, n)).astype(getattr(mx, dtype))
+    mx.eval(a @ b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(a @ b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def torch_info() -> dict:
+    try:
+        import torch
+    except ImportError:
+        return {"available": False}
+    device = "mps" if torch.backends.mps.is_available() else "cuda" if torch.cuda.is_available() else "cpu"
+    return {"available": True, "version": torch.__version__, "device": device, "open_clip": _version("open_clip_torch")}
+
+
+def report(measure: bool = True) -> dict:
+    import mlx.core as mx
+
+    info = {
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "mlx": mx.__version__,
+        "device": str(mx.default_device()),
+        "blas": _blas.LOADED or f"bundled ({_blas.REASON})",
+        "torch": torch_info(),
+    }
+    if measure:
+        info["matmul_fp32_gflops"] = round(matmul_gflops(), 1)
+    return info

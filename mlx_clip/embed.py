@@ -1,0 +1,66 @@
+"""Embed image files and captions with a model (the work behind `mlxclip embed --images/--texts`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def collect_images(sources) -> list[Path]:
+    """Image files from a mix of files and folders (folders searched recursively, sorted for a stable order)."""
+    paths = []
+    for src in map(Path, sources):
+        if src.is_dir():
+            paths += sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif src.is_file():
+            paths.append(src)
+        else:
+            raise FileNotFoundError(f"{src}: no such image file or folder")
+    return paths
+
+
+def read_texts(path) -> list[str]:
+    """One caption per line; blank lines skipped."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def embed_images(model, preprocess, paths, batch_size: int = 32) -> np.ndarray:
+    out = []
+    for i in range(0, len(paths), batch_size):
+        pixels = []
+        for p in paths[i : i + batch_size]:
+            with Image.open(p) as img:
+                pixels.append(preprocess.to_numpy(img))
+        out.append(np.array(model.encode_image(mx.array(np.stack(pixels)), normalize=True).astype(mx.float32)))
+    return np.concatenate(out) if out else np.zeros((0, model.config.projection_dim), np.float32)
+
+
+def embed_texts(model, tokenizer, texts, batch_size: int = 256) -> np.ndarray:
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids = tokenizer(texts[i : i + batch_size])
+        out.append(np.array(model.encode_text(ids, normalize=True).astype(mx.float32)))
+    return np.concatenate(out) if out else np.zeros((0, model.config.projection_dim), np.float32)
+
+
+def embed_to_npz(model, tokenizer, preprocess, images=(), texts_file=None, out="embeddings.npz", batch_size=32) -> dict:
+    """Write normalized embeddings: keys image_embeddings, image_paths, text_embeddings, texts."""
+    paths = collect_images(images)
+    texts = read_texts(texts_file) if texts_file else []
+    result = {
+        "image_embeddings": embed_images(model, preprocess, paths, batch_size),
+        "image_paths": np.array([str(p) for p in paths]),
+        "text_embeddings": embed_texts(model, tokenizer, texts),
+        "texts": np.array(texts),
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.npz")
+    np.savez(tmp, **result)
+    tmp.replace(out)
+    return result

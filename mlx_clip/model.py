@@ -1,0 +1,236 @@
+"""CLIP in MLX: a ViT image tower and a causal text transformer sharing one encoder layer.
+
+Attribute names are the checkpoint schema and follow Hugging Face CLIP (`vision_model.encoder.layers.N.self_attn.q_proj`,
+`visual_projection`, ...), so HF dirs load with layout fixes only. Images are NHWC.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_clip.config import CLIPConfig, TextConfig, VisionConfig
+
+
+def quick_gelu(x: mx.array) -> mx.array:
+    return x * mx.sigmoid(1.702 * x)
+
+
+# Exact (erf) GELU: open_clip's nn.GELU() and HF's "gelu" are not the tanh approximation.
+ACTIVATIONS = {"gelu": nn.gelu, "quick_gelu": quick_gelu}
+
+
+class Attention(nn.Module):
+    def __init__(self, dims: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dims // num_heads) ** -0.5
+        self.q_proj = nn.Linear(dims, dims)
+        self.k_proj = nn.Linear(dims, dims)
+        self.v_proj = nn.Linear(dims, dims)
+        self.out_proj = nn.Linear(dims, dims)
+
+    def __call__(self, x: mx.array, mask=None) -> mx.array:
+        B, L, D = x.shape
+        heads = [p(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3) for p in (self.q_proj, self.k_proj, self.v_proj)]
+        out = mx.fast.scaled_dot_product_attention(*heads, scale=self.scale, mask=mask)  # (B, H, L, Dh)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dims: int, hidden: int, act: str):
+        super().__init__()
+        self.activation = ACTIVATIONS[act]
+        self.fc1 = nn.Linear(dims, hidden)
+        self.fc2 = nn.Linear(hidden, dims)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm transformer block, shared by both towers."""
+
+    def __init__(self, cfg: VisionConfig | TextConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def __call__(self, x: mx.array, mask=None) -> mx.array:
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VisionConfig | TextConfig):
+        super().__init__()
+        self.layers = [EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+
+    def __call__(self, x: mx.array, mask=None, hidden_states: list | None = None) -> mx.array:
+        for layer in self.layers:
+            x = layer(x, mask)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        return x
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.class_embedding = mx.zeros((cfg.hidden_size,))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(cfg.num_positions, cfg.hidden_size)
+
+    def __call__(self, images: mx.array) -> mx.array:
+        x = self.patch_embedding(images)  # (B, H/p, W/p, D)
+        B, D = x.shape[0], x.shape[-1]
+        x = x.reshape(B, -1, D)  # (B, N, D), row-major patches as open_clip's flatten
+        cls = mx.broadcast_to(self.class_embedding.astype(x.dtype), (B, 1, D))
+        x = mx.concatenate([cls, x], axis=1)
+        return x + self.position_embedding.weight[: x.shape[1]].astype(x.dtype)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.embeddings = VisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: HF's name
+        self.encoder = Encoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def __call__(self, images: mx.array, hidden_states: list | None = None) -> mx.array:
+        """Pooled (CLS) features after the final norm, before projection: (B, D)."""
+        x = self.pre_layrnorm(self.embeddings(images))
+        if hidden_states is not None:
+            hidden_states.append(x)
+        x = self.encoder(x, None, hidden_states)
+        return self.post_layernorm(x[:, 0])
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.pool_type = cfg.pool_type
+        self.eos_token_id = cfg.eos_token_id
+        self.embeddings = TextEmbeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def __call__(self, ids: mx.array, hidden_states: list | None = None) -> mx.array:
+        """Features at the EOT token after the final norm, before projection: (B, D)."""
+        x = self.embeddings(ids)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        x = self.final_layer_norm(self.encoder(x, "causal", hidden_states))
+        return x[mx.arange(ids.shape[0]), self._eot_positions(ids)]
+
+    def _eot_positions(self, ids: mx.array) -> mx.array:
+        if self.pool_type == "argmax":  # EOT is the largest id in CLIP's vocab
+            return mx.argmax(ids, axis=-1)
+        return mx.argmax((ids == self.eos_token_id).astype(mx.int32), axis=-1)
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.config = config
+        v, t = config.vision_config, config.text_config
+        self.vision_model = VisionTransformer(v)
+        self.text_model = TextTransformer(t)
+        self.visual_projection = nn.Linear(v.hidden_size, config.projection_dim, bias=v.projection_bias)
+        self.text_projection = nn.Linear(t.hidden_size, config.projection_dim, bias=t.projection_bias)
+        self.logit_scale = mx.array(config.logit_scale_init_value, dtype=mx.float32)  # log of the multiplier
+
+    def encode_image(self, images: mx.array, normalize: bool = False) -> mx.array:
+        """images: (B, H, W, 3) normalized pixels -> (B, projection_dim)."""
+        x = self.visual_projection(self.vision_model(images))
+        return _l2_normalize(x) if normalize else x
+
+    def encode_text(self, ids: mx.array, normalize: bool = False) -> mx.array:
+        """ids: (B, L) int token ids -> (B, projection_dim)."""
+        x = self.text_projection(self.text_model(ids))
+        return _l2_normalize(x) if normalize else x
+
+    def __call__(self, images: mx.array, ids: mx.array) -> tuple[mx.array, mx.array]:
+        """(logits_per_image (B_img, B_txt), logits_per_text (B_txt, B_img)), scaled by exp(logit_scale)."""
+        image_features = self.encode_image(images, normalize=True)
+        text_features = self.encode_text(ids, normalize=True)
+        logits_per_image = mx.exp(self.logit_scale) * image_features @ text_features.T
+        return logits_per_image, logits_per_image.T
+
+    def sanitize(self, weights: dict) -> dict:
+        """Bring checkpoint arrays (HF names, either conv layout) to this model's layout. Idempotent."""
+        out = {}
+        channels = self.config.vision_config.num_channels
+        for key, value in weights.items():
+            if key.endswith("position_ids"):  # a buffer in older HF checkpoints, not a parameter
+                continue
+            if key == "vision_model.embeddings.patch_embedding.weight" and _is_oihw(value.shape, channels):
+                value = value.transpose(0, 2, 3, 1)  # torch OIHW -> MLX OHWI
+            if key == "logit_scale":
+                value = value.reshape(())
+            out[key] = value
+        return out
+
+
+def _is_oihw(shape, channels: int) -> bool:
+    # Torch conv weights are (O, C, kh, kw), MLX (O, kh, kw, C); the channel axis tells them apart
+    # (ambiguous only for a patch size equal to the channel count, which no CLIP uses).
+    return len(shape) == 4 and shape[1] == channels and shape[3] != channels
+
+
+def _l2_normalize(x: mx.array) -> mx.array:
+    return x * mx.rsqrt(mx.maximum(mx.sum(x * x, axis=-1, keepdims=True), 1e-24))
+
+
+def init_weights(model: CLIP, seed: int = 0) -> CLIP:
+    """CLIP's initialisation (as open_clip's init_parameters), seeded; for `mlxclip init` and pretraining from scratch."""
+    key = mx.random.key(seed)
+    params = []
+    for name, p in nn.utils.tree_flatten(model.parameters()):
+        key, sub = mx.random.split(key)
+        params.append((name, _init_value(name, p, model.config, sub)))
+    model.update(nn.utils.tree_unflatten(params))
+    return model
+
+
+def _init_value(name: str, p: mx.array, cfg: CLIPConfig, key) -> mx.array:
+    if name == "logit_scale":
+        return mx.array(cfg.logit_scale_init_value, dtype=p.dtype)
+    if "layer_norm" in name or "layernorm" in name or "layrnorm" in name:
+        return mx.ones_like(p) if name.endswith("weight") else mx.zeros_like(p)
+    if name.endswith("bias"):
+        return mx.zeros_like(p)
+    tower = cfg.vision_config if name.startswith("vision") or name.startswith("visual") else cfg.text_config
+    width, layers = tower.hidden_size, tower.num_hidden_layers
+    if "token_embedding" in name:
+        std = 0.02
+    elif "position_embedding" in name:
+        std = 0.01 if tower is cfg.text_config else width**-0.5
+    elif "class_embedding" in name or "patch_embedding" in name or name.endswith("projection.weight"):
+        std = width**-0.5
+    elif "out_proj" in name or "fc2" in name:
+        std = width**-0.5 * (2 * layers) ** -0.5  # residual-branch outputs, scaled by depth
+    elif "fc1" in name:
+        std = (2 * width) ** -0.5
+    else:  # q/k/v
+        std = width**-0.5
+    return (std * mx.random.normal(p.shape, key=key)).astype(p.dtype)
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(math.prod(p.shape) for _, p in nn.utils.tree_flatten(model.parameters()))
