@@ -1,0 +1,243 @@
+"""Tokenizer parity: our BPE against open_clip's SimpleTokenizer (and transformers' CLIPTokenizer) on a seeded,
+generated corpus of words, scripts, emoji, HTML entities, whitespace runs, mojibake and over-long text."""
+
+import json
+import pickle
+import random
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from mlx_clip.tokenizer import GZ_VOCAB, Tokenizer  # before mlx.core (fast BLAS preload)
+
+import mlx.core as mx  # noqa: E402
+
+open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
+transformers = pytest.importorskip("transformers")
+
+WORDS = ("a photo of the dog cat red running on beach with small big two people car street man woman tree sky "
+         "house blue green playing standing sitting next to in at night city food plate close up view").split()
+PUNCT = list(".,!?;:-_()[]{}\"'/\\@#$%^*+=~`|<>") + ["...", "--", "?!", ":)"]
+CONTRACTIONS = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", "'Re"]
+ACCENTS = "àáâãäåæçèéêëìíîïñòóôõöøùúûüýÿßœŒÉÀÇÑØÅ"
+SCRIPTS = {  # name -> (first, last) code point
+    "cjk": (0x4E00, 0x9FFF), "hiragana": (0x3040, 0x309F), "hangul": (0xAC00, 0xD7A3), "cyrillic": (0x0400, 0x04FF),
+    "arabic": (0x0600, 0x06FF), "greek": (0x0370, 0x03FF), "devanagari": (0x0900, 0x097F), "thai": (0x0E00, 0x0E7F),
+    "hebrew": (0x0590, 0x05FF), "combining": (0x0300, 0x036F), "fullwidth": (0xFF01, 0xFF5E),
+}
+EMOJI = (0x1F300, 0x1FAFF)
+SKIN_TONES = [chr(c) for c in range(0x1F3FB, 0x1F400)]
+ENTITIES = ["&amp;", "&lt;", "&gt;", "&#39;", "&quot;", "&amp;amp;", "&amp;lt;", "&amp;#39;", "&#x27;", "&nbsp;",
+            "&eacute;", "&#128512;", "&copy", "&bogus;", "&", "&amp;amp;amp;"]
+SPACES = [" ", "  ", "   ", "\t", "\n", "\r\n", " \t \n ", "\u00a0", "\u3000", "\u2003", "\u200b", "\x0b", "\x0c"]
+SPECIALS = ["<start_of_text>", "<end_of_text>", "<START_OF_TEXT>", "<|endoftext|>", "<|startoftext|>"]
+SMART = "“quoted” ‘single’ — dash … ellipsis ﬁ ligature café naïve"
+
+
+def _emoji(rng):
+    e = chr(rng.randint(*EMOJI))
+    kind = rng.randrange(5)
+    if kind == 1:
+        e += rng.choice(SKIN_TONES)
+    elif kind == 2:  # ZWJ sequence, e.g. family / profession
+        e = "\u200d".join(chr(rng.randint(*EMOJI)) + rng.choice(["", "\ufe0f"]) for _ in range(rng.randint(2, 4)))
+    elif kind == 3:  # flag: two regional indicators
+        e = "".join(chr(rng.randint(0x1F1E6, 0x1F1FF)) for _ in range(2))
+    return e
+
+
+def _mojibake(rng):
+    """UTF-8 text decoded as cp1252/latin-1: the kind of damage ftfy repairs."""
+    text = rng.choice([SMART, "".join(rng.choice(ACCENTS) for _ in range(4)), _emoji(rng), "Привет мир"])
+    for codec in ("cp1252", "latin-1"):
+        try:
+            return text.encode("utf-8").decode(codec)
+        except UnicodeDecodeError:
+            continue
+
+
+def _script_run(rng):
+    first, last = rng.choice(list(SCRIPTS.values()))
+    return "".join(chr(rng.randint(first, last)) for _ in range(rng.randint(1, 6)))
+
+
+def _random_codepoint(rng):
+    c = rng.randint(0x20, 0x10FFFF)
+    return chr(c) if not 0xD800 <= c <= 0xDFFF else "?"  # lone surrogates cannot be utf-8 encoded by either side
+
+
+def _piece(rng):
+    kind = rng.randrange(16)
+    if kind < 4:
+        word = rng.choice(WORDS)
+        return "".join(ch.upper() if rng.random() < 0.3 else ch for ch in word) if kind == 0 else word
+    makers = [
+        lambda: rng.choice(PUNCT), lambda: str(rng.randint(0, 10**rng.randint(1, 9))), lambda: f"{rng.random():.3f}",
+        lambda: rng.choice(WORDS) + rng.choice(CONTRACTIONS), lambda: "".join(rng.choice(ACCENTS) for _ in range(3)),
+        lambda: _script_run(rng),
+        lambda: _emoji(rng), lambda: rng.choice(ENTITIES), lambda: _mojibake(rng), lambda: rng.choice(SPECIALS),
+        lambda: _random_codepoint(rng), lambda: rng.choice(["½", "²", "٣", "Ⅻ", "①", "ǅ", "İ", "ſ", "ﬀ", "Kelvin K"]),
+    ]
+    return makers[kind - 4]()
+
+
+def _text(rng, n_pieces):
+    parts = []
+    for _ in range(n_pieces):
+        parts += [_piece(rng), rng.choice(SPACES) if rng.random() < 0.2 else (" " if rng.random() < 0.85 else "")]
+    return "".join(parts)
+
+
+def make_corpus(n=1200, seed=0):
+    rng = random.Random(seed)
+    corpus = ["", " ", "\t\n ", "&amp;amp;", "<start_of_text>"]
+    while len(corpus) < n:
+        long = len(corpus) % 20 == 0
+        corpus.append(_text(rng, rng.randint(80, 250) if long else rng.randint(1, 25)))
+    return corpus
+
+
+def make_ascii_captions(n=300, seed=1):
+    """Plain ASCII captions (no '&'): the only text on which HF's cleaning (no ftfy, no unescape) equals open_clip's."""
+    rng = random.Random(seed)
+    pieces = lambda: rng.choice(  # noqa: E731
+        [rng.choice(WORDS), rng.choice(WORDS).title(), rng.choice(WORDS).upper(), rng.choice(PUNCT[:-4]),
+         str(rng.randint(0, 99999)), rng.choice(WORDS) + rng.choice(CONTRACTIONS)])
+    return [("".join(pieces() + rng.choice([" ", " ", "  ", "\t", "\n", ""]) for _ in range(rng.randint(1, 60)))
+             .replace("&", "and")) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return make_corpus()
+
+
+@pytest.fixture(scope="module")
+def reference(corpus):
+    return open_clip_tokenizer.tokenize(corpus).numpy()
+
+
+def test_corpus_matches_open_clip(tok, corpus, reference):
+    ours = tok.tokenize_numpy(corpus)
+    bad = [s for s, a, b in zip(corpus, ours, reference) if not np.array_equal(a, b)]
+    assert not bad, f"{len(bad)} strings differ from open_clip, e.g. {bad[:3]!r}"
+    # the corpus really exercises what it claims to: truncation, mojibake repair, literal special tokens
+    lengths = [len(tok.encode(s)) for s in corpus]
+    assert sum(n > 75 for n in lengths) >= 50 and 0 in lengths
+    assert (reference == tok.sot_token_id).sum() > len(corpus)  # literal "<start_of_text>" in text -> sot id
+
+
+def test_encode_decode_match_open_clip(tok, corpus):
+    ref = open_clip_tokenizer.SimpleTokenizer()
+    for text in corpus[:400]:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text), text
+        assert tok.decode(ids) == ref.decode(ids)
+    assert tok.decode(mx.array([320, 1125])) == ref.decode([320, 1125])
+
+
+def test_special_ids_and_vocab_size(tok):
+    ref = open_clip_tokenizer.SimpleTokenizer()
+    assert (tok.sot_token_id, tok.eot_token_id, tok.vocab_size) == (ref.sot_token_id, ref.eot_token_id, ref.vocab_size)
+
+
+@pytest.mark.parametrize("length", [1, 16, 100])
+def test_custom_context_length(tok, corpus, length):
+    texts = corpus[:300]
+    ours = tok(texts, context_length=length)
+    assert ours.dtype == mx.int32 and ours.shape == (len(texts), length)
+    np.testing.assert_array_equal(np.array(ours), open_clip_tokenizer.tokenize(texts, context_length=length).numpy())
+    assert Tokenizer.default(context_length=length)(texts[:5]).shape == (5, length)
+
+
+def test_truncation_keeps_eot_last(tok, corpus, reference):
+    long = [i for i, s in enumerate(corpus) if len(tok.encode(s)) > 75]
+    rows = tok.tokenize_numpy([corpus[i] for i in long])
+    assert (rows[:, -1] == tok.eot_token_id).all() and (rows[:, 0] == tok.sot_token_id).all()
+    np.testing.assert_array_equal(rows, reference[long])
+
+
+def test_batch_equals_rows_and_types(tok, corpus):
+    texts = corpus[:60]
+    batch = tok(texts)
+    assert isinstance(batch, mx.array) and batch.dtype == mx.int32 and batch.shape == (60, 77)
+    rows = np.concatenate([np.array(tok(t)) for t in texts])  # a single str -> (1, L)
+    np.testing.assert_array_equal(np.array(batch), rows)
+    np.testing.assert_array_equal(tok.tokenize_numpy(texts), rows)
+    assert tok.tokenize_numpy(texts).dtype == np.int32
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(tok)).tokenize_numpy(texts), rows)  # data workers
+    short = tok.tokenize_numpy(["a dog"])[0]
+    assert (short[len(tok.encode("a dog")) + 2 :] == 0).all()  # pad id 0, as open_clip
+
+
+def test_save_loads_in_transformers_with_same_ids(tok, tmp_path):
+    tok.save(tmp_path)
+    hf = transformers.CLIPTokenizer.from_pretrained(tmp_path)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.model_max_length) == (tok.sot_token_id, tok.eot_token_id, 77)
+    captions = make_ascii_captions()
+    enc = hf(captions, padding="max_length", truncation=True, max_length=77, return_tensors="np")
+    hf_ids = np.where(enc["attention_mask"] == 1, enc["input_ids"], 0)  # HF pads with eot, we (and open_clip) with 0
+    np.testing.assert_array_equal(tok.tokenize_numpy(captions), hf_ids)
+    assert any(len(tok.encode(c)) > 75 for c in captions)
+
+
+def test_save_from_dir_round_trip(tok, corpus, reference, tmp_path):
+    Tokenizer.default(context_length=32).save(tmp_path)
+    assert json.loads((tmp_path / "special_tokens_map.json").read_text())["bos_token"] == "<|startoftext|>"
+    loaded = Tokenizer.from_dir(tmp_path)
+    assert loaded.context_length == 32  # read from tokenizer_config.json
+    assert Tokenizer.from_dir(tmp_path, context_length=77).context_length == 77
+    np.testing.assert_array_equal(loaded.tokenize_numpy(corpus, context_length=77), reference)
+
+
+def test_from_dir_reads_transformers_written_files(tok, corpus, reference, tmp_path):
+    """A dir written by transformers itself (tokenizer.json only in transformers >= 5) gives open_clip's ids."""
+    ref = open_clip_tokenizer.SimpleTokenizer()
+    spell = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {spell.get(t, t): i for t, i in ref.encoder.items()}
+    merges = [m for m, _ in sorted(ref.bpe_ranks.items(), key=lambda kv: kv[1])]
+    transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=40).save_pretrained(tmp_path)
+    loaded = Tokenizer.from_dir(tmp_path)
+    assert loaded.context_length == 40 and loaded.merges == merges
+    np.testing.assert_array_equal(loaded.tokenize_numpy(corpus, context_length=77), reference)
+
+
+def test_from_dir_gz_and_fallback(tok, corpus, reference, tmp_path):
+    assert Tokenizer.from_dir(tmp_path).merges == tok.merges  # empty dir -> packaged vocab
+    with pytest.raises(FileNotFoundError):
+        Tokenizer.from_dir(tmp_path / "missing")
+    shutil.copy(open_clip_tokenizer.default_bpe(), tmp_path / GZ_VOCAB)
+    np.testing.assert_array_equal(Tokenizer.from_dir(tmp_path).tokenize_numpy(corpus[:200]), reference[:200])
+
+
+@pytest.mark.parametrize("name, content", [
+    ("vocab.json", '{"a": 1,'), ("vocab.json", '["not", "a", "dict"]'), ("vocab.json", '{"a": 0}'),
+    ("merges.txt", "#version: 0.2\ni n extra\n"), ("tokenizer_config.json", "{oops"),
+])
+def test_from_dir_malformed_names_the_file(tok, tmp_path, name, content):
+    tok.save(tmp_path)
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_from_dir_truncated_gz_names_the_file(tmp_path):
+    (tmp_path / GZ_VOCAB).write_bytes(open(open_clip_tokenizer.default_bpe(), "rb").read()[:5000])
+    with pytest.raises(ValueError, match=GZ_VOCAB.replace(".", r"\.")):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_ten_thousand_captions_are_fast(tok):
+    rng = random.Random(2)
+    captions = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))) + f" {i}" for i in range(10_000)]
+    start = time.perf_counter()
+    out = tok.tokenize_numpy(captions)
+    elapsed = time.perf_counter() - start
+    assert out.shape == (10_000, 77) and elapsed < 5.0, f"{elapsed:.2f}s for 10k captions"
