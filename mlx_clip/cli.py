@@ -106,10 +106,92 @@ def embed(model, images, texts, out, batch_size):
                f"dim {m.config.projection_dim}")
 
 
+@main.command("eval")
+@click.option("--model", required=True, help="Model dir, hub id or 'builtin'.")
+@click.option("--data", required=True, help="CSV/TSV (filepath,caption,label), JSONL, class-folder root or tar shards.")
+@click.option("--task", type=click.Choice(["zeroshot", "retrieval"]), default="zeroshot", show_default=True)
+@click.option("--classnames", type=click.Path(), help="Text file, one class per line in label order; or a CSV with a "
+              "'classname' column (and 'label'). Default: the source's class folders or its classes.txt.")
+@click.option("--templates", type=click.Path(), help="Text file of '{}' templates, one per line. "
+              "Default: 'a photo of a {}.'")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (fractions in [0, 1]).")
+def eval_(model, data, task, classnames, templates, batch_size, as_json):
+    """Zero-shot top-1/top-5 and per-class accuracy, or image<->text retrieval R@1/5/10."""
+    from mlx_clip.eval import evaluate, format_table
+
+    result = evaluate(model, data, task, classnames, templates, batch_size)
+    click.echo(json.dumps(result) if as_json else format_table(result))
+
+
+@main.command()
+@click.option("--model", required=True, help="The base model the adapters were trained on: dir, hub id or 'builtin'.")
+@click.option("--adapters", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Adapter dir (adapters.safetensors + adapter_config.json).")
+@click.option("--out", required=True, type=click.Path(), help="Plain model dir to write.")
+def fuse(model, adapters, out):
+    """Fold LoRA adapters into the base weights: a plain model dir that `mlx_clip.load` reads."""
+    from mlx_clip.train.lora import fuse_adapters
+
+    click.echo(f"wrote {fuse_adapters(model, adapters, out)}")
+
+
+@main.command()
+@click.option("--base", required=True, help="Base model dir (or hub id, or 'builtin').")
+@click.option("--finetuned", required=True, help="Fine-tuned model dir of the same architecture.")
+@click.option("--alpha", required=True, type=click.FloatRange(0.0, 1.0),
+              help="Weight of the fine-tuned model: 0 gives the base, 1 the fine-tuned model.")
+@click.option("--out", required=True, type=click.Path(), help="Model dir to write.")
+def merge(base, finetuned, alpha, out):
+    """WiSE-FT: write (1 - alpha) * base + alpha * finetuned (tokenizer and preprocessing from the fine-tuned dir)."""
+    from mlx_clip.train.merge import merge_models
+
+    click.echo(f"wrote {merge_models(base, finetuned, alpha, out)}")
+
+
+def _training_options(func):
+    """One click option per TrainingArgs field (help text from the dataclass); None = not given, so YAML can fill it."""
+    from mlx_clip.train.args import FIELDS
+
+    for name, f in reversed(list(FIELDS.items())):
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [default: {f.default!r}]"
+        if isinstance(f.default, bool):
+            func = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(func)
+        else:
+            kind = click.Choice(f.metadata["choices"]) if "choices" in f.metadata else type(f.default)
+            func = click.option(flag, name, type=kind, default=None, help=help_text)(func)
+    return func
+
+
+@main.command(context_settings={"max_content_width": 120})
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML file of options (keys as the flags, dashes or underscores); flags given here win.")
+@_training_options
+def finetune(config_file, **flags):
+    """Fine-tune a CLIP model on image-caption data. With no arguments: the built-in demo."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given and not config_file:
+        from mlx_clip.train.demo import run_demo
+
+        run_demo()
+        return
+    from mlx_clip.train.args import resolve_args
+    from mlx_clip.train.finetune import finetune as run_finetune
+
+    summary = run_finetune(resolve_args(given, config_file))
+    click.echo(f"final model: {summary['final_model']}")
+    for key in ("top1_before", "top1_after", "i2t_r1_after", "t2i_r1_after"):
+        if key in summary:
+            click.echo(f"{key}: {summary[key]:.4f}")
+
+
 def run():
     """Entry point that turns our expected errors into one clear line and exit code 1."""
     from converters.safety import CheckpointError
     from mlx_clip.config import ConfigError
+    from mlx_clip.data.images import TooManyBadImagesError
+    from mlx_clip.train.loop import NonFiniteLossError
 
     try:
         main(standalone_mode=False)
@@ -118,6 +200,7 @@ def run():
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError, TooManyBadImagesError,
+            NonFiniteLossError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

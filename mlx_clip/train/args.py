@@ -1,0 +1,125 @@
+"""`TrainingArgs`: every option of `mlxclip finetune`, from defaults < YAML < command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+def opt(default, help: str, **meta):
+    """A dataclass field carrying its `--help` text (and optional click choices)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrainingArgs:
+    # what and where
+    model: str = opt("builtin", "Base model: a model dir, a Hugging Face CLIP dir, a hub id, or 'builtin'.")
+    train_data: str = opt("", "Training pairs: CSV/TSV, JSONL, class-folder root, or WebDataset shards (brace patterns).")
+    val_data: str = opt("", "Validation data (same formats); zero-shot eval when it has labels, retrieval otherwise.")
+    out: str = opt("runs/finetune", "Run dir: config, metrics.jsonl, checkpoints/, final/ model dir, report.")
+    classnames: str = opt("", "Class names file (one per line, label order); default: classes.txt beside the val data.")
+    templates: str = opt("", "Zero-shot templates file ('{}' per line); default: templates.txt beside the val data.")
+    csv_image_key: str = opt("filepath", "CSV/JSONL column holding the image path.")
+    csv_caption_key: str = opt("caption", "CSV/JSONL column holding the caption.")
+    csv_label_key: str = opt("label", "CSV/JSONL column holding the integer class label (optional).")
+    # schedule
+    epochs: int = opt(1, "Passes over the training data (ignored when --steps is set).")
+    steps: int = opt(0, "Total optimizer steps; overrides --epochs when > 0.")
+    batch_size: int = opt(32, "Pairs per step (fixed shape: the last partial batch of an epoch is dropped).")
+    lr: float = opt(1e-5, "Peak learning rate.")
+    warmup: int = opt(0, "Linear warm-up steps.")
+    schedule: str = opt("cosine", "LR schedule after warm-up.", choices=["cosine", "const"])
+    min_lr_ratio: float = opt(0.0, "Final LR as a fraction of --lr for the cosine schedule.")
+    weight_decay: float = opt(0.1, "AdamW decoupled weight decay (not applied to biases, norms, logit_scale, embeddings).")
+    beta1: float = opt(0.9, "AdamW beta1.")
+    beta2: float = opt(0.98, "AdamW beta2.")
+    eps: float = opt(1e-6, "AdamW epsilon.")
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this value (0 disables).")
+    seed: int = opt(0, "Seed for initialisation, data order, augmentation and dropout.")
+    # model handling
+    image_size: int = opt(0, "Training image size (0: the model's own).")
+    dtype: str = opt("auto", "Parameter/compute dtype policy.", choices=["auto", "float32", "bfloat16", "float16"])
+    lock_image: bool = opt(False, "Freeze the image tower (LiT when the text tower trains).")
+    lock_text: bool = opt(False, "Freeze the text tower.")
+    unlock_last: int = opt(0, "With a locked tower, keep its last N transformer layers (and final norm/projection) trainable.")
+    layer_decay: float = opt(1.0, "Layer-wise LR decay: layer i of L gets lr * decay**(L - i); 1.0 disables.")
+    lora_rank: int = opt(0, "LoRA rank; > 0 trains low-rank adapters only (base frozen).")
+    lora_alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank).")
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA path.")
+    lora_targets: str = opt("q_proj,k_proj,v_proj,out_proj,fc1,fc2", "Comma-separated layer names that get adapters.")
+    loss: str = opt("clip", "Loss spec NAME[:weight],... (e.g. 'clip', 'multi_positive', 'clip:1,siglip:0.5').")
+    # augmentation and loading
+    augment_scale: str = opt("0.6,1.0", "Random-resized-crop area range 'lo,hi' for training images.")
+    hflip: bool = opt(False, "Random horizontal flips in training.")
+    workers: int = opt(2, "Decoding/augmentation threads.")
+    prefetch: int = opt(2, "Batches prepared ahead.")
+    max_bad_fraction: float = opt(0.01, "Abort when more than this fraction of images is unreadable.")
+    # bookkeeping
+    eval_every: int = opt(0, "Evaluate on --val-data every N steps (0: only at the end).")
+    save_every: int = opt(0, "Write a checkpoint every N steps (0: only at the end).")
+    keep_last: int = opt(2, "Checkpoints to keep.")
+    resume: str = opt("", "'latest' or a checkpoint dir to continue from.")
+    log_every: int = opt(10, "Write a metrics line every N steps.")
+    report_to: str = opt("", "Extra trackers: comma-separated from tensorboard, mlflow.")
+    eval_batch_size: int = opt(64, "Batch size for evaluation.")
+
+    @property
+    def scale_range(self) -> tuple[float, float]:
+        lo, hi = (float(x) for x in self.augment_scale.split(","))
+        return lo, hi
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainingArgs)}
+
+
+def load_yaml(path) -> dict:
+    """A YAML mapping of TrainingArgs fields (dashes or underscores); unknown keys are an error naming them."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of options, got {type(data).__name__}")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    return data
+
+
+def resolve_args(flags: dict, config_file: str | None = None) -> TrainingArgs:
+    """defaults < YAML < flags; `flags` holds only the options given on the command line."""
+    values = load_yaml(config_file) if config_file else {}
+    values.update(flags)
+    args = TrainingArgs(**values)
+    _validate(args)
+    return args
+
+
+def _validate(args: TrainingArgs) -> None:
+    problems = []
+    for name, f in FIELDS.items():
+        choices = f.metadata.get("choices")
+        if choices and getattr(args, name) not in choices:
+            problems.append(f"{name} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")
+    if args.batch_size < 1:
+        problems.append("batch_size must be >= 1")
+    if args.lr <= 0:
+        problems.append("lr must be > 0")
+    try:
+        lo, hi = args.scale_range
+        if not 0 < lo <= hi <= 1:
+            raise ValueError
+    except ValueError:
+        problems.append(f"augment_scale must be 'lo,hi' with 0 < lo <= hi <= 1, got {args.augment_scale!r}")
+    if problems:
+        raise ValueError("invalid training options: " + "; ".join(problems))

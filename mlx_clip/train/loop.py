@@ -1,0 +1,89 @@
+"""The training loop: a plain function over batches, a compiled step, and callbacks for eval, checkpoints and logs."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import mlx.core as mx
+import numpy as np
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many consecutive non-finite steps; the last good checkpoint is left intact."""
+
+
+@dataclass
+class LoopHooks:
+    """What the loop calls out to. Each receives the 1-based number of the step just finished."""
+
+    log: Callable[[dict], None] = lambda record: None
+    evaluate: Callable[[int], dict] | None = None
+    checkpoint: Callable[[int, dict], None] | None = None
+    lr_at: Callable[[int], float] = lambda step: float("nan")
+    progress: object = None  # tqdm-like: update(n), set_postfix(dict)
+    extra_state: dict = field(default_factory=dict)
+
+
+def unique_missing_labels(labels: np.ndarray) -> np.ndarray:
+    """Unlabelled pairs (-1) become distinct negative ids, so label-aware losses treat each as its own class."""
+    missing = labels < 0
+    return np.where(missing, -1 - np.arange(len(labels)), labels) if missing.any() else labels
+
+
+def train(step_fn, batches: Iterator[dict], start_step: int, total_steps: int, hooks: LoopHooks,
+          log_every: int = 10, eval_every: int = 0, save_every: int = 0, max_bad_steps: int = 3,
+          state_fn: Callable[[], list] = lambda: [], seed: int = 0) -> dict:
+    """Run `step_fn(images, ids, labels)` from `start_step` to `total_steps`; return the last train record."""
+    bad_in_a_row, record, window = 0, {}, []
+    tick = time.perf_counter()
+    for step in range(start_step + 1, total_steps + 1):
+        batch = next(batches)
+        # Randomness inside the step (dropout) depends only on (seed, step): a resumed run draws the same numbers.
+        mx.random.seed(seed * 1_000_003 + step)
+        images, ids = mx.array(batch["images"]), mx.array(batch["input_ids"])
+        labels = mx.array(unique_missing_labels(batch["labels"]).astype(np.int32))
+        loss, norm, applied = step_fn(images, ids, labels)
+        mx.eval(loss, norm, applied, state_fn())
+        loss_value = loss.item()
+        window.append(loss_value)
+        if not applied.item():
+            bad_in_a_row += 1
+            print(f"step {step}: non-finite loss/gradient ({loss_value}, grad norm {norm.item()}); update skipped",
+                  file=sys.stderr)
+            if bad_in_a_row >= max_bad_steps:
+                raise NonFiniteLossError(f"{bad_in_a_row} non-finite steps in a row at step {step}; stopping "
+                                         "(the last checkpoint is intact; lower --lr or check the data)")
+        else:
+            bad_in_a_row = 0
+        if hooks.progress is not None:
+            hooks.progress.update(1)
+            hooks.progress.set_postfix(loss=f"{loss_value:.4f}")
+        if step % log_every == 0 or step == total_steps or not applied.item():
+            now = time.perf_counter()
+            record = _train_record(step, loss_value, window, norm.item(), hooks.lr_at(step - 1),
+                                   len(batch["texts"]) * len(window) / (now - tick), bool(applied.item()))
+            hooks.log(record)
+            tick, window = now, []
+        if hooks.evaluate and eval_every and step % eval_every == 0 and step != total_steps:
+            hooks.log({"step": step, **hooks.evaluate(step)})
+        if hooks.checkpoint and save_every and step % save_every == 0 and step != total_steps and not bad_in_a_row:
+            hooks.checkpoint(step, hooks.extra_state)
+    return record
+
+
+def _train_record(step, loss, window, grad_norm, lr, images_per_s, applied) -> dict:
+    finite = [x for x in window if math.isfinite(x)]
+    return {
+        "step": step,
+        "loss": loss,  # this step's loss: equal across resumed and uninterrupted runs
+        "loss_avg": sum(finite) / len(finite) if finite else float("nan"),  # mean since the last record
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "images_per_s": images_per_s,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        "applied": applied,
+    }

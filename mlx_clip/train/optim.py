@@ -1,0 +1,130 @@
+"""What trains and how fast: freezing (LiT, unlock last N), weight-decay exclusions, layer-wise LR decay, the LR schedule,
+and an AdamW that reads a per-parameter LR scale and weight decay from its own state (so all of it compiles into one step).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+
+from mlx_clip.model import CLIP
+
+# Decoupled weight decay is not applied to these (as open_clip excludes gains/biases/logit_scale, plus lookup tables,
+# whose rows only move when their token appears and so should not be shrunk every step).
+NO_DECAY = re.compile(r"(bias$|layer_?norm|layrnorm|logit_scale|logit_bias|token_embedding|position_embedding|class_embedding)")
+_LAYER = re.compile(r"^(vision_model|text_model)\.encoder\.layers\.(\d+)\.")
+
+
+def lr_schedule(lr: float, total_steps: int, warmup: int = 0, kind: str = "cosine", min_lr_ratio: float = 0.0):
+    """LR as a pure function of the 0-based optimizer step (an mx.array or int): linear warm-up from lr/warmup to lr,
+    then cosine to lr*min_lr_ratio at total_steps, or constant."""
+    floor = lr * min_lr_ratio
+
+    def at(step):
+        s = mx.array(step).astype(mx.float32)
+        warm = lr * (s + 1) / max(warmup, 1)
+        if kind == "const":
+            after = mx.array(lr, mx.float32)
+        else:
+            progress = mx.clip((s - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
+            after = floor + (lr - floor) * 0.5 * (1 + mx.cos(math.pi * progress))
+        return mx.where(s < warmup, warm, after)
+
+    return at
+
+
+def freeze_towers(model: CLIP, lock_image: bool = False, lock_text: bool = False, unlock_last: int = 0) -> None:
+    """Freeze whole towers (with their projection); `unlock_last` keeps the last N layers, final norm and projection
+    of a locked tower trainable."""
+    towers = [("vision_model", "visual_projection", "post_layernorm", lock_image),
+              ("text_model", "text_projection", "final_layer_norm", lock_text)]
+    for tower, projection, final_norm, locked in towers:
+        if not locked:
+            continue
+        getattr(model, tower).freeze()
+        getattr(model, projection).freeze()
+        if unlock_last > 0:
+            layers = getattr(model, tower).encoder.layers
+            for layer in layers[max(len(layers) - unlock_last, 0):]:
+                layer.unfreeze()
+            getattr(getattr(model, tower), final_norm).unfreeze()
+            getattr(model, projection).unfreeze()
+
+
+def layer_id(name: str, config) -> tuple[int, int]:
+    """(depth of this parameter in its tower, number of depths) for layer-wise LR decay: embeddings 0, block i at i+1,
+    final norm and projection at L+1. logit_scale counts as top."""
+    if m := _LAYER.match(name):
+        tower = config.vision_config if m.group(1) == "vision_model" else config.text_config
+        return int(m.group(2)) + 1, tower.num_hidden_layers + 1
+    tower = config.vision_config if name.startswith(("vision", "visual")) else config.text_config
+    top = tower.num_hidden_layers + 1
+    return (0, top) if ".embeddings." in name else (top, top)
+
+
+def param_hparams(model: CLIP, weight_decay: float, layer_decay: float = 1.0) -> dict[str, tuple[float, float]]:
+    """name -> (lr scale, weight decay) for every trainable parameter."""
+    out = {}
+    for name, _ in tree_flatten(model.trainable_parameters()):
+        depth, top = layer_id(_base_name(name), model.config)
+        scale = layer_decay ** (top - depth) if layer_decay != 1.0 else 1.0
+        out[name] = (scale, 0.0 if NO_DECAY.search(_base_name(name)) else weight_decay)
+    return out
+
+
+def _base_name(name: str) -> str:
+    # LoRA wraps a Linear as `<layer>.linear`; adapters inherit the wrapped layer's depth and decay (none for lora_*).
+    return name.replace(".linear.", ".")
+
+
+class GroupedAdamW(optim.Adam):
+    """AdamW (torch semantics: bias-corrected, decoupled decay p *= 1 - lr*wd) with a per-parameter LR scale and weight
+    decay kept in the optimizer state, so parameter groups need no Python branching inside the compiled step."""
+
+    def __init__(self, learning_rate, hparams: dict[str, tuple[float, float]], betas=(0.9, 0.98), eps=1e-6):
+        super().__init__(learning_rate=learning_rate, betas=list(betas), eps=eps, bias_correction=True)
+        self.hparams = hparams
+
+    def init(self, parameters: dict):
+        super().init(parameters)
+        for name, _ in tree_flatten(parameters):
+            scale, wd = self.hparams.get(name, (1.0, 0.0))
+            state = _state_at(self.state, name)
+            state["lr_scale"], state["wd"] = mx.array(scale, mx.float32), mx.array(wd, mx.float32)
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
+        lr = self.learning_rate * state["lr_scale"]
+        b1, b2 = self.betas
+        step = self.step.astype(mx.float32)
+        parameter = parameter * (1 - lr * state["wd"]).astype(parameter.dtype)
+        state["m"] = b1 * state["m"] + (1 - b1) * gradient
+        state["v"] = b2 * state["v"] + (1 - b2) * mx.square(gradient)
+        c1 = lr / (1 - b1**step)
+        c2 = mx.rsqrt(1 - b2**step)
+        update = c1 * state["m"] / (mx.sqrt(state["v"]) * c2 + self.eps)
+        return parameter - update.astype(parameter.dtype)
+
+
+def _state_at(state, dotted: str) -> dict:
+    node = state
+    for part in dotted.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def build_optimizer(model: CLIP, args, total_steps: int) -> GroupedAdamW:
+    schedule = lr_schedule(args.lr, total_steps, args.warmup, args.schedule, args.min_lr_ratio)
+    opt = GroupedAdamW(schedule, param_hparams(model, args.weight_decay, args.layer_decay),
+                       betas=(args.beta1, args.beta2), eps=args.eps)
+    opt.init(model.trainable_parameters())
+    return opt
+
+
+def clamp_logit_scale(model: nn.Module, max_scale: float = 100.0) -> None:
+    """CLIP clamps the learned temperature so exp(logit_scale) <= 100."""
+    model.logit_scale = mx.clip(model.logit_scale, 0.0, math.log(max_scale))

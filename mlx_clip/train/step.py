@@ -1,0 +1,82 @@
+"""The compiled training step with explicit state: loss -> grads -> clip -> AdamW -> clamp, skipped when non-finite."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from mlx_clip.losses import combined_loss, parse_loss_spec
+from mlx_clip.train.optim import clamp_logit_scale
+
+# Losses the trainer can feed from one batch of (image, caption, label); the others need extra inputs (a negative
+# bank, perturbed captions, several views) and are driven by their own helpers.
+BATCH_LOSSES = {"clip", "siglip", "multi_positive", "hard_negative"}
+
+
+def make_loss_fn(spec: str):
+    """loss(model, images, ids, labels) for a spec like 'clip' or 'clip:1,multi_positive:0.5'."""
+    terms = parse_loss_spec(spec)
+    unsupported = [name for name, _ in terms if name not in BATCH_LOSSES]
+    if unsupported:
+        raise ValueError(f"--loss {spec!r}: {', '.join(unsupported)} cannot be trained from plain batches yet; "
+                         f"use {', '.join(sorted(BATCH_LOSSES))}")
+
+    def loss_fn(model, images, ids, labels):
+        features = dict(
+            image_features=model.encode_image(images, normalize=True),
+            text_features=model.encode_text(ids, normalize=True),
+            logit_scale=mx.exp(model.logit_scale),
+            labels=labels,
+        )
+        if "logit_bias" in model:
+            features["logit_bias"] = model.logit_bias
+        return combined_loss(terms, **features)
+
+    return loss_fn
+
+
+def make_step(model: nn.Module, optimizer, loss_fn, grad_clip: float = 1.0):
+    """A compiled `step(images, ids, labels) -> (loss, grad_norm, applied)`.
+
+    Model, optimizer and random state are the compiled function's explicit inputs and outputs, so the graph is traced
+    once per batch shape. A non-finite loss or gradient leaves parameters and optimizer state untouched (`applied` 0).
+    """
+    state = [model.state, optimizer.state, mx.random.state]
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(images, ids, labels):
+        loss, grads = loss_and_grad(model, images, ids, labels)
+        norm = _global_norm(grads)
+        if grad_clip > 0:
+            factor = mx.minimum(grad_clip / (norm + 1e-6), 1.0)
+            grads = tree_map(lambda g: g * factor.astype(g.dtype), grads)
+        finite = mx.isfinite(loss) & mx.isfinite(norm)
+        old_params = model.trainable_parameters()
+        old_opt = tree_map(lambda x: x, optimizer.state)  # new containers: the optimizer mutates its dicts in place
+        optimizer.update(model, grads)
+        clamp_logit_scale(model)
+        # Keep the old values when the step is bad: `where` rather than Python control flow, to stay compiled.
+        keep = lambda new, old: mx.where(finite, new, old)  # noqa: E731
+        model.update(tree_map(keep, model.trainable_parameters(), old_params))
+        _assign(optimizer.state, tree_map(keep, optimizer.state, old_opt))
+        return loss, norm, finite
+
+    return step
+
+
+def _assign(target, source) -> None:
+    """Write `source`'s leaves into `target`'s containers in place (assigning `optimizer.state` would re-initialise)."""
+    items = target.items() if isinstance(target, dict) else enumerate(target)
+    for key, value in list(items):
+        if isinstance(value, (dict, list)):
+            _assign(value, source[key])
+        else:
+            target[key] = source[key]
+
+
+def _global_norm(grads) -> mx.array:
+    return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads)))
