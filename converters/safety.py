@@ -100,7 +100,9 @@ def _validate(path) -> tuple[dict, int]:
         raise CheckpointError(f"{path}: header is not valid UTF-8 JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is JSON {type(header).__name__}, expected an object")
-    meta = header.get("__metadata__", {})
+    meta = header.get("__metadata__")
+    if meta is None:  # absent, or null as `mx.save_safetensors` writes without metadata (the safetensors crate accepts both)
+        meta = header["__metadata__"] = {}
     if not (isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
         raise CheckpointError(f"{path}: __metadata__ must map str to str, got {meta!r:.80}")
     spans = sorted((*_check_entry(path, k, v, size - 8 - n), k) for k, v in header.items() if k != "__metadata__")
