@@ -18,7 +18,7 @@ setup-dev: $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 
 demo: setup
-	$(BIN)/mlxclip demo
+	$(BIN)/mlxclip finetune
 
 test: setup-dev
 	$(BIN)/pytest -q

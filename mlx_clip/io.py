@@ -117,6 +117,8 @@ def cast(model: CLIP, dtype) -> CLIP:
 def load(path_or_hub_id, dtype=None) -> tuple[CLIP, Tokenizer, Preprocess]:
     """(model, tokenizer, preprocess) from a model dir, a plain HF CLIP dir, a hub id, or "builtin"."""
     model_dir, root = resolve(path_or_hub_id)
+    if dtype is None and str(path_or_hub_id) == "builtin":
+        dtype = "float32"  # stored in float16 only to stay small; CPUs compute half precision slowly
     config = load_config(model_dir)
     model = apply_weights(CLIP(config), load_weights_dict(model_dir, root), str(model_dir))
     if dtype is not None:

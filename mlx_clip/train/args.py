@@ -93,7 +93,20 @@ def load_yaml(path) -> dict:
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")
-    return data
+    return {k: _typed(k, v, path) for k, v in data.items()}
+
+
+def _typed(name: str, value, path):
+    """A YAML value as its field's type. PyYAML reads `1e-5` (no dot) as a string, so floats are parsed here."""
+    kind = type(FIELDS[name].default)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"{path}: option {name} expects {kind.__name__}, got {value!r}")
 
 
 def resolve_args(flags: dict, config_file: str | None = None) -> TrainingArgs:

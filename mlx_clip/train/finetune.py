@@ -88,6 +88,7 @@ def _progress(total: int, initial: int):
 
 def finetune(args: TrainingArgs, quiet: bool = False) -> dict:
     """Run a fine-tune as configured; returns the summary (also written to RUN_DIR/summary.md)."""
+    loss_fn = make_loss_fn(args.loss)  # a bad --loss fails before the run dir is touched
     run_dir = Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     mx.random.seed(args.seed)
@@ -112,7 +113,7 @@ def finetune(args: TrainingArgs, quiet: bool = False) -> dict:
     if evaluate and checkpoint is None:
         history["before"] = evaluate(0)
         log({"step": 0, **history["before"]})
-    step_fn = make_step(model, optimizer, make_loss_fn(args.loss), args.grad_clip)
+    step_fn = make_step(model, optimizer, loss_fn, args.grad_clip)
     schedule = lr_schedule(args.lr, total, args.warmup, args.schedule, args.min_lr_ratio)
 
     def checkpoint_hook(step, _extra):

@@ -54,9 +54,6 @@ def train(step_fn, batches: Iterator[dict], start_step: int, total_steps: int, h
             bad_in_a_row += 1
             print(f"step {step}: non-finite loss/gradient ({loss_value}, grad norm {norm.item()}); update skipped",
                   file=sys.stderr)
-            if bad_in_a_row >= max_bad_steps:
-                raise NonFiniteLossError(f"{bad_in_a_row} non-finite steps in a row at step {step}; stopping "
-                                         "(the last checkpoint is intact; lower --lr or check the data)")
         else:
             bad_in_a_row = 0
         if hooks.progress is not None:
@@ -68,6 +65,9 @@ def train(step_fn, batches: Iterator[dict], start_step: int, total_steps: int, h
                                    len(batch["texts"]) * len(window) / (now - tick), bool(applied.item()))
             hooks.log(record)
             tick, window = now, []
+        if bad_in_a_row >= max_bad_steps:  # after logging, so metrics.jsonl shows the step that stopped the run
+            raise NonFiniteLossError(f"{bad_in_a_row} non-finite steps in a row at step {step}; stopping "
+                                     "(the last checkpoint is intact; lower --lr or check the data)")
         if hooks.evaluate and eval_every and step % eval_every == 0 and step != total_steps:
             hooks.log({"step": step, **hooks.evaluate(step)})
         if hooks.checkpoint and save_every and step % save_every == 0 and step != total_steps and not bad_in_a_row:

@@ -57,14 +57,14 @@ def freeze_towers(model: CLIP, lock_image: bool = False, lock_text: bool = False
 
 
 def layer_id(name: str, config) -> tuple[int, int]:
-    """(depth of this parameter in its tower, number of depths) for layer-wise LR decay: embeddings 0, block i at i+1,
-    final norm and projection at L+1. logit_scale counts as top."""
+    """(depth of this parameter in its tower, number of depths) for layer-wise LR decay: embeddings and the vision
+    pre-norm (it sits below block 0) 0, block i at i+1, final norm and projection at L+1. logit_scale counts as top."""
     if m := _LAYER.match(name):
         tower = config.vision_config if m.group(1) == "vision_model" else config.text_config
         return int(m.group(2)) + 1, tower.num_hidden_layers + 1
     tower = config.vision_config if name.startswith(("vision", "visual")) else config.text_config
     top = tower.num_hidden_layers + 1
-    return (0, top) if ".embeddings." in name else (top, top)
+    return (0, top) if (".embeddings." in name or ".pre_layrnorm." in name) else (top, top)
 
 
 def param_hparams(model: CLIP, weight_decay: float, layer_decay: float = 1.0) -> dict[str, tuple[float, float]]:

@@ -1,0 +1,207 @@
+"""The `mlxclip` CLI: init / embed / doctor / list-archs smoke tests on generated data, and the `run()` wrapper that turns
+bad input into exit code 1 with one `error:` line. Embeddings are checked against the Python API called directly."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import mlx_clip  # noqa: F401  (before mlx.core: preloads the fast BLAS)
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from mlx_clip import cli
+from mlx_clip.config import list_configs
+
+
+def _invoke(*args):
+    result = CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("m") / "tiny"
+    _invoke("init", "--arch", "tiny", "--seed", 3, "--out", out)
+    return out
+
+
+def _run(monkeypatch, capsys, *args):
+    """`mlxclip ARGS` through the console-script entry point, in process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["mlxclip", *map(str, args)])
+    code = 0
+    try:
+        cli.run()
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- init, list-archs, doctor, help ---------------------------------------------------------------------------------
+
+
+def test_init_is_seeded(tiny_dir, tmp_path):
+    _invoke("init", "--arch", "tiny", "--seed", 3, "--out", tmp_path / "again")
+    _invoke("init", "--arch", "tiny", "--seed", 4, "--out", tmp_path / "other")
+    ref = mx.load(str(tiny_dir / "model.safetensors"))
+    again = mx.load(str(tmp_path / "again" / "model.safetensors"))
+    other = mx.load(str(tmp_path / "other" / "model.safetensors"))
+    assert sorted(ref) == sorted(again) == sorted(other)
+    assert all(mx.array_equal(ref[k], again[k]).item() for k in ref)
+    random = [k for k in ref if k.endswith("weight") and "norm" not in k and "layrnorm" not in k]
+    assert len(random) > 20 and not any(mx.array_equal(ref[k], other[k]).item() for k in random)
+    # Initialisation scale is CLIP's: token embedding std 0.02 (checked with numpy).
+    assert abs(np.std(np.array(ref["text_model.embeddings.token_embedding.weight"])) - 0.02) < 1e-3
+
+
+def test_list_archs():
+    names = _invoke("list-archs").output.split()
+    assert {"ViT-B-32", "ViT-L-14-336", "ViT-H-14-quickgelu", "tiny", "small"} <= set(names)
+    assert names == list_configs()
+
+
+def test_doctor_json():
+    info = json.loads(_invoke("doctor", "--json", "--no-bench").output)
+    assert {"mlx", "device", "blas", "torch"} <= set(info)
+    assert info["mlx"] == mx.__version__
+    assert info["torch"]["available"] is True and info["torch"]["version"] == torch.__version__
+
+
+def test_python_m_help():
+    proc = subprocess.run([sys.executable, "-m", "mlx_clip", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for command in ("convert", "export", "init", "embed", "doctor", "list-archs"):
+        assert command in proc.stdout
+
+
+# --- embed ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    (root / "sub").mkdir()
+    sizes = {"a.png": (40, 32), "c.png": (32, 50), "sub/b.png": (64, 64), "sub/d.png": (33, 41)}
+    for name, (w, h) in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name)
+    Image.fromarray(rng.integers(0, 256, (36, 36), dtype=np.uint8), mode="L").save(root / "gray.png")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_embed_matches_direct_encoding(tiny_dir, image_folder, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a photo of a cat\n\n  a red square  \ncafé 🍰 &amp; more\n", encoding="utf-8")
+    out = tmp_path / "out" / "emb.npz"
+    _invoke("embed", "--model", tiny_dir, "--images", image_folder, "--texts", texts, "--out", out, "--batch-size", 2)
+    with np.load(out) as f:
+        data = {k: f[k] for k in f.files}
+    assert set(data) == {"image_embeddings", "image_paths", "text_embeddings", "texts"}
+    paths = list(data["image_paths"])
+    expected = sorted(str(p) for p in image_folder.rglob("*.png"))
+    assert sorted(paths) == expected and len(paths) == 5  # the subfolder is searched, notes.txt is not an image
+    assert list(data["texts"]) == ["a photo of a cat", "a red square", "café 🍰 &amp; more"]
+    for key, n in (("image_embeddings", 5), ("text_embeddings", 3)):
+        assert data[key].shape == (n, 32) and data[key].dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(data[key], axis=1), 1.0, atol=1e-5)
+
+    model, tok, pre = mlx_clip.load(tiny_dir)
+    images = [Image.open(p) for p in paths]
+    ref_images = np.array(model.encode_image(pre.batch(images), normalize=True))
+    ref_texts = np.array(model.encode_text(tok(list(data["texts"])), normalize=True))
+    np.testing.assert_allclose(data["image_embeddings"], ref_images, atol=2e-6)
+    np.testing.assert_allclose(data["text_embeddings"], ref_texts, atol=2e-6)
+    assert not np.allclose(ref_images[0], ref_images[1], atol=1e-3)  # distinct inputs, distinct embeddings
+
+
+def test_embed_texts_only_and_usage_errors(tiny_dir, tmp_path, monkeypatch, capsys):
+    texts = tmp_path / "t.txt"
+    texts.write_text("one\ntwo\n")
+    _invoke("embed", "--model", tiny_dir, "--texts", texts, "--out", tmp_path / "t.npz")
+    with np.load(tmp_path / "t.npz") as f:
+        assert f["image_embeddings"].shape == (0, 32) and f["text_embeddings"].shape == (2, 32)
+    code, _, err = _run(monkeypatch, capsys, "embed", "--model", tiny_dir, "--out", tmp_path / "x.npz")
+    assert code == 2 and "--images and/or --texts" in err
+    code, _, err = _run(monkeypatch, capsys, "convert", "--from", "open_clip", "--checkpoint", texts, "--out", tmp_path / "y")
+    assert code == 2 and "--arch is required" in err
+
+
+# --- errors through run() ---------------------------------------------------------------------------------------------
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _bad_config(tiny_dir, tmp_path):
+    d = tmp_path / "badcfg"
+    d.mkdir()
+    for f in tiny_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    (d / "config.json").write_text("{oops")
+    return ["embed", "--model", d, "--texts", d / "config.json", "--out", tmp_path / "x.npz"], str(d / "config.json")
+
+
+def _missing_key(tiny_dir, tmp_path):
+    import safetensors.torch
+
+    ckpt = tmp_path / "oc.safetensors"
+    safetensors.torch.save_file({"logit_scale": torch.tensor(1.0)}, ckpt)
+    args = ["convert", "--from", "open_clip", "--arch", "tiny", "--checkpoint", ckpt, "--out", tmp_path / "o"]
+    return args, "missing keys: text_model.embeddings.position_embedding.weight"
+
+
+def _evil_pickle(tiny_dir, tmp_path):
+    ckpt = tmp_path / "evil.pt"
+    ckpt.write_bytes(pickle.dumps({"x": _Payload(tmp_path / "pwned")}, protocol=2))
+    return ["convert", "--from", "open_clip", "--arch", "tiny", "--checkpoint", ckpt, "--out", tmp_path / "o"], "evil.pt"
+
+
+def _escaping_link(tiny_dir, tmp_path):
+    d = tmp_path / "linked"
+    d.mkdir()
+    (d / "config.json").write_bytes((tiny_dir / "config.json").read_bytes())
+    (d / "model.safetensors").symlink_to(tiny_dir / "model.safetensors")
+    return ["export", "--model", d, "--to", "hf", "--out", tmp_path / "hf"], "outside the model dir"
+
+
+def _unknown_arch(tiny_dir, tmp_path):
+    return ["init", "--arch", "ViT-Q-99", "--out", tmp_path / "o"], "known: tiny, small, ViT-S-32"
+
+
+@pytest.mark.parametrize("case", [_bad_config, _missing_key, _evil_pickle, _escaping_link, _unknown_arch],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_run_reports_bad_input_in_one_line(tiny_dir, tmp_path, monkeypatch, capsys, case):
+    args, needle = case(tiny_dir, tmp_path)
+    code, out, err = _run(monkeypatch, capsys, *args)
+    assert code == 1
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "hf").exists()
+
+
+def test_subprocess_offline_hub_id_is_one_error_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    env.pop("HF_HUB_CACHE", None)
+    texts = tmp_path / "t.txt"
+    texts.write_text("hello\n")
+    proc = subprocess.run([sys.executable, "-m", "mlx_clip", "embed", "--model", "no/such-model", "--texts", texts,
+                           "--out", tmp_path / "x.npz"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no/such-model" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x.npz").exists()
