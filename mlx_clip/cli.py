@@ -149,6 +149,25 @@ def merge(base, finetuned, alpha, out):
     click.echo(f"wrote {merge_models(base, finetuned, alpha, out)}")
 
 
+@main.group()
+def data():
+    """Datasets: synthetic domain sets for demos, tests and benchmarks."""
+
+
+@data.command()
+@click.option("--domain", type=click.Choice(["industrial", "medical", "scientific", "generic"]), required=True)
+@click.option("--out", required=True, type=click.Path(), help="Output dir (images/, train/val/test.csv, classes.txt, templates.txt).")
+@click.option("--n", type=int, default=3000, show_default=True, help="Images in all (split 80/10/10).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--image-size", type=int, default=64, show_default=True)
+def synth(domain, out, n, seed, image_size):
+    """Write a deterministic synthetic domain dataset (or the generic pretraining corpus)."""
+    from mlx_clip.data.synth import synthesize, synthesize_generic
+
+    info = synthesize_generic(out, n, seed, image_size) if domain == "generic" else synthesize(domain, out, n, seed, image_size)
+    click.echo(f"wrote {out}: {info['splits']} classes {info['classes']}")
+
+
 def _training_options(func):
     """One click option per TrainingArgs field (help text from the dataclass); None = not given, so YAML can fill it."""
     from mlx_clip.train.args import FIELDS

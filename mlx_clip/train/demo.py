@@ -18,7 +18,7 @@ DEMO_RECIPE = dict(epochs=3, batch_size=64, lr=5e-4, warmup=10, weight_decay=0.0
                    eval_every=25, log_every=5, save_every=25, augment_scale="0.7,1.0")
 
 
-def test_accuracy(model_dir, data_dir: Path, batch_size: int = 128) -> float:
+def heldout_accuracy(model_dir, data_dir: Path, batch_size: int = 128) -> float:
     """Zero-shot top-1 of a model on the dataset's held-out test split, with its class names and templates."""
     model, tokenizer, preprocess = load(model_dir)
     source = open_source(data_dir / "test.csv")
@@ -35,12 +35,12 @@ def run_demo(out: str = "runs/demo", domain: str = "industrial", n: int = 2000, 
     if not (data / "info.json").exists():
         print(f"[demo] generating the synthetic '{domain}' dataset ({n} images) in {data}", flush=True)
         synthesize(domain, data, n=n, seed=seed)
-    before = test_accuracy(model, data)
+    before = heldout_accuracy(model, data)
     print(f"[demo] zero-shot top-1 on the held-out test split before fine-tuning: {before:.1%}", flush=True)
     args = TrainingArgs(model=model, train_data=str(data / "train.csv"), val_data=str(data / "val.csv"),
                         out=str(out / "run"), seed=seed, **{**DEMO_RECIPE, **recipe})
     summary = finetune(args, quiet=quiet)
-    after = test_accuracy(summary["final_model"], data)
+    after = heldout_accuracy(summary["final_model"], data)
     minutes = (time.perf_counter() - started) / 60
     print(f"[demo] zero-shot top-1 on the held-out test split: before {before:.1%} -> after {after:.1%} "
           f"({minutes:.1f} min in all; model in {summary['final_model']}, report in {out / 'run' / 'summary.md'})",
