@@ -20,7 +20,7 @@ def to_hf(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Our weights (MLX layout) -> a state dict `transformers.CLIPModel` loads."""
     if PATCH not in weights:
         raise CheckpointError(f"weights have no {PATCH}: not a CLIP model")
-    out = dict(weights)
+    out = {k: v for k, v in weights.items() if k != "logit_bias"}  # HF's CLIPModel has no sigmoid-loss bias
     out[PATCH] = np.ascontiguousarray(weights[PATCH].transpose(0, 3, 1, 2))  # OHWI -> OIHW
     return out
 

@@ -34,6 +34,7 @@ NAME_SWAPS = [
     ("text_projection.weight", "text_projection.weight"),  # proj_bias=True: already a Linear
     ("text_projection.bias", "text_projection.bias"),
     ("logit_scale", "logit_scale"),
+    ("logit_bias", "logit_bias"),
 ]
 _IN_PROJ = re.compile(r"^(.*)\.attn\.in_proj_(weight|bias)$")
 # Matrices used as `x @ P` in open_clip; ours are Linear weights (P.T).
@@ -61,7 +62,7 @@ def from_open_clip(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 out[f"{prefix}{name}.{m.group(2)}"] = np.ascontiguousarray(part)
         else:
             new = _swap(key, NAME_SWAPS)
-            if new == key and key not in ("logit_scale", "text_projection.weight", "text_projection.bias"):
+            if new == key and key not in ("logit_scale", "logit_bias", "text_projection.weight", "text_projection.bias"):
                 raise CheckpointError(f"open_clip checkpoint: unexpected key {key!r} (not a standard ViT CLIP parameter)")
             out[new] = value
     return out
@@ -154,4 +155,6 @@ def config_to_open_clip(config: CLIPConfig) -> dict:
     }
     if t.pool_type == "eos":
         cfg["text_cfg"].update(pool_type="eos", eos_id=t.eos_token_id)
+    if config.logit_bias_init_value is not None:
+        cfg["init_logit_bias"] = config.logit_bias_init_value
     return cfg

@@ -81,6 +81,7 @@ class CLIPConfig(_Base):
     text_config: TextConfig = field(default_factory=TextConfig)
     projection_dim: int = 512
     logit_scale_init_value: float = 2.6592  # ln(1/0.07), as CLIP
+    logit_bias_init_value: float | None = None  # set when a sigmoid (SigLIP) loss adds a learnable bias
     name: str = ""
 
     @classmethod

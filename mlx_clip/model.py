@@ -154,6 +154,8 @@ class CLIP(nn.Module):
         self.visual_projection = nn.Linear(v.hidden_size, config.projection_dim, bias=v.projection_bias)
         self.text_projection = nn.Linear(t.hidden_size, config.projection_dim, bias=t.projection_bias)
         self.logit_scale = mx.array(config.logit_scale_init_value, dtype=mx.float32)  # log of the multiplier
+        if config.logit_bias_init_value is not None:
+            self.logit_bias = mx.array(config.logit_bias_init_value, dtype=mx.float32)
 
     def encode_image(self, images: mx.array, normalize: bool = False) -> mx.array:
         """images: (B, H, W, 3) normalized pixels -> (B, projection_dim)."""
@@ -181,7 +183,7 @@ class CLIP(nn.Module):
                 continue
             if key == "vision_model.embeddings.patch_embedding.weight" and _is_oihw(value.shape, channels):
                 value = value.transpose(0, 2, 3, 1)  # torch OIHW -> MLX OHWI
-            if key == "logit_scale":
+            if key in ("logit_scale", "logit_bias"):
                 value = value.reshape(())
             out[key] = value
         return out
@@ -211,6 +213,8 @@ def init_weights(model: CLIP, seed: int = 0) -> CLIP:
 def _init_value(name: str, p: mx.array, cfg: CLIPConfig, key) -> mx.array:
     if name == "logit_scale":
         return mx.array(cfg.logit_scale_init_value, dtype=p.dtype)
+    if name == "logit_bias":
+        return mx.array(cfg.logit_bias_init_value, dtype=p.dtype)
     if "layer_norm" in name or "layernorm" in name or "layrnorm" in name:
         return mx.ones_like(p) if name.endswith("weight") else mx.zeros_like(p)
     if name.endswith("bias"):

@@ -53,7 +53,13 @@ class TrainingArgs:
     lora_alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank).")
     lora_dropout: float = opt(0.0, "Dropout on the LoRA path.")
     lora_targets: str = opt("q_proj,k_proj,v_proj,out_proj,fc1,fc2", "Comma-separated layer names that get adapters.")
-    loss: str = opt("clip", "Loss spec NAME[:weight],... (e.g. 'clip', 'multi_positive', 'clip:1,siglip:0.5').")
+    loss: str = opt("clip", "Loss spec NAME[:weight],... from clip, siglip, multi_positive, hard_negative "
+                    "(e.g. 'clip', 'multi_positive', 'clip:1,siglip:0.5').")
+    hn_beta: float = opt(1.0, "hard_negative: hardness beta (0 = plain InfoNCE negatives).")
+    hn_tau_plus: float = opt(0.0, "hard_negative: debiasing class prior tau+ (0 = no debiasing).")
+    temperature: str = opt("learnable", "logit_scale: 'learnable' (clamped to exp <= 100) or 'fixed' at the model's value.",
+                           choices=["learnable", "fixed"])
+    accum_freq: int = opt(1, "Encode each batch in this many micro-batches (GradCache): less memory, same gradient.")
     # augmentation and loading
     augment_scale: str = opt("0.6,1.0", "Random-resized-crop area range 'lo,hi' for training images.")
     hflip: bool = opt(False, "Random horizontal flips in training.")

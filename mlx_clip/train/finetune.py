@@ -13,6 +13,7 @@ from mlx_clip.data.pipeline import Loader, LoaderConfig
 from mlx_clip.data.sources import open_source
 from mlx_clip.eval import evaluate_retrieval, evaluate_zeroshot, iter_eval_batches, load_classnames, load_templates
 from mlx_clip.io import cast, load, save
+from mlx_clip.losses import SIGLIP_INIT_LOGIT_BIAS, parse_loss_spec
 from mlx_clip.train.args import TrainingArgs
 from mlx_clip.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from mlx_clip.train.loop import LoopHooks, train
@@ -35,6 +36,10 @@ def prepare_model(args: TrainingArgs):
         raise ValueError(f"--image-size {args.image_size}: this model was built for "
                          f"{model.config.vision_config.image_size} px and position-embedding resizing is not available yet")
     cast(model, compute_dtype(args.dtype))
+    if "siglip" in dict(parse_loss_spec(args.loss)) and "logit_bias" not in model:
+        # A sigmoid loss needs a learnable bias (SigLIP's init, -10); it is saved with the model and its config.
+        model.config.logit_bias_init_value = SIGLIP_INIT_LOGIT_BIAS
+        model.logit_bias = mx.array(SIGLIP_INIT_LOGIT_BIAS, dtype=mx.float32)
     lora = None
     if args.lora_rank > 0:
         from mlx_clip.train.lora import LoRAConfig, apply_lora
@@ -44,6 +49,8 @@ def prepare_model(args: TrainingArgs):
         apply_lora(model, lora)
     else:
         freeze_towers(model, args.lock_image, args.lock_text, args.unlock_last)
+    if args.temperature == "fixed":
+        model.freeze(recurse=False, keys=["logit_scale"])
     return model, tokenizer, preprocess, lora
 
 
@@ -88,7 +95,8 @@ def _progress(total: int, initial: int):
 
 def finetune(args: TrainingArgs, quiet: bool = False) -> dict:
     """Run a fine-tune as configured; returns the summary (also written to RUN_DIR/summary.md)."""
-    loss_fn = make_loss_fn(args.loss)  # a bad --loss fails before the run dir is touched
+    # a bad --loss fails before the run dir is touched
+    loss_fn = make_loss_fn(args.loss, beta=args.hn_beta, tau_plus=args.hn_tau_plus)
     run_dir = Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     mx.random.seed(args.seed)
@@ -113,7 +121,7 @@ def finetune(args: TrainingArgs, quiet: bool = False) -> dict:
     if evaluate and checkpoint is None:
         history["before"] = evaluate(0)
         log({"step": 0, **history["before"]})
-    step_fn = make_step(model, optimizer, loss_fn, args.grad_clip)
+    step_fn = make_step(model, optimizer, loss_fn, args.grad_clip, args.accum_freq)
     schedule = lr_schedule(args.lr, total, args.warmup, args.schedule, args.min_lr_ratio)
 
     def checkpoint_hook(step, _extra):
