@@ -57,6 +57,11 @@ def init_model(arch: str, seed: int, out, dtype: str | None = "float32") -> Path
 
 def _numpy_weights(model: CLIP) -> tuple[dict[str, np.ndarray], mx.Dtype]:
     """Float32 numpy copies for the structural edits, and the dtype to write back (bf16 -> f32 -> bf16 is exact)."""
+    from mlx_clip.quantize import quantization_of
+
+    if quantization_of(model):
+        raise ValueError("this model dir is quantized; open_clip and Hugging Face checkpoints are float: export the "
+                         "float model it was converted from")
     flat = dict(nn.utils.tree_flatten(model.parameters()))
     dtype = flat["vision_model.embeddings.patch_embedding.weight"].dtype
     return {k: np.array(v.astype(mx.float32)) for k, v in flat.items()}, dtype

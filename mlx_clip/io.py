@@ -7,6 +7,7 @@ A model dir is HF-shaped: `config.json`, `model.safetensors` (MLX layout, metada
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -20,6 +21,8 @@ from converters.safety import CheckpointError, check_inside, load_checkpoint, va
 from mlx_clip.config import CLIPConfig, ConfigError
 from mlx_clip.model import CLIP
 from mlx_clip.preprocess import Preprocess
+from mlx_clip.resolution import resize_image_size
+from mlx_clip.quantize import prepare_for_weights, quantization_of, read_quantization
 from mlx_clip.tokenizer import Tokenizer
 
 BUILTIN_DIR = Path(__file__).parent / "assets" / "builtin"
@@ -114,18 +117,31 @@ def cast(model: CLIP, dtype) -> CLIP:
     return model
 
 
-def load(path_or_hub_id, dtype=None) -> tuple[CLIP, Tokenizer, Preprocess]:
-    """(model, tokenizer, preprocess) from a model dir, a plain HF CLIP dir, a hub id, or "builtin"."""
+def load(path_or_hub_id, dtype=None, image_size: int | None = None) -> tuple[CLIP, Tokenizer, Preprocess]:
+    """(model, tokenizer, preprocess) from a model dir, a plain HF CLIP dir, a hub id, or "builtin". `image_size`
+    makes the model one for that size (position embeddings resampled bicubically, as open_clip) and the preprocess too."""
     model_dir, root = resolve(path_or_hub_id)
+    if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        from mlx_clip.adapters import is_adapter_dir, load_adapter  # an adapter dir: its base model + the adapter
+
+        if is_adapter_dir(model_dir):
+            return load_adapter(model_dir, dtype=dtype)
     if dtype is None and str(path_or_hub_id) == "builtin":
         dtype = "float32"  # stored in float16 only to stay small; CPUs compute half precision slowly
     config = load_config(model_dir)
-    model = apply_weights(CLIP(config), load_weights_dict(model_dir, root), str(model_dir))
+    weights = load_weights_dict(model_dir, root)
+    # A quantized dir (config.json "quantization") needs its QuantizedLinear layers before the weights load strictly.
+    model = prepare_for_weights(CLIP(config), read_quantization(model_dir), weights)
+    model = apply_weights(model, weights, str(model_dir))
     if dtype is not None:
         cast(model, dtype)
+    if image_size and image_size != config.vision_config.image_size:
+        resize_image_size(model, image_size)  # after the cast: from the stored values, in fp32
     mx.eval(model.parameters())
     tokenizer = Tokenizer.from_dir(model_dir, context_length=config.text_config.max_position_embeddings)
     preprocess = Preprocess.from_dir(model_dir, image_size=config.vision_config.image_size)
+    if image_size:
+        preprocess = dataclasses.replace(preprocess, image_size=image_size)
     return model, tokenizer, preprocess
 
 
@@ -153,7 +169,10 @@ def save(model: CLIP, tokenizer: Tokenizer | None, out_dir, preprocess: Preproce
     """Write a model dir that `load` reads back. Written beside, then renamed into place: never half-written."""
     config = model.config
     with atomic_dir(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        config_dict = config.to_hf_dict()
+        if (quantization := quantization_of(model)) is not None:
+            config_dict["quantization"] = quantization
+        (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
         mx.save_safetensors(str(tmp / "model.safetensors"), dict(nn.utils.tree_flatten(model.parameters())),
                             metadata={"format": "mlx"})
         (tokenizer or Tokenizer.default(config.text_config.max_position_embeddings)).save(tmp)

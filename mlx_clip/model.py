@@ -12,6 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_clip.config import CLIPConfig, TextConfig, VisionConfig
+from mlx_clip.memory import checkpointed, sliced_attention
+from mlx_clip.resolution import drop_patches, resample_position_embedding
 
 
 def quick_gelu(x: mx.array) -> mx.array:
@@ -31,11 +33,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dims, dims)
         self.v_proj = nn.Linear(dims, dims)
         self.out_proj = nn.Linear(dims, dims)
+        self.chunk = 0  # > 0: attention in chunks of this many tokens, same output with less memory (mlx_clip.memory)
 
     def __call__(self, x: mx.array, mask=None) -> mx.array:
         B, L, D = x.shape
         heads = [p(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3) for p in (self.q_proj, self.k_proj, self.v_proj)]
-        out = mx.fast.scaled_dot_product_attention(*heads, scale=self.scale, mask=mask)  # (B, H, L, Dh)
+        if self.chunk:
+            out = sliced_attention(*heads, scale=self.scale, mask=mask, chunk=self.chunk)  # (B, H, L, Dh)
+        else:
+            out = mx.fast.scaled_dot_product_attention(*heads, scale=self.scale, mask=mask)  # (B, H, L, Dh)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 
@@ -69,10 +75,11 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VisionConfig | TextConfig):
         super().__init__()
         self.layers = [EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        self.grad_checkpoint = False  # recompute each block in the backward pass instead of keeping its activations
 
     def __call__(self, x: mx.array, mask=None, hidden_states: list | None = None) -> mx.array:
         for layer in self.layers:
-            x = layer(x, mask)
+            x = checkpointed(layer, x, mask) if self.grad_checkpoint else layer(x, mask)
             if hidden_states is not None:
                 hidden_states.append(x)
         return x
@@ -87,11 +94,12 @@ class VisionEmbeddings(nn.Module):
 
     def __call__(self, images: mx.array) -> mx.array:
         x = self.patch_embedding(images)  # (B, H/p, W/p, D)
-        B, D = x.shape[0], x.shape[-1]
+        B, grid, D = x.shape[0], x.shape[1:3], x.shape[-1]
         x = x.reshape(B, -1, D)  # (B, N, D), row-major patches as open_clip's flatten
         cls = mx.broadcast_to(self.class_embedding.astype(x.dtype), (B, 1, D))
         x = mx.concatenate([cls, x], axis=1)
-        return x + self.position_embedding.weight[: x.shape[1]].astype(x.dtype)
+        # Another image size: the grid of position embeddings is resampled (bicubic, traced once per size).
+        return x + resample_position_embedding(self.position_embedding.weight, grid).astype(x.dtype)
 
 
 class VisionTransformer(nn.Module):
@@ -101,10 +109,14 @@ class VisionTransformer(nn.Module):
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: HF's name
         self.encoder = Encoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.patch_dropout = 0.0  # fraction of patch tokens dropped; set only while a training step runs
 
     def __call__(self, images: mx.array, hidden_states: list | None = None) -> mx.array:
         """Pooled (CLS) features after the final norm, before projection: (B, D)."""
-        x = self.pre_layrnorm(self.embeddings(images))
+        x = self.embeddings(images)
+        if self.patch_dropout:
+            x = drop_patches(x, self.patch_dropout)  # after the position embeddings, before the norm (open_clip)
+        x = self.pre_layrnorm(x)
         if hidden_states is not None:
             hidden_states.append(x)
         x = self.encoder(x, None, hidden_states)

@@ -33,6 +33,10 @@ def _describe(source) -> str:
 
 def _open_lazy(source) -> Image.Image:
     """Open an image reading only its header (Pillow decodes pixel data on `load()`)."""
+    from mlx_clip.data.dicom import is_dicom, read_dicom
+
+    if is_dicom(source):  # pydicom (optional extra) reads it whole; the size check below still applies
+        return read_dicom(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return Image.open(io.BytesIO(bytes(source)))
     return Image.open(source)

@@ -32,6 +32,7 @@ class LoaderConfig:
     crop_scale: tuple[float, float] = (0.6, 1.0)  # fraction of the image area kept by the crop
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range of the crop
     hflip: bool = False  # off by default: flips change meaning for charts, text and handed anatomy
+    rotate90: bool = False  # random multiples of 90 degrees: for images without an "up" (micrographs, surfaces)
     num_threads: int = 2
     prefetch: int = 64  # samples decoded ahead
     max_bad_fraction: float = 0.01
@@ -152,11 +153,14 @@ class Loader:
             img = decode_image(record["image"], max_pixels=c.max_pixels, mode=None)
             return np.asarray(pre.to_numpy(img), dtype=np.float32)
         img = decode_image(record["image"], max_pixels=c.max_pixels)
-        # Seeded per sample, not per thread: the same sample gets the same crop whatever thread decodes it.
-        rng = self._rng(c.rank, 2, ordinal)
+        # Seeded per sample, not per thread or rank: keyed by the sample's position in the epoch's global order
+        # (rank r's ordinal o is position o*N + r), so N ranks crop each sample as one process does.
+        rng = self._rng(0, 2, ordinal * c.world_size + c.rank)
         img = random_resized_crop(img, pre.image_size, c.crop_scale, c.crop_ratio, rng)
         if c.hflip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if c.rotate90 and (quarter := int(rng.integers(4))):  # drawn last: runs without it keep their random stream
+            img = img.transpose((Image.ROTATE_90, Image.ROTATE_180, Image.ROTATE_270)[quarter - 1])
         return np.asarray(pre.normalize_array(np.asarray(img, dtype=np.uint8)), dtype=np.float32)
 
     def _samples(self, start: int) -> Iterator[tuple[int, dict, np.ndarray | None, str]]:
@@ -225,11 +229,12 @@ class Loader:
     def forever(self) -> Iterator[dict]:
         """Batches across epochs without end (training by steps)."""
         while True:
-            yielded = False
+            # A run resumed at the very end of an epoch finds an empty remainder there; only a whole epoch is an error.
+            whole, yielded = self.position == 0, False
             for batch in self:
                 yielded = True
                 yield batch
-            if not yielded:
+            if whole and not yielded:
                 raise ValueError(f"no full batch of {self.config.batch_size} in an epoch: too few samples")
 
     # ---- resume ------------------------------------------------------------------------------------------------

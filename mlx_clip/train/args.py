@@ -9,6 +9,13 @@ from pathlib import Path
 import yaml
 
 
+def batch_size_value(value) -> int:
+    """A batch size: a positive int, or 'auto' (stored as 0) for the largest batch that fits --memory-budget."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
+    return int(value)
+
+
 def opt(default, help: str, **meta):
     """A dataclass field carrying its `--help` text (and optional click choices)."""
     if isinstance(default, (list, dict)):
@@ -31,7 +38,10 @@ class TrainingArgs:
     # schedule
     epochs: int = opt(1, "Passes over the training data (ignored when --steps is set).")
     steps: int = opt(0, "Total optimizer steps; overrides --epochs when > 0.")
-    batch_size: int = opt(32, "Pairs per step (fixed shape: the last partial batch of an epoch is dropped).")
+    batch_size: int = opt(32, "Pairs per step, across all processes under mlx.launch (fixed shape: the last partial batch of an "
+                          "epoch is dropped); 'auto': the "
+                          "largest batch whose measured peak memory fits --memory-budget.", parse=batch_size_value)
+    memory_budget: str = opt("16GB", "Memory budget for --batch-size auto (e.g. 16GB, 800MB, 12GiB).")
     lr: float = opt(1e-5, "Peak learning rate.")
     warmup: int = opt(0, "Linear warm-up steps.")
     schedule: str = opt("cosine", "LR schedule after warm-up.", choices=["cosine", "const"])
@@ -43,8 +53,18 @@ class TrainingArgs:
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this value (0 disables).")
     seed: int = opt(0, "Seed for initialisation, data order, augmentation and dropout.")
     # model handling
-    image_size: int = opt(0, "Training image size (0: the model's own).")
-    dtype: str = opt("auto", "Parameter/compute dtype policy.", choices=["auto", "float32", "bfloat16", "float16"])
+    image_size: int = opt(0, "Image size to train and save the model at, position embeddings resampled (0: the model's own).")
+    resolutions: str = opt("", "Comma-separated image sizes, e.g. '48,64': each step trains at one drawn from the set.")
+    progressive_resolution: bool = opt(False, "Train at --resolutions from the smallest to the largest in equal phases "
+                                       "(RECLIP); without --resolutions, at half then full size.")
+    patch_dropout: float = opt(0.0, "Fraction of image patch tokens dropped in training steps (not in evaluation).")
+    dtype: str = opt("auto", "Precision policy: auto (float32 on CPU, bfloat16 on GPU), float32, bf16-mixed (bf16 compute, "
+                     "fp32 master weights and optimizer state), bfloat16, float16 (dynamic loss scaling).",
+                     choices=["auto", "float32", "bf16-mixed", "bfloat16", "float16"])
+    attention_chunk: int = opt(0, "Compute attention in chunks of N tokens (online softmax): same output, no full score "
+                               "matrix; 0: off.")
+    grad_checkpoint: bool = opt(False, "Recompute each transformer block in the backward pass instead of storing its "
+                                "activations (less memory, about a third more compute).")
     lock_image: bool = opt(False, "Freeze the image tower (LiT when the text tower trains).")
     lock_text: bool = opt(False, "Freeze the text tower.")
     unlock_last: int = opt(0, "With a locked tower, keep its last N transformer layers (and final norm/projection) trainable.")
@@ -60,9 +80,23 @@ class TrainingArgs:
     temperature: str = opt("learnable", "logit_scale: 'learnable' (clamped to exp <= 100) or 'fixed' at the model's value.",
                            choices=["learnable", "fixed"])
     accum_freq: int = opt(1, "Encode each batch in this many micro-batches (GradCache): less memory, same gradient.")
+    # domain presets and adapters (mlx_clip.domains, mlx_clip.adapters)
+    domain: str = opt("", "Domain preset filling the options not given: prompt templates, augmentation policy and "
+                      "recommended method/hyper-parameters.", choices=["", "medical", "industrial", "scientific"])
+    adapter: str = opt("full", "Method: full, lit (image tower locked), lora, clip-adapter, tip-adapter (training-free "
+                       "cache; with --steps > 0 the keys are fine-tuned: Tip-Adapter-F), coop (learned prompt context).",
+                       choices=["full", "lit", "lora", "clip-adapter", "tip-adapter", "coop"])
+    adapter_ratio: float = opt(0.2, "clip-adapter: residual ratio (weight of the adapted feature).")
+    tip_alpha: float = opt(1.0, "tip-adapter: weight of the cache logits.")
+    tip_beta: float = opt(5.5, "tip-adapter: sharpness of the cache affinities.")
+    coop_ctx: str = opt("a photo of a", "coop: the learned context's initial words (their count is the context length).")
+    normalize_from_data: bool = opt(False, "Normalise images with per-channel mean/std computed from --train-data "
+                                    "(see `mlxclip data stats`); saved with the final model.")
     # augmentation and loading
     augment_scale: str = opt("0.6,1.0", "Random-resized-crop area range 'lo,hi' for training images.")
     hflip: bool = opt(False, "Random horizontal flips in training.")
+    rotate90: bool = opt(False, "Random rotations by multiples of 90 degrees in training (images without an 'up': "
+                         "micrographs, surfaces; not charts or anatomy).")
     workers: int = opt(2, "Decoding/augmentation threads.")
     prefetch: int = opt(2, "Batches prepared ahead.")
     max_bad_fraction: float = opt(0.01, "Abort when more than this fraction of images is unreadable.")
@@ -105,6 +139,11 @@ def load_yaml(path) -> dict:
 def _typed(name: str, value, path):
     """A YAML value as its field's type. PyYAML reads `1e-5` (no dot) as a string, so floats are parsed here."""
     kind = type(FIELDS[name].default)
+    if "parse" in FIELDS[name].metadata:
+        try:
+            return FIELDS[name].metadata["parse"](value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: option {name}: {exc}") from exc
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
@@ -119,6 +158,12 @@ def resolve_args(flags: dict, config_file: str | None = None) -> TrainingArgs:
     """defaults < YAML < flags; `flags` holds only the options given on the command line."""
     values = load_yaml(config_file) if config_file else {}
     values.update(flags)
+    from mlx_clip.domains import fill_defaults
+
+    values = fill_defaults(values)  # --domain preset and --adapter method fill what neither YAML nor flags gave
+    for name in values:  # values given as text (Python callers), e.g. batch_size="auto"
+        if "parse" in FIELDS[name].metadata:
+            values[name] = FIELDS[name].metadata["parse"](values[name])
     args = TrainingArgs(**values)
     _validate(args)
     return args
@@ -130,8 +175,12 @@ def _validate(args: TrainingArgs) -> None:
         choices = f.metadata.get("choices")
         if choices and getattr(args, name) not in choices:
             problems.append(f"{name} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")
-    if args.batch_size < 1:
-        problems.append("batch_size must be >= 1")
+    if args.batch_size < 0:
+        problems.append("batch_size must be >= 1 or 'auto'")
+    if not 0 <= args.patch_dropout < 1:
+        problems.append("patch_dropout must be in [0, 1)")
+    if args.attention_chunk < 0:
+        problems.append("attention_chunk must be >= 0")
     if args.lr <= 0:
         problems.append("lr must be > 0")
     try:

@@ -12,30 +12,24 @@ import mlx.core as mx
 from mlx_clip.data.pipeline import Loader, LoaderConfig
 from mlx_clip.data.sources import open_source
 from mlx_clip.eval import evaluate_retrieval, evaluate_zeroshot, iter_eval_batches, load_classnames, load_templates
-from mlx_clip.io import cast, load, save
+from mlx_clip.io import load, save
+from mlx_clip.memory import apply_model_options, batch_limit, build_train_step, choose_batch_size
+from mlx_clip.precision import max_bad_steps
+from mlx_clip.resolution import loader_preprocess, train_batches, training_resolutions
 from mlx_clip.losses import SIGLIP_INIT_LOGIT_BIAS, parse_loss_spec
 from mlx_clip.train.args import TrainingArgs
+from mlx_clip.train import distributed as dist
 from mlx_clip.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from mlx_clip.train.loop import LoopHooks, train
 from mlx_clip.train.optim import build_optimizer, freeze_towers, lr_schedule
 from mlx_clip.train.report import write_report
-from mlx_clip.train.step import make_loss_fn, make_step
+from mlx_clip.train.step import make_loss_fn
 from mlx_clip.train.tracking import MetricsLog
 
 
-def compute_dtype(policy: str) -> str:
-    """'auto' is float32 on CPU (MLX-CPU half-precision matmul is a scalar loop) and bfloat16 on a GPU."""
-    if policy != "auto":
-        return policy
-    return "float32" if mx.default_device() == mx.cpu else "bfloat16"
-
-
 def prepare_model(args: TrainingArgs):
-    model, tokenizer, preprocess = load(args.model)
-    if args.image_size and args.image_size != model.config.vision_config.image_size:
-        raise ValueError(f"--image-size {args.image_size}: this model was built for "
-                         f"{model.config.vision_config.image_size} px and position-embedding resizing is not available yet")
-    cast(model, compute_dtype(args.dtype))
+    model, tokenizer, preprocess = load(args.model, image_size=args.image_size or None)  # position embeddings resampled
+    apply_model_options(model, args)  # precision policy, attention chunks, gradient checkpointing
     if "siglip" in dict(parse_loss_spec(args.loss)) and "logit_bias" not in model:
         # A sigmoid loss needs a learnable bias (SigLIP's init, -10); it is saved with the model and its config.
         model.config.logit_bias_init_value = SIGLIP_INIT_LOGIT_BIAS
@@ -70,6 +64,10 @@ def make_evaluator(args: TrainingArgs, model, tokenizer, preprocess):
     classnames = load_classnames(args.classnames) if args.classnames else source.classnames
     beside = Path(args.val_data).parent / "templates.txt"
     templates = load_templates(args.templates or (beside if beside.is_file() else None))
+    if args.domain and not args.templates and not beside.is_file():  # the domain preset's prompts
+        from mlx_clip.domains import get_preset
+
+        templates = list(get_preset(args.domain).templates)
     batches = list(iter_eval_batches(source.records, preprocess, args.eval_batch_size, args.max_bad_fraction))
     labelled = all((b["labels"] >= 0).all() for b in batches)
 
@@ -95,43 +93,65 @@ def _progress(total: int, initial: int):
 
 def finetune(args: TrainingArgs, quiet: bool = False) -> dict:
     """Run a fine-tune as configured; returns the summary (also written to RUN_DIR/summary.md)."""
+    if args.adapter in ("clip-adapter", "tip-adapter", "coop"):  # frozen towers: trained on features (train/adapt.py)
+        from mlx_clip.train.adapt import finetune_adapter
+
+        return finetune_adapter(args, quiet)
     # a bad --loss fails before the run dir is touched
     loss_fn = make_loss_fn(args.loss, beta=args.hn_beta, tau_plus=args.hn_tau_plus)
+    batch = dist.per_rank_batch(args.batch_size)  # --batch-size is global; under mlx.launch each rank loads its share
+    main = dist.is_main()  # rank 0 alone writes the run dir and evaluates (on the whole val set)
     run_dir = Path(args.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     mx.random.seed(args.seed)
     model, tokenizer, preprocess, lora = prepare_model(args)
+    sizes = training_resolutions(args, model.config.vision_config)  # [] unless training at several sizes
     train_source = _source(args.train_data, args, "train-data")
-    loader = Loader(train_source.records, preprocess, LoaderConfig(
-        batch_size=args.batch_size, train=True, seed=args.seed, crop_scale=args.scale_range, hflip=args.hflip,
-        num_threads=args.workers, prefetch=max(args.prefetch, 1) * args.batch_size,
-        max_bad_fraction=args.max_bad_fraction), tokenize=tokenizer.tokenize_numpy)
+    if args.normalize_from_data:  # the data's own mean/std (mlx_clip.domains), saved with the final model
+        from mlx_clip.domains import with_data_stats
+
+        preprocess = with_data_stats(preprocess, train_source.records)
+    if args.batch_size == 0:  # --batch-size auto: the largest that fits --memory-budget, measured at the largest size
+        batch = choose_batch_size(model, args, loss_fn, max(sizes or [model.config.vision_config.image_size]),
+                                  limit=batch_limit(train_source.records, dist.world_size()))
+        args.batch_size = batch * dist.world_size()
+    loader = Loader(train_source.records, loader_preprocess(preprocess, sizes), LoaderConfig(
+        batch_size=batch, train=True, seed=args.seed, crop_scale=args.scale_range, hflip=args.hflip,
+        rotate90=args.rotate90,
+        num_threads=args.workers, prefetch=max(args.prefetch, 1) * batch, max_bad_fraction=args.max_bad_fraction,
+        rank=dist.rank(), world_size=dist.world_size()), tokenize=tokenizer.tokenize_numpy)
     total = args.steps or args.epochs * _batches_per_epoch(loader, args)
     optimizer = build_optimizer(model, args, total)
     checkpoint = resolve_resume(run_dir, args.resume)
     start, history = 0, {}
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer)
-        loader.load_state_dict(state["data"])
+        loader.load_state_dict(dist.rank_data_state(state))
         start, history = state["step"], state.get("history", {})
-    args.save(run_dir / "config.yaml")
+    dist.check_same(start, "the step to resume from (every rank must see the same run dir or checkpoint)")
+    if main:
+        args.save(run_dir / "config.yaml")
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if checkpoint else None, trackers=args.report_to,
-                     run_dir=run_dir, quiet=quiet)
-    evaluate = make_evaluator(args, model, tokenizer, preprocess)
+                     run_dir=run_dir, quiet=quiet) if main else (lambda record: None)
+    evaluate = make_evaluator(args, model, tokenizer, preprocess) if main else None
     if evaluate and checkpoint is None:
         history["before"] = evaluate(0)
         log({"step": 0, **history["before"]})
-    step_fn = make_step(model, optimizer, loss_fn, args.grad_clip, args.accum_freq)
+    step_fn = build_train_step(model, optimizer, loss_fn, args)
     schedule = lr_schedule(args.lr, total, args.warmup, args.schedule, args.min_lr_ratio)
 
     def checkpoint_hook(step, _extra):
-        save_checkpoint(run_dir, step, model, optimizer, {"data": loader.state_dict(), "history": history,
-                                                           "args": args.to_dict()}, args.keep_last)
+        data = dist.data_state(loader.state_dict())  # collective: every rank's data position
+        if main:
+            save_checkpoint(run_dir, step, model, optimizer, {**data, "history": history, "args": args.to_dict()},
+                            args.keep_last)
 
     hooks = LoopHooks(log=log, evaluate=evaluate, checkpoint=checkpoint_hook, lr_at=lambda s: schedule(s).item(),
-                      progress=None if quiet else _progress(total, start))
+                      progress=None if quiet or not main else _progress(total, start))
     started = time.perf_counter()
-    last = train(step_fn, loader.forever(), start, total, hooks, args.log_every, args.eval_every, args.save_every,
+    last = train(step_fn, train_batches(loader.forever(), sizes, args, total, start), start, total, hooks,
+                 args.log_every, args.eval_every, args.save_every, max_bad_steps=max_bad_steps(args.dtype),
                  state_fn=lambda: [model.state, optimizer.state], seed=args.seed)
     train_seconds = time.perf_counter() - started
     if total > start:
@@ -139,15 +159,22 @@ def finetune(args: TrainingArgs, quiet: bool = False) -> dict:
     if evaluate:
         history["after"] = evaluate(total)
         log({"step": total, **history["after"]})
-    final = _save_final(run_dir, model, tokenizer, preprocess, lora)
+    skipped = dist.sum_int(loader.skips.skipped)
+    final = _save_final(run_dir, model, tokenizer, preprocess, lora) if main else run_dir / "final"
     summary = {"steps": total, "resumed_from": start, "final_loss": last.get("loss", math.nan),
                "train_seconds": round(train_seconds, 1), "images_per_s_last": last.get("images_per_s", math.nan),
-               "peak_memory_gb": mx.get_peak_memory() / 1e9, "final_model": str(final),
+               "peak_memory_gb": _run_peak_gb(log.records() if main else []), "final_model": str(final),
                **{f"{k}_before": v for k, v in history.get("before", {}).items() if k != "eval_seconds"},
                **{f"{k}_after": v for k, v in history.get("after", {}).items() if k != "eval_seconds"},
-               "skipped_images": loader.skips.skipped}
-    write_report(run_dir, summary, log.records())
+               "skipped_images": skipped}
+    if main:
+        write_report(run_dir, summary, log.records())
     return summary
+
+
+def _run_peak_gb(records: list[dict]) -> float:
+    """The run's peak: metrics.jsonl holds each log interval's own peak (the loop resets it after each record)."""
+    return max([r["peak_memory_gb"] for r in records if "peak_memory_gb" in r] + [mx.get_peak_memory() / 1e9])
 
 
 def _batches_per_epoch(loader: Loader, args: TrainingArgs) -> int:

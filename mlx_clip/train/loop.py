@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
+from mlx_clip.train import distributed as dist
+
 
 class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive non-finite steps; the last good checkpoint is left intact."""
@@ -40,10 +42,11 @@ def train(step_fn, batches: Iterator[dict], start_step: int, total_steps: int, h
     """Run `step_fn(images, ids, labels)` from `start_step` to `total_steps`; return the last train record."""
     bad_in_a_row, record, window = 0, {}, []
     tick = time.perf_counter()
+    mx.reset_peak_memory()  # each record's peak_memory_gb is the peak of its own log interval
     for step in range(start_step + 1, total_steps + 1):
         batch = next(batches)
         # Randomness inside the step (dropout) depends only on (seed, step): a resumed run draws the same numbers.
-        mx.random.seed(seed * 1_000_003 + step)
+        mx.random.seed(dist.step_seed(seed, step))
         images, ids = mx.array(batch["images"]), mx.array(batch["input_ids"])
         labels = mx.array(unique_missing_labels(batch["labels"]).astype(np.int32))
         loss, norm, applied = step_fn(images, ids, labels)
@@ -56,15 +59,19 @@ def train(step_fn, batches: Iterator[dict], start_step: int, total_steps: int, h
                   file=sys.stderr)
         else:
             bad_in_a_row = 0
-        if hooks.progress is not None:
+        if hooks.progress is not None:  # tqdm shows steps/s and the ETA; images/s and loss ride in the postfix
             hooks.progress.update(1)
-            hooks.progress.set_postfix(loss=f"{loss_value:.4f}")
+            steps_per_s = (getattr(hooks.progress, "format_dict", {}) or {}).get("rate") or 0.0
+            rate = len(batch["texts"]) * dist.world_size() * steps_per_s  # global images/s
+            hooks.progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}")
         if step % log_every == 0 or step == total_steps or not applied.item():
             now = time.perf_counter()
             record = _train_record(step, loss_value, window, norm.item(), hooks.lr_at(step - 1),
-                                   len(batch["texts"]) * len(window) / (now - tick), bool(applied.item()))
+                                   len(batch["texts"]) * dist.world_size() * len(window) / (now - tick),  # global
+                                   bool(applied.item()))
             hooks.log(record)
             tick, window = now, []
+            mx.reset_peak_memory()
         if bad_in_a_row >= max_bad_steps:  # after logging, so metrics.jsonl shows the step that stopped the run
             raise NonFiniteLossError(f"{bad_in_a_row} non-finite steps in a row at step {step}; stopping "
                                      "(the last checkpoint is intact; lower --lr or check the data)")
@@ -84,6 +91,6 @@ def _train_record(step, loss, window, grad_norm, lr, images_per_s, applied) -> d
         "grad_norm": grad_norm,
         "lr": lr,
         "images_per_s": images_per_s,
-        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,  # since the previous record
         "applied": applied,
     }

@@ -9,6 +9,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_clip.losses import accumulated_value_and_grad, combined_loss, parse_loss_spec
+from mlx_clip.train.distributed import average_gradients, global_batch
 from mlx_clip.train.optim import clamp_logit_scale
 
 # Losses the trainer can feed from one batch of (image, caption, label); the others need extra inputs (a negative
@@ -31,6 +32,8 @@ def make_feature_loss(spec: str, **options):
     terms = _check_spec(spec)
 
     def feature_loss(image_features, text_features, logit_scale, labels, logit_bias=None):
+        # Under mlx.launch, the loss of the global batch: all ranks' pairs are negatives (identity in one process).
+        image_features, text_features, labels = global_batch(image_features, text_features, labels)
         features = dict(image_features=image_features, text_features=text_features, logit_scale=logit_scale,
                         labels=labels, **options)
         if logit_bias is not None:
@@ -54,6 +57,7 @@ def make_loss_fn(spec: str, **options):
 
 def _apply(model, optimizer, loss, grads, grad_clip: float):
     """Clip, update, clamp; keep the old values when the loss or gradient is not finite."""
+    grads = average_gradients(grads)  # the mean over mlx.launch ranks, before clipping (identity in one process)
     norm = _global_norm(grads)
     if grad_clip > 0:
         factor = mx.minimum(grad_clip / (norm + 1e-6), 1.0)

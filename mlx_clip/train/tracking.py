@@ -27,7 +27,12 @@ class MetricsLog:
         for tracker in self.trackers:
             tracker(record)
         if not self.quiet:
-            print(format_record(record), file=sys.stderr if sys.stderr.isatty() else sys.stdout, flush=True)
+            if sys.stderr.isatty():  # a progress bar owns the terminal: write above it
+                from tqdm import tqdm
+
+                tqdm.write(format_record(record), file=sys.stderr)
+            else:
+                print(format_record(record), flush=True)
 
     def records(self) -> list[dict]:
         return [json.loads(ln) for ln in _lines(self.path)]

@@ -1,0 +1,136 @@
+"""`mlxclip bench`: MLX (eager, compiled) against torch (eager, torch.compile) on the same device, batch and dtype.
+
+Every (backend, mode, task) is measured in its own process (`benchmarks.bench_worker`, which documents the memory
+figures): warm-up, then the median and spread of N timed runs; img/s (pairs/s for train), batch-1 latency for the
+embedding tasks, peak memory. Results go to BENCH.jsonl / .md / .png under `out`, with the machine named.
+
+    python -m benchmarks.bench --arch ViT-B-32 --task train,embed-image,embed-text --batch 32 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.bench_report import ratio_lines, write_report
+from benchmarks.workloads_mlx import MODES, TASKS
+
+BACKENDS = ("mlx", "torch")
+LATENCY_TASKS = ("embed-image", "embed-text")  # also timed at batch 1: the latency of one request
+
+
+def resolve_device(name: str = "auto") -> str:
+    """cpu | cuda | mps. "auto" is the accelerator MLX sees (Metal on a Mac, CUDA elsewhere), as torch_ref picks mps >
+    cuda > cpu; both backends are then told the same device explicitly."""
+    name = (name or "auto").lower()
+    if name in ("cpu", "cuda", "mps"):
+        return name
+    if name not in ("auto", "gpu"):
+        raise ValueError(f"device must be auto, cpu, cuda, mps or gpu, got {name!r}")
+    import mlx.core as mx
+
+    if mx.default_device() == mx.gpu:
+        return "mps" if sys.platform == "darwin" else "cuda"
+    if name == "gpu":
+        raise ValueError("device 'gpu': MLX has no GPU here")
+    return "cpu"
+
+
+def _split(value, allowed, what: str) -> list[str]:
+    items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise ValueError(f"{what} must be a comma-separated subset of {', '.join(allowed)}, got {value!r}")
+    return items
+
+
+def _env(backend: str, device: str, dtype: str) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if backend == "torch":
+        env["MLXCLIP_BLAS"] = "none"  # torch brings its own MKL; keep the MLX preload out of the torch process
+    if backend == "mlx" and device == "cuda" and dtype == "float32":
+        env.setdefault("MLX_ENABLE_TF32", "0")  # torch's default fp32 matmul is full fp32, not TF32
+    return env
+
+
+def run_one(spec: dict) -> tuple[list[dict], str]:
+    """(records, error text) of one worker process."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_worker", json.dumps(spec)], capture_output=True,
+                          text=True, env=_env(spec["backend"], spec["device"], spec["dtype"]),
+                          cwd=Path(__file__).resolve().parents[1])
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    error = "" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    return records, error
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text", batch: int = 32, device: str = "auto",
+          out=None, as_json: bool = False, dtype: str = "float32", modes="eager,compiled", runs: int = 5,
+          warmup: int = 2, seed: int = 0) -> list[dict]:
+    """Measure and (with `out`) write the report files; returns the records. With `as_json`, stdout carries the
+    JSON lines only (one per measurement); progress and ratios go to stderr."""
+    backends, tasks = _split(backends, BACKENDS, "backend"), _split(tasks, TASKS, "task")
+    modes = _split(modes, MODES, "mode")
+    if batch < 1 or runs < 1:
+        raise ValueError("batch and runs must be >= 1")
+    device = resolve_device(device)
+    from benchmarks.machine import machine_info
+
+    machine = machine_info(device)
+    records, failures = [], []
+    plan = [(task, b) for task in tasks for b in ([1, batch] if task in LATENCY_TASKS and batch > 1 else [batch])]
+    for task, size in plan:
+        for backend in backends:
+            for mode in modes:
+                spec = dict(backend=backend, mode=mode, task=task, arch=arch, batch=size, device=device, dtype=dtype,
+                            runs=runs, warmup=warmup, seed=seed)
+                got, error = run_one(spec)
+                if error:
+                    failures.append(f"{task} batch {size} {backend} {mode}: {error}")
+                    _say(f"{arch} {task} batch {size} {backend} {mode}: failed: {error}")
+                for rec in got:
+                    rec["machine"] = machine["label"]
+                    records.append(rec)
+                    if as_json:
+                        print(json.dumps(rec), flush=True)
+                    else:
+                        print(f"{arch} {task} batch {rec['batch']} {backend} {mode} ({device}, {dtype}): "
+                              f"{rec['items_per_s']:.2f} items/s, {rec['latency_ms_p50']:.1f} ms p50, "
+                              f"peak {rec['peak_mem_bytes'] / 2**20:.0f} MiB", flush=True)
+    for line in ratio_lines(records):
+        (_say if as_json else print)(line)
+    if out is not None:
+        paths = write_report(records, machine, out, arch, device, dtype, batch, failures)
+        _say("wrote " + ", ".join(str(p) for p in paths))
+    return records
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", required=True)
+    ap.add_argument("--backend", default="mlx,torch")
+    ap.add_argument("--task", default="train,embed-image,embed-text")
+    ap.add_argument("--mode", default="eager,compiled")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    bench(a.arch, a.backend, a.task, a.batch, a.device, a.out, a.json, a.dtype, a.mode, a.runs, a.warmup)
+    return 0
+
+
+if __name__ == "__main__":
+    import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
+
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""The benchmark as files: JSON lines (one per measurement), a markdown table with the MLX/torch ratios, a bar chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SERIES = [("mlx", "eager"), ("mlx", "compiled"), ("torch", "eager"), ("torch", "compiled")]
+LABELS = {("mlx", "eager"): "MLX eager", ("mlx", "compiled"): "MLX mx.compile",
+          ("torch", "eager"): "torch eager", ("torch", "compiled"): "torch.compile"}
+COLORS = {("mlx", "eager"): "#9ecae1", ("mlx", "compiled"): "#3182bd",
+          ("torch", "eager"): "#fdae6b", ("torch", "compiled"): "#e6550d"}
+
+
+def _groups(records: list[dict]) -> dict[tuple[str, int], dict]:
+    """(task, batch) -> {(backend, mode): record}, in the order measured."""
+    out: dict[tuple[str, int], dict] = {}
+    for r in records:
+        out.setdefault((r["task"], r["batch"]), {})[(r["backend"], r["mode"])] = r
+    return out
+
+
+def ratios(records: list[dict], key: str = "items_per_s") -> list[dict]:
+    """Per (task, batch): MLX items/s over torch items/s (`key`: median or best run), mode for mode and best mode
+    against best mode."""
+    rows = []
+    for (task, batch), got in _groups(records).items():
+        speed = {k: r[key] for k, r in got.items()}
+        row = {"task": task, "batch": batch}
+        for mode in ("eager", "compiled"):
+            if ("mlx", mode) in speed and ("torch", mode) in speed:
+                row[mode] = speed[("mlx", mode)] / speed[("torch", mode)]
+        mlx = [v for (b, _), v in speed.items() if b == "mlx"]
+        torch = [v for (b, _), v in speed.items() if b == "torch"]
+        if mlx and torch:
+            row["best"] = max(mlx) / max(torch)
+        if len(row) > 2:
+            rows.append(row)
+    return rows
+
+
+def _x(value) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def ratio_lines(records: list[dict]) -> list[str]:
+    return [f"MLX/torch {r['task']} batch {r['batch']}: eager {_x(r.get('eager'))}, compiled {_x(r.get('compiled'))}, "
+            f"best vs best {_x(r.get('best'))}" for r in ratios(records)]
+
+
+def markdown(records: list[dict], machine: dict, title: str, failures: list[str]) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        f"Machine: {machine['label']}; MLX BLAS: `{machine['mlx_blas']}`; "
+        f"torch threads: {machine.get('torch_threads', '—')}.",
+        "",
+        "Median of the timed runs after warm-up (first run, which includes compilation, reported apart); spread = "
+        "(slowest − fastest) / median. Peak memory: see `benchmarks/bench_worker.py` (CPU: resident-set growth of "
+        "the measuring process, same rule for both backends; CUDA: allocator peak). Each row is its own process; "
+        "the load average of the machine before and after each row shows what else was running.",
+        "",
+        "| task | batch | backend | mode | items/s | best run items/s | ms / iteration (p50) | spread | runs "
+        "| first run s | peak MiB | source | load avg before/after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (task, batch), got in _groups(records).items():
+        for key in SERIES:
+            if key in got:
+                r = got[key]
+                lines.append(f"| {task} | {batch} | {r['backend']} | {r['mode']} | {r['items_per_s']:.2f} | "
+                             f"{r.get('items_per_s_best', float('nan')):.2f} | "
+                             f"{r['latency_ms_p50']:.1f} | {r['spread_pct']:.0f}% | {r['runs']} | "
+                             f"{r['first_run_s']:.1f} | "
+                             f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['peak_mem_source']} | "
+                             f"{'/'.join(str(x) for x in r.get('load_avg', []))} |")
+    fastest = {(r["task"], r["batch"]): r for r in ratios(records, "items_per_s_best")}
+    lines += ["", "## MLX / torch (items/s ratio; > 1 means MLX is faster)", "",
+              "From the medians; in brackets, from each side's fastest run (less disturbed by other jobs).", "",
+              "| task | batch | eager / eager | mx.compile / torch.compile | best mode / best mode |", "|---|---|---|---|---|"]
+    for r in ratios(records):
+        f = fastest.get((r["task"], r["batch"]), {})
+        cells = [f"{_x(r.get(k))} ({_x(f.get(k))})" for k in ("eager", "compiled", "best")]
+        lines.append(f"| {r['task']} | {r['batch']} | " + " | ".join(cells) + " |")
+    if failures:
+        lines += ["", "## Failed measurements", "", *[f"- {f}" for f in failures]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(records)
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups) + 1, 4), squeeze=False)
+    for ax, ((task, batch), got) in zip(axes[0], groups.items()):
+        keys = [k for k in SERIES if k in got]
+        values = [got[k]["items_per_s"] for k in keys]
+        # Error bars from the fastest and slowest timed run.
+        low = [v - got[k]["batch"] / got[k]["max_s"] for k, v in zip(keys, values)]
+        high = [got[k]["batch"] / got[k]["min_s"] - v for k, v in zip(keys, values)]
+        ax.bar(range(len(keys)), values, color=[COLORS[k] for k in keys], yerr=[low, high], capsize=3)
+        ax.set_xticks(range(len(keys)), [LABELS[k] for k in keys], rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{task}, batch {batch}", fontsize=9)
+        ax.set_ylabel("pairs/s" if task == "train" else "items/s")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(records, machine, out, arch, device, dtype, batch, failures=()) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"bench-{device}-{arch}-{dtype}-b{batch}"
+    where = machine["gpu"] or f"{machine['cpu']}, {machine['cores']} cores"
+    title = f"{arch}, {dtype}, {device} ({where})"
+    paths = [stem.with_suffix(".jsonl"), stem.with_suffix(".md"), stem.with_suffix(".png")]
+    paths[0].write_text("".join(json.dumps(r) + "\n" for r in records))
+    paths[1].write_text(markdown(records, machine, f"Benchmark: {title}", list(failures)))
+    if records:
+        plot(records, title, paths[2])
+    return paths

@@ -1,0 +1,156 @@
+"""One measurement process of `mlxclip bench`: one backend, mode, task and batch; prints a JSON line on stdout.
+
+Each measurement runs in a fresh process so that neither library's threads, caches or compiled kernels touch the
+other's numbers, and so that the peak memory belongs to that measurement alone.
+
+Peak memory (`peak_mem_bytes`, with `peak_mem_source` saying which):
+- CUDA: the allocator's peak since just before the model was built: `mx.get_peak_memory()` for MLX,
+  `torch.cuda.max_memory_allocated()` for torch (parameters, gradients, optimizer state, activations; no cache).
+- CPU (and MPS): the growth of the process's resident set from just before the model was built to its high-water mark
+  (Linux `VmHWM`, reset through /proc/self/clear_refs before each measurement; `ru_maxrss` elsewhere, which is not
+  reset and also carries the parent's peak across exec), the same count for both backends. It includes allocator
+  caches and, for torch.compile, the compiler's own memory. MLX's allocator peak is given too
+  (`mlx_allocator_peak_bytes`).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+MIN_LATENCY_RUNS = 20  # batch-1 runs are short and their median is the latency: take more of them
+
+
+def _rss_now() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # no /proc (macOS): growth is then counted from the process's own high-water mark
+        return _rss_high_water()
+
+
+def _rss_high_water() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def _reset_high_water() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+    except OSError:
+        pass
+
+
+def measure(run, warmup: int, runs: int) -> dict:
+    """Time `runs` calls after `warmup` untimed ones (at least one: it pays for compilation and is reported apart)."""
+    tick = time.perf_counter()
+    run()
+    first = time.perf_counter() - tick
+    for _ in range(max(warmup, 1) - 1):
+        run()
+    times = []
+    for _ in range(runs):
+        tick = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - tick)
+    return {"first_run_s": first, "times_s": times, "median_s": statistics.median(times), "min_s": min(times),
+            "max_s": max(times)}
+
+
+def _builder(spec: dict):
+    from converters.convert import arch_config
+
+    config = arch_config(spec["arch"])
+    if spec["backend"] == "mlx":
+        import mlx.core as mx
+
+        from benchmarks.workloads_mlx import mlx_workload
+
+        mx.set_default_device(mx.cpu if spec["device"] == "cpu" else mx.gpu)
+        return lambda batch: mlx_workload(config, spec["task"], batch, spec["mode"], spec["dtype"], spec["seed"])
+    from benchmarks.workloads_torch import torch_workload
+    from torch_ref.device import pick_device
+
+    device = pick_device(spec["device"])
+    return lambda batch: torch_workload(config, spec["task"], batch, spec["mode"], spec["dtype"], device, spec["seed"])
+
+
+class _Memory:
+    """Peak memory of one measurement, by the rule in the module docstring."""
+
+    def __init__(self, spec: dict):
+        self.backend, self.device = spec["backend"], spec["device"]
+        self.rss_start = _rss_now()
+
+    def reset(self) -> None:
+        gc.collect()
+        if self.backend == "mlx":
+            import mlx.core as mx
+
+            mx.clear_cache()
+            mx.reset_peak_memory()
+        elif self.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        _reset_high_water()
+        self.rss_start = _rss_now()
+
+    def read(self) -> dict:
+        out = {"rss_growth_bytes": _rss_high_water() - self.rss_start}
+        if self.backend == "mlx":
+            import mlx.core as mx
+
+            out["mlx_allocator_peak_bytes"] = int(mx.get_peak_memory())
+        if self.device == "cuda":
+            if self.backend == "mlx":
+                out.update(peak_mem_bytes=out["mlx_allocator_peak_bytes"], peak_mem_source="mx.get_peak_memory")
+            else:
+                import torch
+
+                out.update(peak_mem_bytes=int(torch.cuda.max_memory_allocated()),
+                           peak_mem_source="torch.cuda.max_memory_allocated")
+        else:
+            out.update(peak_mem_bytes=out["rss_growth_bytes"], peak_mem_source="rss growth")
+        return out
+
+
+def run_worker(spec: dict) -> dict:
+    build = _builder(spec)  # imports the backend first: its libraries are not the workload's memory
+    memory = _Memory(spec)
+    memory.reset()
+    workload = build(spec["batch"])
+    runs = max(spec["runs"], MIN_LATENCY_RUNS) if workload.items == 1 else spec["runs"]
+    load_before = os.getloadavg()[0]
+    timing = measure(workload.run, spec["warmup"], runs)
+    record = {k: spec[k] for k in ("backend", "mode", "task", "arch", "device", "dtype")}
+    record.update(batch=workload.items, items_per_s=workload.items / timing["median_s"],
+                  items_per_s_best=workload.items / timing["min_s"],  # the least disturbed run, on a shared machine
+                  latency_ms_p50=1e3 * timing["median_s"],
+                  spread_pct=100 * (timing["max_s"] - timing["min_s"]) / timing["median_s"],
+                  runs=runs, warmup=max(spec["warmup"], 1), **timing, **memory.read(),
+                  load_avg=[round(load_before, 2), round(os.getloadavg()[0], 2)])  # other jobs on the machine
+    if spec["task"] == "train":
+        record["pairs_per_s"] = record["items_per_s"]  # one image and one caption per pair
+    return record
+
+
+if __name__ == "__main__":
+    spec = json.loads(sys.argv[1])
+    if spec["backend"] == "mlx":
+        import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
+    print(json.dumps(run_worker(spec)), flush=True)

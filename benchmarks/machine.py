@@ -1,0 +1,47 @@
+"""What a result was measured on: CPU model and cores, accelerator name, library versions, the BLAS MLX uses."""
+
+from __future__ import annotations
+
+import os
+import platform
+from datetime import date
+
+from benchmarks.blas import cpu_name
+
+
+def gpu_name(device: str) -> str | None:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    if device == "mps":
+        return "Apple GPU (MPS)"
+    return None
+
+
+def machine_info(device: str) -> dict:
+    """A dict for the JSON reports; `label` is the one line the markdown tables are headed with."""
+    import mlx.core as mx
+
+    from mlx_clip import _blas
+
+    info = {
+        "date": str(date.today()),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "device": device,
+        "gpu": gpu_name(device),
+        "mlx": mx.__version__,
+        "mlx_blas": _blas.LOADED or f"bundled ({_blas.REASON})",
+    }
+    try:
+        import open_clip
+        import torch
+
+        info.update(torch=torch.__version__, open_clip=open_clip.__version__, torch_threads=torch.get_num_threads())
+    except ImportError:
+        pass
+    where = info["gpu"] or f"{info['cpu']}, {info['cores']} cores"
+    info["label"] = f"{where} ({device}); MLX {info['mlx']}, torch {info.get('torch', '-')}, {info['date']}"
+    return info

@@ -1,0 +1,74 @@
+"""What `mlxclip bench` and the pytest-benchmark suite time on the MLX side: one call = one finished iteration.
+
+train: the product's step (`make_step`: CLIP loss, grads, global-norm clip, GroupedAdamW, logit-scale clamp, non-finite
+guard) on a fixed batch; "eager" runs that same step with compilation switched off. embed-image / embed-text:
+normalized embeddings of a batch; "compiled" wraps the encoder in `mx.compile`. embed-pair: one image and one caption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
+
+import mlx.core as mx
+
+from benchmarks.batches import random_batch
+from mlx_clip.config import CLIPConfig
+from mlx_clip.io import DTYPES, cast
+from mlx_clip.model import CLIP, init_weights
+from mlx_clip.train.args import TrainingArgs
+from mlx_clip.train.optim import build_optimizer
+from mlx_clip.train.step import make_loss_fn, make_step
+
+TASKS = ("train", "embed-image", "embed-text", "embed-pair")
+MODES = ("eager", "compiled")
+
+
+@dataclass
+class Workload:
+    run: Callable[[], None]  # one iteration, complete when it returns
+    items: int  # images (train: image-text pairs) per iteration
+
+
+def _uncompiled(fn: Callable[[], None]) -> Callable[[], None]:
+    # MLX checks the compile switch when a compiled function is called, so the very step the trainer compiles runs
+    # eagerly here; switched back afterwards so other code in the process is unaffected.
+    def run():
+        mx.disable_compile()
+        try:
+            fn()
+        finally:
+            mx.enable_compile()
+
+    return run
+
+
+def mlx_workload(config: CLIPConfig, task: str, batch: int, mode: str = "compiled", dtype: str = "float32",
+                 seed: int = 0) -> Workload:
+    if task not in TASKS or mode not in MODES:
+        raise ValueError(f"task must be one of {TASKS} and mode one of {MODES}, got {task!r}, {mode!r}")
+    batch = 1 if task == "embed-pair" else batch
+    model = cast(init_weights(CLIP(config), seed), dtype)
+    data = random_batch(config, batch, seed)
+    images = mx.array(data["images"]).astype(DTYPES[dtype])
+    ids, labels = mx.array(data["input_ids"]), mx.array(data["labels"])
+    mx.eval(model.parameters(), images, ids, labels)
+    if task == "train":
+        args = TrainingArgs(lr=1e-5)
+        optimizer = build_optimizer(model, args, total_steps=1_000_000)
+        step = make_step(model, optimizer, make_loss_fn("clip"), args.grad_clip)
+
+        def run():
+            mx.eval(step(images, ids, labels), model.state, optimizer.state)
+
+        return Workload(run if mode == "compiled" else _uncompiled(run), batch)
+    encode = {
+        "embed-image": lambda x, t: model.encode_image(x, normalize=True),
+        "embed-text": lambda x, t: model.encode_text(t, normalize=True),
+        "embed-pair": lambda x, t: (model.encode_image(x, normalize=True), model.encode_text(t, normalize=True)),
+    }[task]
+    if mode == "compiled":
+        encode = mx.compile(encode, inputs=model.state)
+    return Workload(lambda: mx.eval(encode(images, ids)), batch)

@@ -1,0 +1,175 @@
+"""`mlxclip parity` / `mlxclip bench` and the torch reference behind them (torch_ref.model).
+
+The reference is open_clip's own model and torch.optim.AdamW; what is checked here is that the mirror is faithful
+(parameter groups, schedule, exported checkpoints) and that the commands report what they claim, including a failure
+when the MLX side is wrong. The full-size runs (`small` and ViT-B-32 over 100 steps) are marked slow.
+"""
+
+import json
+import math
+
+import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from benchmarks.parity import parity
+from mlx_clip import cli
+from mlx_clip.config import get_config
+from mlx_clip.io import save
+from mlx_clip.model import CLIP, init_weights
+from mlx_clip.train.args import TrainingArgs
+from mlx_clip.train.optim import lr_schedule, param_hparams
+from torch_ref.model import TorchCLIP, build_model, load_exported, our_names, param_groups, lr_at
+
+
+def _invoke(*args, code=0):
+    result = CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result
+
+
+# --- the torch mirror ------------------------------------------------------------------------------------------------
+
+
+def test_param_groups_match_mlx_hparams():
+    """Every open_clip parameter lands in the (lr scale, weight decay) group that mlx_clip gives its converted name."""
+    cfg = get_config("tiny")
+    mine = param_hparams(CLIP(cfg), weight_decay=0.2, layer_decay=0.7)
+    ref = build_model(cfg, device="cpu")
+    groups = param_groups(ref, cfg, weight_decay=0.2, layer_decay=0.7)
+    by_tensor = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    covered = set()
+    for name, p in ref.named_parameters():
+        for ours in our_names(name):
+            assert by_tensor[id(p)] == pytest.approx(mine[ours]), name
+            covered.add(ours)
+    assert covered == set(mine)
+    assert sum(len(g["params"]) for g in groups) == len(list(ref.parameters()))
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.2} and len({g["lr_scale"] for g in groups}) == 4
+
+
+@pytest.mark.parametrize("kind,warmup,floor", [("cosine", 5, 0.0), ("cosine", 0, 0.1), ("const", 3, 0.0)])
+def test_lr_matches_mlx_schedule(kind, warmup, floor):
+    args = TrainingArgs(lr=3e-4, warmup=warmup, schedule=kind, min_lr_ratio=floor)
+    schedule = lr_schedule(args.lr, 40, warmup, kind, floor)
+    for step in range(45):
+        # MLX evaluates the schedule in float32: agree to float32 rounding of the peak LR.
+        assert lr_at(step, args, 40) == pytest.approx(schedule(step).item(), rel=1e-6, abs=1e-6 * args.lr)
+
+
+def test_exported_checkpoint_loads_and_encodes_the_same(tmp_path):
+    cfg = get_config("tiny")
+    model = init_weights(CLIP(cfg), seed=5)
+    save(model, None, tmp_path / "m")
+    _invoke("export", "--model", tmp_path / "m", "--to", "open_clip", "--out", tmp_path / "oc.safetensors")
+    ref_model, ref_cfg = load_exported(tmp_path / "oc.safetensors", device="cpu")
+    assert ref_cfg.vision_config == cfg.vision_config and ref_cfg.text_config == cfg.text_config
+    ref = TorchCLIP(ref_model, ref_cfg)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+    ids = np.zeros((2, 77), np.int32)
+    ids[:, 0], ids[:, 1:4], ids[:, 4] = 49406, rng.integers(1, 49405, (2, 3)), 49407
+    theirs = ref.encode_image(images, normalize=True).numpy()
+    mine = np.array(model.encode_image(mx.array(images), normalize=True))
+    assert np.linalg.norm(mine - theirs) / np.linalg.norm(theirs) < 1e-5
+    logits, _ = ref(images, ids)
+    mine_logits, _ = model(mx.array(images), mx.array(ids))
+    assert np.allclose(np.array(mine_logits), logits.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_train_step_skips_non_finite_and_clamps():
+    cfg = get_config("tiny")
+    ref = TorchCLIP(build_model(cfg, device="cpu"), cfg, TrainingArgs(lr=1e-3), total_steps=10)
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((4, 32, 32, 3)).astype(np.float32)
+    ids = np.zeros((4, 77), np.int32)
+    ids[:, 0], ids[:, 1], ids[:, 2] = 49406, np.arange(1, 5), 49407
+    with torch.no_grad():
+        ref.model.logit_scale.fill_(math.log(100.0) + 0.5)  # above the clamp: the step must bring it back
+    loss, norm, applied = ref.train_step(images, ids)
+    assert applied and math.isfinite(loss.item()) and ref.step == 1
+    assert ref.model.logit_scale.item() == pytest.approx(math.log(100.0))
+    before = {n: p.detach().clone() for n, p in ref.model.named_parameters()}
+    bad = images.copy()
+    bad[0, 0, 0, 0] = np.nan
+    _, _, applied = ref.train_step(bad, ids)
+    assert not applied and ref.step == 1
+    assert all(torch.equal(before[n], p) for n, p in ref.model.named_parameters())
+
+
+# --- mlxclip parity --------------------------------------------------------------------------------------------------
+
+
+def test_parity_command_tiny(tmp_path):
+    out = tmp_path / "parity"
+    result = _invoke("parity", "--arch", "tiny", "--steps", 6, "--batch", 8, "--device", "cpu", "--control", "--out", out)
+    assert "PASS" in result.output
+    report = json.loads((out / "parity.json").read_text())
+    assert (out / "parity.png").stat().st_size > 10_000 and "all bars pass" in (out / "parity.md").read_text()
+    cfg = get_config("tiny")
+    names = [r["name"] for r in report["stages"] if r["stage"] == "hidden states"]
+    assert len(names) == cfg.vision_config.num_hidden_layers + cfg.text_config.num_hidden_layers + 2
+    stages = {"tokens", "pixels", "hidden states", "embeddings", "logits", "loss"}
+    assert {r["stage"] for r in report["stages"]} == stages
+    graded = {r["name"].split(" ")[0] for r in report["gradients"]}
+    assert graded == {k for k, _ in nn.utils.tree_flatten(CLIP(cfg).parameters())}  # every parameter
+    assert all(r["pass"] for r in report["stages"] + report["gradients"])
+    assert max(r["value"] for r in report["stages"] if r["stage"] == "embeddings") <= 1e-5
+    assert max(r["value"] for r in report["gradients"]) <= 1e-4
+    train = report["training"]
+    assert len(train["loss_mlx"]) == len(train["loss_torch"]) == 6 and train["max_loss_rel_diff"] <= 1e-3
+    assert train["loss_mlx"][-1] < train["loss_mlx"][0]  # it trains
+    assert train["parameter_distance"]["rel_to_update"] < 1e-3
+    # The control (torch against itself, nudged by one rounding) stays at rounding level too.
+    assert len(train["loss_control"]) == 6 and train["max_control_rel_diff"] < 1e-4
+
+
+def test_parity_catches_a_wrong_activation(tmp_path, monkeypatch):
+    """Swap the MLX model's exact GELU for the tanh approximation: the hidden states must fail their bar."""
+    from mlx_clip import model as model_module
+
+    monkeypatch.setitem(model_module.ACTIVATIONS, "gelu", nn.gelu_approx)
+    report = parity("tiny", steps=2, device="cpu", out=None, batch=4, log=lambda m: None)
+    assert report["passed"] is False
+    failing = {r["stage"] for r in report["stages"] if r["pass"] is False}
+    assert {"hidden states", "embeddings"} <= failing
+    before_blocks = [r for r in report["stages"] if r["name"] in ("vision after ln_pre", "text embeddings")]
+    assert len(before_blocks) == 2 and all(r["pass"] for r in before_blocks)
+
+
+def test_bf16_is_reported_without_bars():
+    report = parity("tiny", steps=2, device="cpu", out=None, batch=4, dtype="bfloat16", log=lambda m: None)
+    assert report["passed"] is None and report["bars"] is None
+    emb = [r["value"] for r in report["stages"] if r["stage"] == "embeddings"]
+    assert all(0 < e < 0.1 for e in emb)  # looser than fp32, still the same function
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,batch", [("small", 16), ("ViT-B-32", 8)])
+def test_parity_100_steps(tmp_path, arch, batch):
+    report = parity(arch, steps=100, device="cpu", out=tmp_path, batch=batch, log=lambda m: None)
+    assert report["passed"], "\n".join(json.dumps(r) for r in report["stages"] if r["pass"] is False)
+
+
+# --- mlxclip bench ---------------------------------------------------------------------------------------------------
+
+
+def test_bench_json_lines(tmp_path, capsys):
+    cli.main(["bench", "--arch", "tiny", "--backend", "mlx,torch", "--task", "embed-text", "--mode", "eager",
+              "--batch", "4", "--runs", "2", "--warmup", "1", "--device", "cpu", "--out", str(tmp_path), "--json"],
+             standalone_mode=False)
+    lines = capsys.readouterr().out.strip().splitlines()
+    records = [json.loads(line) for line in lines]  # stdout is JSON lines only
+    assert {(r["backend"], r["batch"]) for r in records} == {("mlx", 1), ("mlx", 4), ("torch", 1), ("torch", 4)}
+    for r in records:
+        assert {"backend", "mode", "task", "device", "dtype", "batch", "items_per_s", "peak_mem_bytes"} <= set(r)
+        assert r["mode"] == "eager" and r["device"] == "cpu" and r["dtype"] == "float32"
+        assert r["items_per_s"] == pytest.approx(r["batch"] / r["median_s"]) and r["peak_mem_bytes"] > 0
+    stem = tmp_path / "bench-cpu-tiny-float32-b4"
+    assert len(stem.with_suffix(".jsonl").read_text().splitlines()) == 4
+    assert "MLX / torch" in stem.with_suffix(".md").read_text() and stem.with_suffix(".png").exists()
