@@ -319,8 +319,11 @@ def finetune(config_file, **flags):
               help="Require 'Authorization: Bearer KEY' on all routes but /health and / [env: MLXCLIP_API_KEY].")
 @click.option("--graceful-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
               help="On SIGTERM, seconds to finish in-flight requests.")
+@click.option("--index", type=click.Path(exists=True, file_okay=False), default=None,
+              help="An `mlxclip index` dir: enables POST /search.")
 def serve(**options):
-    """HTTP embedding service: OpenAI-compatible /v1/embeddings, /embed/*, /similarity, /classify, a web page at /."""
+    """HTTP embedding service: OpenAI-compatible /v1/embeddings, /embed/*, /similarity, /classify, /search (with
+    --index), a web page at /."""
     from mlx_clip.serve import ServeConfig, serve as run_server
 
     run_server(ServeConfig(**options))

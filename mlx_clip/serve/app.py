@@ -1,9 +1,9 @@
 """The HTTP service behind `mlxclip serve`: a thin FastAPI layer over `Engine` (model + batcher).
 
-Routes: POST /v1/embeddings (OpenAI-compatible), /embed/text, /embed/image, /similarity, /classify; GET /health,
-/info, /metrics, / (the web page). Extension point: `create_app(config, routers=[...])` mounts more APIRouters (a
-search index, say); their handlers reach the model through `request.app.state.engine` and get auth, limits and metrics
-like every route here.
+Routes: POST /v1/embeddings (OpenAI-compatible), /embed/text, /embed/image, /similarity, /classify, /search (search.py:
+`--index`, 404 without); GET /health, /info, /metrics, / (the web page). Extension point: `create_app(config,
+routers=[...])` mounts more APIRouters; their handlers reach the model through `request.app.state.engine` and get
+auth, limits and metrics like every route here.
 
 `dimensions` (OpenAI's field) keeps the first N components and renormalizes them. CLIP is not trained for truncation
 (unlike Matryoshka models), so quality drops with N; it exists to fit storage, and N = the full dim is a no-op.
@@ -36,6 +36,8 @@ from mlx_clip.serve.inputs import (ClassifyRequest, EmbeddingsRequest, ImagesReq
                                    check_items, check_templates, image_bytes, is_data_url, refuse_url)
 from mlx_clip.serve.limits import LimitsMiddleware
 from mlx_clip.serve.metrics import Metrics, MetricsMiddleware
+from mlx_clip.serve.search import index_info, open_index
+from mlx_clip.serve.search import router as search_router
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 router = APIRouter()
@@ -82,7 +84,8 @@ async def health(request: Request) -> JSONResponse:
 @router.get("/info")
 async def info(request: Request) -> JSONResponse:
     return JSONResponse({**_engine(request).info, "version": mlx_clip.__version__,
-                         "limits": request.app.state.config.public_limits()})
+                         "limits": request.app.state.config.public_limits(),
+                         "index": index_info(request.app.state.index)})
 
 
 @router.get("/metrics")
@@ -240,11 +243,13 @@ def create_app(config: ServeConfig, loader: Callable | None = None, routers: Seq
 
     app = FastAPI(title="mlx-clip", version=mlx_clip.__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.config, app.state.engine, app.state.metrics = config, engine, metrics
+    app.state.index = open_index(config.index)  # None without --index: /search then answers 404
     app.include_router(router)
+    app.include_router(search_router)
     for extra in routers:
         app.include_router(extra)
     _error_handlers(app)
-    paths = frozenset(r.path for group in (router, *routers) for r in group.routes)
+    paths = frozenset(r.path for group in (router, search_router, *routers) for r in group.routes)
     app.add_middleware(LimitsMiddleware, config=config, metrics=metrics)  # inner: auth, 429, 413
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=lambda: paths)  # outer: counts refusals too
     return app

@@ -29,6 +29,8 @@ class ServeConfig:
         "help": f"Bearer key required on every route but /health and / (default: ${API_KEY_ENV})."})
     graceful_timeout: float = field(default=30.0, metadata={
         "help": "On SIGTERM: seconds to finish in-flight requests before exiting."})
+    index: str | None = field(default=None, metadata={
+        "help": "An `mlxclip index` dir: enables POST /search (404 without)."})
 
     def __post_init__(self):
         if self.api_key is None:
