@@ -12,24 +12,16 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 from mlx_clip import cli
 from mlx_clip.config import list_configs
-
-
-def _invoke(*args):
-    result = CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result
+from cli_util import invoke, tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("m") / "tiny"
-    _invoke("init", "--arch", "tiny", "--seed", 3, "--out", out)
-    return out
+    return tiny_model(tmp_path_factory, seed=3)
 
 
 def _run(monkeypatch, capsys, *args):
@@ -48,8 +40,8 @@ def _run(monkeypatch, capsys, *args):
 
 
 def test_init_is_seeded(tiny_dir, tmp_path):
-    _invoke("init", "--arch", "tiny", "--seed", 3, "--out", tmp_path / "again")
-    _invoke("init", "--arch", "tiny", "--seed", 4, "--out", tmp_path / "other")
+    invoke("init", "--arch", "tiny", "--seed", 3, "--out", tmp_path / "again")
+    invoke("init", "--arch", "tiny", "--seed", 4, "--out", tmp_path / "other")
     ref = mx.load(str(tiny_dir / "model.safetensors"))
     again = mx.load(str(tmp_path / "again" / "model.safetensors"))
     other = mx.load(str(tmp_path / "other" / "model.safetensors"))
@@ -62,13 +54,13 @@ def test_init_is_seeded(tiny_dir, tmp_path):
 
 
 def test_list_archs():
-    names = _invoke("list-archs").output.split()
+    names = invoke("list-archs").output.split()
     assert {"ViT-B-32", "ViT-L-14-336", "ViT-H-14-quickgelu", "tiny", "small"} <= set(names)
     assert names == list_configs()
 
 
 def test_doctor_json():
-    info = json.loads(_invoke("doctor", "--json", "--no-bench").output)
+    info = json.loads(invoke("doctor", "--json", "--no-bench").output)
     assert {"mlx", "device", "blas", "torch"} <= set(info)
     assert info["mlx"] == mx.__version__
     assert info["torch"]["available"] is True and info["torch"]["version"] == torch.__version__
@@ -101,7 +93,7 @@ def test_embed_matches_direct_encoding(tiny_dir, image_folder, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("a photo of a cat\n\n  a red square  \ncafé 🍰 &amp; more\n", encoding="utf-8")
     out = tmp_path / "out" / "emb.npz"
-    _invoke("embed", "--model", tiny_dir, "--images", image_folder, "--texts", texts, "--out", out, "--batch-size", 2)
+    invoke("embed", "--model", tiny_dir, "--images", image_folder, "--texts", texts, "--out", out, "--batch-size", 2)
     with np.load(out) as f:
         data = {k: f[k] for k in f.files}
     assert set(data) == {"image_embeddings", "image_paths", "text_embeddings", "texts"}
@@ -125,7 +117,7 @@ def test_embed_matches_direct_encoding(tiny_dir, image_folder, tmp_path):
 def test_embed_texts_only_and_usage_errors(tiny_dir, tmp_path, monkeypatch, capsys):
     texts = tmp_path / "t.txt"
     texts.write_text("one\ntwo\n")
-    _invoke("embed", "--model", tiny_dir, "--texts", texts, "--out", tmp_path / "t.npz")
+    invoke("embed", "--model", tiny_dir, "--texts", texts, "--out", tmp_path / "t.npz")
     with np.load(tmp_path / "t.npz") as f:
         assert f["image_embeddings"].shape == (0, 32) and f["text_embeddings"].shape == (2, 32)
     code, _, err = _run(monkeypatch, capsys, "embed", "--model", tiny_dir, "--out", tmp_path / "x.npz")

@@ -17,28 +17,19 @@ import mlx.core as mx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from mlx_clip import cli
 from mlx_clip import embed_batch as eb
 from mlx_clip.io import load
+from cli_util import invoke, tiny_model  # noqa: E402
 
 WORDS = ["red", "blue", "circle", "square", "small", "large", "striped", "dotted"]
 BAD = {5: b"not an image at all", 23: b"\x89PNG\r\n\x1a\n truncated"}  # ordinal -> corrupt file contents
 
 
-def _invoke(*args):
-    result = CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("m") / "tiny"
-    _invoke("init", "--arch", "tiny", "--seed", 1, "--out", out)
-    return out
+    return tiny_model(tmp_path_factory, seed=1)
 
 
 def _write_dataset(root, n, seed=0, bad=BAD):
@@ -78,7 +69,7 @@ def _files(out):
 def test_vectors_and_columns_match_the_model(tiny_dir, dataset, tmp_path):
     csv_path, rows = dataset
     out = tmp_path / "emb"
-    _invoke("embed", "--model", tiny_dir, "--data", csv_path, "--out", out, "--modality", "both", "--dtype", "float32",
+    invoke("embed", "--model", tiny_dir, "--data", csv_path, "--out", out, "--modality", "both", "--dtype", "float32",
             "--shard-size", 20, "--batch-size", 8)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["dims"] == 32 and manifest["dtype"] == "float32"
@@ -159,8 +150,8 @@ def test_killed_process_resumes_to_identical_output(tiny_dir, tmp_path):
     proc.wait()
     manifest = json.loads((killed / "manifest.json").read_text())
     assert not manifest["complete"], "the run finished before it could be killed"
-    _invoke("embed", *flags, "--out", killed)
-    _invoke("embed", *flags, "--out", whole)
+    invoke("embed", *flags, "--out", killed)
+    invoke("embed", *flags, "--out", whole)
     assert not list(killed.glob(".*"))  # no temp file left behind
     assert _files(killed) == _files(whole)
 

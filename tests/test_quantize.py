@@ -9,26 +9,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from mlx_clip import cli
 from mlx_clip.data import synthesize_generic
 from mlx_clip.eval import evaluate
 from mlx_clip.io import load
 from mlx_clip.quantize import quantization_of, quantize, quantized_layers
-
-
-def _invoke(*args):
-    result = CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result
+from cli_util import invoke, tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("m") / "tiny"
-    _invoke("init", "--arch", "tiny", "--seed", 2, "--out", out)
-    return out
+    return tiny_model(tmp_path_factory, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +124,7 @@ def test_convert_quantize_round_trip_and_use(tiny_dir, tmp_path, shapes):
     ref = _embed(float_model, tok, images, texts)
     for bits, group in ((8, 64), (4, 128)):
         out = tmp_path / f"q{bits}"
-        _invoke("convert", "--from", "hf", "--checkpoint", tiny_dir, "--out", out, "--quantize", bits,
+        invoke("convert", "--from", "hf", "--checkpoint", tiny_dir, "--out", out, "--quantize", bits,
                 "--group-size", group)
         assert json.loads((out / "config.json").read_text())["quantization"] == {
             "bits": bits, "group_size": group, "mode": "affine"}
@@ -148,7 +139,7 @@ def test_convert_quantize_round_trip_and_use(tiny_dir, tmp_path, shapes):
     assert (tmp_path / "q4" / "model.safetensors").stat().st_size < (tiny_dir / "model.safetensors").stat().st_size
 
     # The quantized dir works where a model dir is expected: embed --data, and eval.
-    _invoke("embed", "--model", tmp_path / "q8", "--data", f"{shapes}/test.csv", "--out", tmp_path / "emb",
+    invoke("embed", "--model", tmp_path / "q8", "--data", f"{shapes}/test.csv", "--out", tmp_path / "emb",
             "--shard-size", 4)
     assert json.loads((tmp_path / "emb" / "manifest.json").read_text())["rows"] == 6
     result = evaluate(str(tmp_path / "q8"), f"{shapes}/test.csv")
