@@ -94,8 +94,12 @@ def plot(records: list[dict], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = _groups(records)
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups) + 1, 4), squeeze=False)
-    for ax, ((task, batch), got) in zip(axes[0], groups.items()):
+    cols = min(len(groups), 3)
+    rows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 1, 3.6 * rows + 0.4), squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.axis("off")
+    for ax, ((task, batch), got) in zip(axes.flat, groups.items()):
         keys = [k for k in SERIES if k in got]
         values = [got[k]["items_per_s"] for k in keys]
         # Error bars from the fastest and slowest timed run.

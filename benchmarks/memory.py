@@ -88,7 +88,7 @@ def measure(args, out_json: Path) -> dict:
 
 def _cell_gb(case: dict, base: dict | None) -> str:
     if "error" in case:
-        return "failed"
+        return "not run" if case["error"] == "not run" else "failed"
     text = f"{case['peak_gb']:.2f}"
     if base and "error" not in base and case is not base:
         text += f" ({100 * (case['peak_gb'] / base['peak_gb'] - 1):+.0f}%)"
@@ -104,24 +104,25 @@ def _cell_speed(case: dict, base: dict | None) -> str:
 
 
 def to_markdown(report: dict, args) -> str:
-    m, cases, techniques = report["machine"], report["cases"], args.techniques
+    m, cases, techniques = report["machine"], report["cases"], report["settings"]["techniques"]
     lines = [f"# Training memory by technique ({m['label']})", "",
              f"Random-init models, synthetic batches, AdamW; {args.steps} steps per case in a fresh process (peak over "
              f"all of them, the first traces; speed from the steps after the first). Sliced attention uses chunks of "
              f"{args.chunk} tokens; LoRA is rank 8 on q/k/v/out/fc1/fc2. Peak is MLX's peak active memory "
-             "(`mx.get_peak_memory`); the percentage is the change against no technique. The speed columns give the "
-             "throughput of no technique and the step-time cost of each technique against it.", ""]
+             "(`mx.get_peak_memory`) with MLX's default memory limit, under which it may allocate a little ahead of the "
+             "computation; the percentage is the change against no technique. The speed columns give the throughput "
+             "of no technique and the step-time cost of each technique against it.", ""]
     if args.note:
         lines += [args.note, ""]
     head = [f"peak GB: {LABELS[t]}" for t in techniques] + [f"speed: {LABELS[t]}" for t in techniques]
     lines += ["| model | mode | batch | " + " | ".join(head) + " |", "|---" * (3 + len(head)) + "|"]
-    for arch in args.archs:
-        for mode in args.modes:
-            for batch in args.batches:
-                row = [cases.get(key(arch, mode, batch, t), {"error": "not run"}) for t in techniques]
-                base = row[0] if techniques[0] == "none" else None
-                cells = [_cell_gb(c, base) for c in row] + [_cell_speed(c, base) for c in row]
-                lines.append(f"| {arch} | {mode} | {batch} | " + " | ".join(cells) + " |")
+    rows = {tuple(name.split("|")[:3]) for name in cases}  # every (arch, mode, batch) measured, this run or before
+    order = {arch: i for i, arch in enumerate(dict.fromkeys(name.split("|")[0] for name in cases))}
+    for arch, mode, batch in sorted(rows, key=lambda r: (order[r[0]], r[1], int(r[2]))):
+        row = [cases.get(key(arch, mode, batch, t), {"error": "not run"}) for t in techniques]
+        base = row[0] if techniques[0] == "none" else None
+        cells = [_cell_gb(c, base) for c in row] + [_cell_speed(c, base) for c in row]
+        lines.append(f"| {arch} | {mode} | {batch} | " + " | ".join(cells) + " |")
     lines += _bars(cases, techniques)
     return "\n".join(lines) + "\n"
 

@@ -244,7 +244,8 @@ def _set_path(root, dotted: str, value) -> None:
 
 def choose_batch_size(model, args, loss_fn, image_size: int, limit: int = 4096, log=None) -> int:
     """--batch-size auto: the largest batch whose measured peak fits --memory-budget, trying the real compiled step
-    (a throwaway optimizer with the same state) on synthetic batches. Says what it chose and why."""
+    (a throwaway optimizer with the same state) on synthetic batches. Says what it chose and why. Leaves MLX's memory
+    limit at the budget."""
     from mlx_clip.train.optim import build_optimizer
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -252,12 +253,13 @@ def choose_batch_size(model, args, loss_fn, image_size: int, limit: int = 4096, 
     optimizer = build_optimizer(model, args, 1)
     step_fn = build_train_step(model, optimizer, loss_fn, args)
     state = [model.state, optimizer.state]
-    previous = mx.set_memory_limit(budget)  # a guideline to the allocator while we probe
+    # MLX allocates ahead of the computation up to its memory limit; at the budget, the probes and then the run itself
+    # hold back to it (the limit stays set), so the run sees the peaks that were measured.
+    mx.set_memory_limit(budget)
     try:
         batch, trials = find_batch_size(lambda b: _try(step_fn, state, model.config, b, image_size), budget,
                                         start=max(args.accum_freq, 1), limit=limit)
     finally:
-        mx.set_memory_limit(previous)
         del optimizer, step_fn, state
         gc.collect()
         mx.clear_cache()

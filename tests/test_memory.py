@@ -62,6 +62,42 @@ def test_sliced_attention_equals_torch_float64_values_and_gradients(causal, chun
         assert _rel(g, t.grad.numpy()) <= 1e-6
 
 
+def _grad_peak(fn, *args) -> int:
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    mx.eval(mx.grad(lambda *a: fn(*a).sum(), argnums=(0, 1, 2))(*args))
+    return mx.get_peak_memory()
+
+
+_PEAKS = """
+import json, mlx_clip, mlx.core as mx
+from mlx_clip.memory import sliced_attention
+from tests_memory_peaks import grad_peak
+q, k, v = (mx.random.normal((1, 4, 1025, 16), key=mx.random.key(i)) for i in range(3))  # ViT-L/14 at 448 px
+mx.eval(q, k, v)
+full = grad_peak(lambda *a: mx.fast.scaled_dot_product_attention(*a, scale=0.25), q, k, v)
+sliced = grad_peak(lambda *a: sliced_attention(*a, 0.25, None, 128), q, k, v)
+print(json.dumps([full, sliced]))
+"""
+
+
+def test_sliced_attention_never_holds_the_whole_score_matrix(tmp_path):
+    # Peak memory is process-global allocator state that earlier tests disturb: measure in a fresh process.
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "tests_memory_peaks.py").write_text(
+        "import gc\nimport mlx.core as mx\n\n\ndef grad_peak(fn, *args):\n    gc.collect()\n    mx.clear_cache()\n"
+        "    mx.reset_peak_memory()\n    mx.eval(mx.grad(lambda *a: fn(*a).sum(), argnums=(0, 1, 2))(*args))\n"
+        "    return mx.get_peak_memory()\n")
+    out = subprocess.run([sys.executable, "-c", _PEAKS], capture_output=True, text=True, check=True, cwd=tmp_path)
+    full, sliced = json.loads(out.stdout.strip().splitlines()[-1])
+    scores = 4 * 1025 * 1025 * 4  # one (H, L, L) fp32 matrix: 16.8 MB
+    assert full > scores and sliced < scores / 2
+
+
 def test_model_with_sliced_attention_equals_the_plain_model():
     model = _tiny()
     images, ids, _ = synthetic_batch(model.config, 3, 32)
@@ -93,6 +129,25 @@ def test_grad_checkpointing_gives_the_plain_gradients(lora):
     assert plain.keys() == ckpt.keys()
     for name in plain:
         assert _rel(ckpt[name], plain[name]) <= 1e-6, name
+
+
+def test_grad_checkpointing_saves_activation_memory():
+    config = get_config("tiny")  # deeper, with a small vocabulary: activations dominate
+    config.text_config.vocab_size, config.text_config.eos_token_id = 1000, 999
+    config.vision_config.num_hidden_layers = config.text_config.num_hidden_layers = 6
+    mx.random.seed(0)
+    model = CLIP(config)
+    batch = synthetic_batch(config, 32, 32)
+    mx.eval(model.parameters(), batch)
+    peaks = []
+    for on in (False, True):
+        configure(model, grad_checkpoint=on)
+        gc.collect()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        mx.eval(nn.value_and_grad(model, make_loss_fn("clip"))(model, *batch))
+        peaks.append(mx.get_peak_memory())
+    assert peaks[1] < 0.6 * peaks[0]
 
 
 def test_compiled_steps_with_every_technique_match_plain_steps():
@@ -157,6 +212,7 @@ def test_auto_batch_size_respects_a_measured_budget():
     p2, p4, p16 = _calibrate(model, args, (2, 4, 16))
     assert p2 < p4 < p16
     small, large = (p2 + p4) / 2, p16 + (p16 - p4) / 2  # clear of the ~0.1 MB jitter between runs
+    limit = mx.get_memory_limit()
     before = dict(tree_flatten(model.parameters()))
     lines = []
     chosen = {}
@@ -175,6 +231,7 @@ def test_auto_batch_size_respects_a_measured_budget():
     mx.reset_peak_memory()
     mx.eval(step(*inputs), model.state, optimizer.state)
     assert mx.get_peak_memory() <= small
+    mx.set_memory_limit(limit)  # choose_batch_size leaves the budget as MLX's limit, for the run that follows
 
 
 # ---- the memory report ---------------------------------------------------------------------------------------------
@@ -210,8 +267,8 @@ def test_memory_command_prints_the_peak():
 
 
 def test_finetune_with_auto_batch_size(tmp_path):
-    """`--batch-size auto` end to end with gradient checkpointing: it picks a batch, trains, and the per-step peaks in
-    metrics.jsonl stay within the budget."""
+    """`--batch-size auto` end to end: it picks a batch, trains, and the per-step peaks in metrics.jsonl stay within
+    the budget."""
     from converters.convert import init_model
     from mlx_clip.data.synth import synthesize
     from mlx_clip.train.finetune import finetune
@@ -220,11 +277,14 @@ def test_finetune_with_auto_batch_size(tmp_path):
     synthesize("industrial", data, n=12, seed=0, image_size=32)
     model_dir = init_model("tiny", 0, tmp_path / "tiny")
     flags = dict(model=str(model_dir), train_data=str(Path(data) / "train.csv"), out=str(tmp_path / "run"), steps=2,
-                 batch_size="auto", memory_budget="0.2GB", lr=1e-3, log_every=1, workers=1, prefetch=1,
-                 grad_checkpoint=True)
+                 batch_size="auto", memory_budget="0.2GB", lr=1e-3, log_every=1, workers=1, prefetch=1)
     args = resolve_args({**flags, "batch_size": "auto"})
     assert args.batch_size == 0
-    finetune(args, quiet=True)
+    limit = mx.get_memory_limit()
+    try:
+        finetune(args, quiet=True)
+    finally:
+        mx.set_memory_limit(limit)  # the run kept the budget as MLX's limit
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     peaks = [r["peak_memory_gb"] for r in records if "peak_memory_gb" in r]
     assert len(peaks) == 2 and max(peaks) <= 0.2

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 
-def batch_size_value(value) -> int:
+def int_or_auto(value) -> int:
     """A batch size: a positive int, or 'auto' (stored as 0) for the largest batch that fits --memory-budget."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return 0
@@ -40,7 +40,7 @@ class TrainingArgs:
     steps: int = opt(0, "Total optimizer steps; overrides --epochs when > 0.")
     batch_size: int = opt(32, "Pairs per step, across all processes under mlx.launch (fixed shape: the last partial batch of an "
                           "epoch is dropped); 'auto': the "
-                          "largest batch whose measured peak memory fits --memory-budget.", parse=batch_size_value)
+                          "largest batch whose measured peak memory fits --memory-budget.", parse=int_or_auto)
     memory_budget: str = opt("16GB", "Memory budget for --batch-size auto (e.g. 16GB, 800MB, 12GiB).")
     lr: float = opt(1e-5, "Peak learning rate.")
     warmup: int = opt(0, "Linear warm-up steps.")

@@ -115,6 +115,7 @@ def finetune(args: TrainingArgs, quiet: bool = False) -> dict:
     if args.batch_size == 0:  # --batch-size auto: the largest that fits --memory-budget, measured at the largest size
         batch = choose_batch_size(model, args, loss_fn, max(sizes or [model.config.vision_config.image_size]),
                                   limit=batch_limit(train_source.records, dist.world_size()))
+        dist.check_same(batch, "--batch-size auto's choice (measured peaks differ; give --batch-size)")
         args.batch_size = batch * dist.world_size()
     loader = Loader(train_source.records, loader_preprocess(preprocess, sizes), LoaderConfig(
         batch_size=batch, train=True, seed=args.seed, crop_scale=args.scale_range, hflip=args.hflip,
