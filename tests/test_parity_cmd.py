@@ -150,9 +150,12 @@ def test_bf16_is_reported_without_bars():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,batch", [("small", 16), ("ViT-B-32", 8)])
-def test_parity_100_steps(tmp_path, arch, batch):
-    report = parity(arch, steps=100, device="cpu", out=tmp_path, batch=batch, log=lambda m: None)
+@pytest.mark.parametrize("arch,batch,lr", [("small", 16, 1e-4), ("ViT-B-32", 8, 1e-5)])
+def test_parity_100_steps(tmp_path, arch, batch, lr):
+    """The committed benchmarks/results/parity-* runs. ViT-B-32 at lr 1e-5: at 1e-4 and batch 8 from scratch its loss
+    jumped about (0.82 at step 10, 1.36 at step 20) and the difference, 3e-5 at step 10, was 2e-4 by step 20.
+    About an hour on 2 shared cores."""
+    report = parity(arch, steps=100, device="cpu", out=tmp_path, batch=batch, lr=lr, log=lambda m: None)
     assert report["passed"], "\n".join(json.dumps(r) for r in report["stages"] if r["pass"] is False)
 
 
