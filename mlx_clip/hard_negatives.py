@@ -106,10 +106,14 @@ def _log_debiased(log_a: mx.array, log_b: mx.array, tau_plus: float) -> mx.array
 class NegativeBank:
     """A fixed-size FIFO of recent image and text embeddings (stop-gradient) with their ids, for `mined_negative_loss`.
 
-    `update` overwrites the oldest rows; `image`, `text` and `ids` return the filled part. The bank lives outside the
-    graph: call `update` after the optimizer step (outside any `mx.compile`d function), with the step's normalized
-    features and the sample ids (or class labels) used to keep a sample's own matches out of its negatives.
+    `update` overwrites the oldest rows; `image`, `text` and `ids` return the filled part, `arrays()` all `size` rows
+    (unfilled ones carry the id `EMPTY`, which `mined_negative_loss` never chooses), so that a compiled step sees one
+    shape from the first step on. The bank lives outside the graph: call `update` after the optimizer step (outside
+    any `mx.compile`d function), with the step's normalized features and the sample ids (or class labels) used to
+    keep a sample's own matches out of its negatives. `state_dict` / `load_state_dict` save and restore it exactly.
     """
+
+    EMPTY = -1  # the id of an unfilled slot
 
     def __init__(self, size: int, dim: int, dtype=mx.float32):
         if size < 1:
@@ -117,7 +121,7 @@ class NegativeBank:
         self.size = size
         self._image = mx.zeros((size, dim), dtype=dtype)
         self._text = mx.zeros((size, dim), dtype=dtype)
-        self._ids = mx.full((size,), -1, dtype=mx.int32)
+        self._ids = mx.full((size,), self.EMPTY, dtype=mx.int32)
         self._next = 0  # the slot the next row goes to
         self.count = 0
 
@@ -150,6 +154,22 @@ class NegativeBank:
     def ids(self) -> mx.array:
         return self._ids[: self.count]
 
+    def arrays(self) -> tuple[mx.array, mx.array, mx.array]:
+        """(image (size, D), text (size, D), ids (size,)): every slot, unfilled ones with id EMPTY."""
+        return self._image, self._text, self._ids
+
+    def state_dict(self) -> dict[str, mx.array]:
+        return {"image": self._image, "text": self._text, "ids": self._ids,
+                "position": mx.array([self._next, self.count], dtype=mx.int32)}
+
+    def load_state_dict(self, state: dict[str, mx.array]) -> None:
+        if tuple(state["image"].shape) != tuple(self._image.shape):
+            raise ValueError(f"saved negative bank has shape {tuple(state['image'].shape)}, this run's is "
+                             f"{tuple(self._image.shape)}: resume with the same --bank-size and model")
+        self._image, self._text = state["image"].astype(self._image.dtype), state["text"].astype(self._text.dtype)
+        self._ids = state["ids"].astype(mx.int32)
+        self._next, self.count = (int(x) for x in state["position"].tolist())
+
 
 def mined_negative_loss(
     image_features: mx.array,
@@ -165,9 +185,10 @@ def mined_negative_loss(
     most similar bank images.
 
     Bank entries with the same id as the sample (`ids` (B,) vs `bank_ids` (M,), e.g. the same image seen in an earlier
-    step, or the same class label) are never chosen. Selection is by similarity and carries no gradient; the bank is
-    constant, so gradients flow only into the batch features and logit_scale. With fewer than k eligible entries the
-    missing slots are -inf (contribute nothing). k = 0, an empty bank or None gives `clip_loss`.
+    step, or the same class label) are never chosen, nor unfilled slots (bank id `NegativeBank.EMPTY`). Selection is
+    by similarity and carries no gradient; the bank is constant, so gradients flow only into the batch features and
+    logit_scale. With fewer than k eligible entries the missing slots are -inf (contribute nothing). k = 0, an empty
+    bank or None gives `clip_loss`.
     """
     in_batch = logit_scale * (image_features @ text_features.T)
     per_image = _with_mined(in_batch, image_features, bank_text, logit_scale, k, ids, bank_ids)
@@ -181,10 +202,13 @@ def _with_mined(logits, queries, bank, logit_scale, k, ids, bank_ids) -> mx.arra
     if k <= 0:
         return logits
     bank_logits = logit_scale * (queries @ mx.stop_gradient(bank).T)  # (B, M)
-    if ids is not None:
-        same = mx.array(ids)[:, None] == mx.array(bank_ids)[None, :]
+    if bank_ids is not None:
+        bank_ids = mx.array(bank_ids)
+        excluded = (bank_ids == NegativeBank.EMPTY)[None, :]
+        if ids is not None:
+            excluded = excluded | (mx.array(ids)[:, None] == bank_ids[None, :])
         # mask after scaling: a -inf that was multiplied by logit_scale would give 0 * inf in its gradient
-        bank_logits = mx.where(same, -mx.inf, bank_logits)
+        bank_logits = mx.where(excluded, -mx.inf, bank_logits)
     hardest = mx.stop_gradient(mx.argpartition(-bank_logits, kth=k - 1, axis=1)[:, :k])
     return mx.concatenate([logits, mx.take_along_axis(bank_logits, hardest, axis=1)], axis=1)
 
@@ -199,14 +223,19 @@ def negclip_loss(
     text_features: mx.array,
     neg_text_features: mx.array,
     logit_scale: mx.array,
+    neg_valid=None,
 ) -> mx.array:
     """Symmetric InfoNCE where every image's candidates are the batch captions plus all perturbed captions (M, D).
 
     As in NegCLIP, the perturbed captions are only extra candidates in the image→text direction; text→image is the
-    plain CLIP term. M = 0 gives `clip_loss`.
+    plain CLIP term. M = 0 gives `clip_loss`. `neg_valid` (M,) bool, optional: False drops that perturbed caption
+    (e.g. one `perturb_captions` could not change), keeping the shapes fixed for a compiled step.
     """
     candidates = mx.concatenate([text_features, neg_text_features], axis=0)  # (B + M, D)
     per_image = logit_scale * (image_features @ candidates.T)
+    if neg_valid is not None:
+        keep = mx.concatenate([mx.ones((text_features.shape[0],), dtype=mx.bool_), mx.array(neg_valid)])
+        per_image = mx.where(keep[None, :], per_image, -mx.inf)  # masked after scaling: no 0 * inf in the gradient
     per_text = logit_scale * (text_features @ image_features.T)
     return (diagonal_cross_entropy(per_image) + diagonal_cross_entropy(per_text)) / 2
 

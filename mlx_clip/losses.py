@@ -9,6 +9,8 @@ Temperature defaults for fine-tuning
 - CLIP / InfoNCE-family: learnable, initialised from the checkpoint (pretrained CLIPs sit at the clamp, 100) and
   clamped to [1, 100] after every optimizer step (`clamp_logit_scale`), as open_clip does. From scratch: 1/0.07.
   On a small domain set a fixed scale (`temperature_schedule("fixed", ...)` at the checkpoint value) is a sound choice.
+  Scheduled (`mlxclip finetune --temperature scheduled`): `temperature_schedule("cosine", ...)` from the checkpoint's
+  value (or START) to 100 (or END), the multiplier an input of each step.
 - SigLIP: logit_scale initialised to log 10 (multiplier 10) and logit_bias to -10 (Zhai et al. 2023), both learnable.
 """
 

@@ -635,10 +635,10 @@ def test_multi_positive_loss_trains_on_the_batch_labels(tiny_dir, data_dir, tmp_
     assert abs(want.item() - clip.item()) > 1e-2  # 16 pairs of 5 classes share labels: the losses differ
 
 
-def test_a_loss_that_needs_more_than_a_batch_is_a_clear_error(tiny_dir, data_dir, tmp_path, monkeypatch, capsys):
+def test_a_bad_mined_negative_option_is_a_clear_error(tiny_dir, data_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     code, _, err = _run_cli(monkeypatch, capsys, "finetune", "--model", tiny_dir, "--train-data",
-                            data_dir / "train.csv", "--out", out, "--steps", 1, "--loss", "mined_negative")
-    assert code == 1 and err.startswith("error:")
-    assert "mined_negative" in err and "cannot be trained from plain batches" in err
+                            data_dir / "train.csv", "--out", out, "--steps", 1, "--loss", "mined_negative",
+                            "--bank-k", 0)
+    assert code == 1 and err.startswith("error:") and "--bank-k" in err
     assert not out.exists()  # refused before any work

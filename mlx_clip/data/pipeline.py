@@ -41,6 +41,9 @@ class LoaderConfig:
     rank: int = 0
     world_size: int = 1
     shuffle_buffer: int = 1000  # streamed sources only (they cannot be permuted as a whole)
+    # train only, multiscale: one view per entry, a random-resized crop with area range crop_scale * entry, all at
+    # one size (so the step keeps one shape); images come as (B, V, H, W, 3). () : one view, (B, H, W, 3).
+    views: tuple[float, ...] = ()
 
 
 def crop_box(width: int, height: int, scale, ratio, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -86,7 +89,8 @@ def _shuffled(items: Iterable, buffer: int, rng: np.random.Generator) -> Iterato
 
 class Loader:
     """Iterate batches `{"images": (B,H,W,3) float32, "texts": list[str], "labels": int64 (B,), "keys": list[str]}`
-    (+ `"input_ids"` when `tokenize` is given). One `iter()` runs the rest of the current epoch.
+    (+ `"input_ids"` when `tokenize` is given; images (B,V,H,W,3) with `config.views`). One `iter()` runs the rest
+    of the current epoch.
 
     `records` is a list (shuffled as a whole each epoch) or a re-iterable stream such as `WebDataset`.
     `preprocess` is the model's `mlx_clip.preprocess.Preprocess` (image_size, to_numpy, normalize_array).
@@ -155,8 +159,17 @@ class Loader:
         img = decode_image(record["image"], max_pixels=c.max_pixels)
         # Seeded per sample, not per thread or rank: keyed by the sample's position in the epoch's global order
         # (rank r's ordinal o is position o*N + r), so N ranks crop each sample as one process does.
-        rng = self._rng(0, 2, ordinal * c.world_size + c.rank)
-        img = random_resized_crop(img, pre.image_size, c.crop_scale, c.crop_ratio, rng)
+        position = ordinal * c.world_size + c.rank
+        if not c.views:
+            return self._view(img, c.crop_scale, self._rng(0, 2, position))
+        # view 0 draws as a single-view run does; the others from their own streams
+        return np.stack([self._view(img, (c.crop_scale[0] * s, c.crop_scale[1] * s),
+                                    self._rng(0, 2, position, *([v] if v else [])))
+                         for v, s in enumerate(c.views)])
+
+    def _view(self, img: Image.Image, scale, rng: np.random.Generator) -> np.ndarray:
+        c, pre = self.config, self.preprocess
+        img = random_resized_crop(img, pre.image_size, scale, c.crop_ratio, rng)
         if c.hflip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         if c.rotate90 and (quarter := int(rng.integers(4))):  # drawn last: runs without it keep their random stream
@@ -181,7 +194,8 @@ class Loader:
                 pixels = self._pixels(inflight[ordinal], ordinal)
             except BadImageError as exc:
                 errors[ordinal] = str(exc)
-                pixels = np.zeros((size, size, 3), np.float32)
+                views = (len(c.views),) if c.views and c.train and c.random_crop else ()
+                pixels = np.zeros((*views, size, size, 3), np.float32)
             return {"ordinal": sample["ordinal"], "pixels": pixels}
 
         stream = dx.stream_python_iterable(items).sample_transform(work).prefetch(c.prefetch, c.num_threads)

@@ -73,12 +73,27 @@ class TrainingArgs:
     lora_alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank).")
     lora_dropout: float = opt(0.0, "Dropout on the LoRA path.")
     lora_targets: str = opt("q_proj,k_proj,v_proj,out_proj,fc1,fc2", "Comma-separated layer names that get adapters.")
-    loss: str = opt("clip", "Loss spec NAME[:weight],... from clip, siglip, multi_positive, hard_negative "
-                    "(e.g. 'clip', 'multi_positive', 'clip:1,siglip:0.5').")
+    loss: str = opt("clip", "Loss spec NAME[:weight],... from clip, siglip, multi_positive, hard_negative, "
+                    "mined_negative, negclip, multiscale (e.g. 'clip', 'multi_positive', 'clip:1,siglip:0.5', "
+                    "'clip:1,negclip:0.5').")
     hn_beta: float = opt(1.0, "hard_negative: hardness beta (0 = plain InfoNCE negatives).")
     hn_tau_plus: float = opt(0.0, "hard_negative: debiasing class prior tau+ (0 = no debiasing).")
-    temperature: str = opt("learnable", "logit_scale: 'learnable' (clamped to exp <= 100) or 'fixed' at the model's value.",
-                           choices=["learnable", "fixed"])
+    bank_size: int = opt(1024, "mined_negative: entries in the FIFO bank of recent (detached) text and image "
+                         "embeddings; saved with checkpoints.")
+    bank_k: int = opt(16, "mined_negative: the k hardest bank entries not matching a sample (another class, or for "
+                      "unlabelled pairs another sample) added as its negatives.")
+    scales: str = opt("1.0,0.4,0.4", "multiscale: one view per entry, a random-resized crop whose area range is "
+                      "--augment-scale times the entry (1.0: the global view, first; 0.4: a local crop), all at the "
+                      "model's image size.")
+    view_weights: str = opt("", "multiscale: comma-separated weight per --scales view (normalised; default uniform).")
+    temperature: str = opt("learnable", "logit_scale: 'learnable' (the default for fine-tuning: starts at the "
+                           "checkpoint's value, pretrained CLIPs sit at 100 = temperature 0.01, clamped to "
+                           "exp <= 100), 'fixed' at the model's value, or 'scheduled' (--temperature-schedule).",
+                           choices=["learnable", "fixed", "scheduled"])
+    temperature_schedule: str = opt("", "scheduled temperature: '[KIND:]START:END', the logit-scale multiplier (1/T, "
+                                    "in [1, 100]) from START at step 1 to END at the last step, KIND cosine (default), "
+                                    "linear or exp; '' = cosine from the model's value to 100. The final model "
+                                    "keeps END.")
     accum_freq: int = opt(1, "Encode each batch in this many micro-batches (GradCache): less memory, same gradient.")
     # domain presets and adapters (mlx_clip.domains, mlx_clip.adapters)
     domain: str = opt("", "Domain preset filling the options not given: prompt templates, augmentation policy and "
@@ -189,5 +204,8 @@ def _validate(args: TrainingArgs) -> None:
             raise ValueError
     except ValueError:
         problems.append(f"augment_scale must be 'lo,hi' with 0 < lo <= hi <= 1, got {args.augment_scale!r}")
+    from mlx_clip.train.loss_inputs import loss_option_problems
+
+    problems += loss_option_problems(args)
     if problems:
         raise ValueError("invalid training options: " + "; ".join(problems))

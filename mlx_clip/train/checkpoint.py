@@ -2,7 +2,8 @@
 
 The MLX RNG needs no saving: the loop reseeds it from (seed, step) before every step.
 
-Layout: RUN_DIR/checkpoints/step-00000100/{trainable.safetensors, optimizer.safetensors, state.json}. Frozen weights
+Layout: RUN_DIR/checkpoints/step-00000100/{trainable.safetensors, optimizer.safetensors, state.json} and, for losses
+with state of their own (a negative bank), loss_state.safetensors. Frozen weights
 are not copied: a resumed run rebuilds the model from the same base (`--model`) and overlays what trained.
 """
 
@@ -19,6 +20,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 _NAME = re.compile(r"^step-(\d{8})$")
+LOSS_STATE = "loss_state.safetensors"
 
 
 def checkpoint_dirs(run_dir) -> list[Path]:
@@ -43,8 +45,10 @@ def resolve_resume(run_dir, resume: str) -> Path | None:
     return path
 
 
-def save_checkpoint(run_dir, step: int, model, optimizer, state: dict, keep_last: int = 2) -> Path:
-    """Write checkpoint `step` beside its final name, rename it into place, then prune to the newest `keep_last`."""
+def save_checkpoint(run_dir, step: int, model, optimizer, state: dict, keep_last: int = 2,
+                    loss_state: dict[str, mx.array] | None = None) -> Path:
+    """Write checkpoint `step` beside its final name, rename it into place, then prune to the newest `keep_last`.
+    `loss_state`: arrays a loss keeps between steps (a negative bank), saved in the same atomic rename."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -52,6 +56,8 @@ def save_checkpoint(run_dir, step: int, model, optimizer, state: dict, keep_last
     try:
         mx.save_safetensors(str(tmp / "trainable.safetensors"), dict(tree_flatten(model.trainable_parameters())))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        if loss_state:
+            mx.save_safetensors(str(tmp / LOSS_STATE), loss_state)
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -77,3 +83,9 @@ def load_checkpoint(path, model, optimizer) -> dict:
     optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
     optimizer.init(model.trainable_parameters())  # marks it initialised; existing entries are kept
     return json.loads((path / "state.json").read_text())
+
+
+def load_loss_state(path) -> dict[str, mx.array] | None:
+    """The loss's saved arrays (a negative bank), or None when the checkpoint has none."""
+    file = Path(path) / LOSS_STATE
+    return mx.load(str(file)) if file.exists() else None

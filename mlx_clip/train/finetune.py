@@ -19,8 +19,9 @@ from mlx_clip.resolution import loader_preprocess, train_batches, training_resol
 from mlx_clip.losses import SIGLIP_INIT_LOGIT_BIAS, parse_loss_spec
 from mlx_clip.train.args import TrainingArgs
 from mlx_clip.train import distributed as dist
-from mlx_clip.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from mlx_clip.train.checkpoint import load_checkpoint, load_loss_state, resolve_resume, save_checkpoint
 from mlx_clip.train.loop import LoopHooks, train
+from mlx_clip.train.loss_inputs import LossInputs, check_loss_options, loss_names, parse_views
 from mlx_clip.train.optim import build_optimizer, freeze_towers, lr_schedule
 from mlx_clip.train.report import write_report
 from mlx_clip.train.step import make_loss_fn
@@ -43,7 +44,7 @@ def prepare_model(args: TrainingArgs):
         apply_lora(model, lora)
     else:
         freeze_towers(model, args.lock_image, args.lock_text, args.unlock_last)
-    if args.temperature == "fixed":
+    if args.temperature in ("fixed", "scheduled"):  # scheduled: the step gets the multiplier as an input
         model.freeze(recurse=False, keys=["logit_scale"])
     return model, tokenizer, preprocess, lora
 
@@ -97,8 +98,13 @@ def finetune(args: TrainingArgs, quiet: bool = False) -> dict:
         from mlx_clip.train.adapt import finetune_adapter
 
         return finetune_adapter(args, quiet)
-    # a bad --loss fails before the run dir is touched
-    loss_fn = make_loss_fn(args.loss, beta=args.hn_beta, tau_plus=args.hn_tau_plus)
+    # a bad --loss (or loss option) fails before the run dir is touched
+    check_loss_options(args)
+    names = loss_names(args)
+    views, view_weights = parse_views(args) if "multiscale" in names else ((), None)
+    outputs = {} if "mined_negative" in names else None  # the batch's features, written by the step for the bank
+    loss_fn = make_loss_fn(args.loss, outputs, beta=args.hn_beta, tau_plus=args.hn_tau_plus, k=args.bank_k,
+                           weights=view_weights)
     batch = dist.per_rank_batch(args.batch_size)  # --batch-size is global; under mlx.launch each rank loads its share
     main = dist.is_main()  # rank 0 alone writes the run dir and evaluates (on the whole val set)
     run_dir = Path(args.out)
@@ -119,17 +125,21 @@ def finetune(args: TrainingArgs, quiet: bool = False) -> dict:
         args.batch_size = batch * dist.world_size()
     loader = Loader(train_source.records, loader_preprocess(preprocess, sizes), LoaderConfig(
         batch_size=batch, train=True, seed=args.seed, crop_scale=args.scale_range, hflip=args.hflip,
-        rotate90=args.rotate90,
+        rotate90=args.rotate90, views=views,
         num_threads=args.workers, prefetch=max(args.prefetch, 1) * batch, max_bad_fraction=args.max_bad_fraction,
         rank=dist.rank(), world_size=dist.world_size()), tokenize=tokenizer.tokenize_numpy)
     total = args.steps or args.epochs * _batches_per_epoch(loader, args)
     optimizer = build_optimizer(model, args, total)
+    extra = LossInputs(args, model, tokenizer, total, outputs)  # before the step is built: it adds to model.state
+    extra = extra if extra.needed else None
     checkpoint = resolve_resume(run_dir, args.resume)
     start, history = 0, {}
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer)
         loader.load_state_dict(dist.rank_data_state(state))
         start, history = state["step"], state.get("history", {})
+        if extra:
+            extra.load_state_arrays(load_loss_state(checkpoint))
     dist.check_same(start, "the step to resume from (every rank must see the same run dir or checkpoint)")
     if main:
         args.save(run_dir / "config.yaml")
@@ -146,15 +156,18 @@ def finetune(args: TrainingArgs, quiet: bool = False) -> dict:
         data = dist.data_state(loader.state_dict())  # collective: every rank's data position
         if main:
             save_checkpoint(run_dir, step, model, optimizer, {**data, "history": history, "args": args.to_dict()},
-                            args.keep_last)
+                            args.keep_last, loss_state=extra.state_arrays() if extra else None)
 
     hooks = LoopHooks(log=log, evaluate=evaluate, checkpoint=checkpoint_hook, lr_at=lambda s: schedule(s).item(),
-                      progress=None if quiet or not main else _progress(total, start))
+                      progress=None if quiet or not main else _progress(total, start),
+                      step_inputs=extra.inputs if extra else None, after_step=extra.after_step if extra else None)
     started = time.perf_counter()
     last = train(step_fn, train_batches(loader.forever(), sizes, args, total, start), start, total, hooks,
                  args.log_every, args.eval_every, args.save_every, max_bad_steps=max_bad_steps(args.dtype),
                  state_fn=lambda: [model.state, optimizer.state], seed=args.seed)
     train_seconds = time.perf_counter() - started
+    if extra and extra.schedule:  # the saved model carries the temperature the run ended at
+        model.logit_scale = mx.array(math.log(extra.logit_scale_at(total + 1)), dtype=model.logit_scale.dtype)
     if total > start:
         checkpoint_hook(total, None)
     if evaluate:

@@ -28,6 +28,10 @@ class LoopHooks:
     lr_at: Callable[[int], float] = lambda step: float("nan")
     progress: object = None  # tqdm-like: update(n), set_postfix(dict)
     extra_state: dict = field(default_factory=dict)
+    # Losses that need more than the batch (loss_inputs.LossInputs): step inputs built from the batch, and what to do
+    # once the step has run (refresh a negative bank); called with the step's number, its batch and labels.
+    step_inputs: Callable[[int, dict, mx.array], object] | None = None
+    after_step: Callable[[bool], None] | None = None
 
 
 def unique_missing_labels(labels: np.ndarray) -> np.ndarray:
@@ -39,7 +43,9 @@ def unique_missing_labels(labels: np.ndarray) -> np.ndarray:
 def train(step_fn, batches: Iterator[dict], start_step: int, total_steps: int, hooks: LoopHooks,
           log_every: int = 10, eval_every: int = 0, save_every: int = 0, max_bad_steps: int = 3,
           state_fn: Callable[[], list] = lambda: [], seed: int = 0) -> dict:
-    """Run `step_fn(images, ids, labels)` from `start_step` to `total_steps`; return the last train record."""
+    """Run `step_fn(images, ids, labels)` from `start_step` to `total_steps`; return the last train record.
+
+    `labels` is the batch's label array, or `hooks.step_inputs(step, batch, labels)` when that hook is set."""
     bad_in_a_row, record, window = 0, {}, []
     tick = time.perf_counter()
     mx.reset_peak_memory()  # each record's peak_memory_gb is the peak of its own log interval
@@ -49,8 +55,11 @@ def train(step_fn, batches: Iterator[dict], start_step: int, total_steps: int, h
         mx.random.seed(dist.step_seed(seed, step))
         images, ids = mx.array(batch["images"]), mx.array(batch["input_ids"])
         labels = mx.array(unique_missing_labels(batch["labels"]).astype(np.int32))
-        loss, norm, applied = step_fn(images, ids, labels)
+        inputs = hooks.step_inputs(step, batch, labels) if hooks.step_inputs else labels
+        loss, norm, applied = step_fn(images, ids, inputs)
         mx.eval(loss, norm, applied, state_fn())
+        if hooks.after_step:  # before any checkpoint of this step, which must hold what the step left
+            hooks.after_step(bool(applied.item()))
         loss_value = loss.item()
         window.append(loss_value)
         if not applied.item():
