@@ -11,17 +11,15 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_clip import fastmath
 from mlx_clip.config import CLIPConfig, TextConfig, VisionConfig
 from mlx_clip.memory import checkpointed, sliced_attention
 from mlx_clip.resolution import drop_patches, resample_position_embedding
 
 
-def quick_gelu(x: mx.array) -> mx.array:
-    return x * mx.sigmoid(1.702 * x)
-
-
-# Exact (erf) GELU: open_clip's nn.GELU() and HF's "gelu" are not the tanh approximation.
-ACTIVATIONS = {"gelu": nn.gelu, "quick_gelu": quick_gelu}
+# "gelu" is the erf GELU (open_clip's nn.GELU(), HF's "gelu"), not the tanh approximation; both are rational
+# approximations to float precision that fuse into one kernel (mlx_clip.fastmath says why).
+ACTIVATIONS = {"gelu": fastmath.gelu, "quick_gelu": fastmath.quick_gelu}
 
 
 class Attention(nn.Module):
@@ -41,7 +39,7 @@ class Attention(nn.Module):
         if self.chunk:
             out = sliced_attention(*heads, scale=self.scale, mask=mask, chunk=self.chunk)  # (B, H, L, Dh)
         else:
-            out = mx.fast.scaled_dot_product_attention(*heads, scale=self.scale, mask=mask)  # (B, H, L, Dh)
+            out = fastmath.attention(*heads, scale=self.scale, mask=mask)  # (B, H, L, Dh)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 

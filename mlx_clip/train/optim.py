@@ -89,6 +89,21 @@ class GroupedAdamW(optim.Adam):
     def __init__(self, learning_rate, hparams: dict[str, tuple[float, float]], betas=(0.9, 0.98), eps=1e-6):
         super().__init__(learning_rate=learning_rate, betas=list(betas), eps=eps, bias_correction=True)
         self.hparams = hparams
+        self._gradient_scale, self._finite = None, None
+
+    def guarded_update(self, model: nn.Module, gradients: dict, gradient_scale: mx.array, finite: mx.array) -> None:
+        """`update` with the gradients multiplied by `gradient_scale` (clipping) and, where `finite` is false, every
+        parameter, moment and the step count left as they were. Both happen inside each parameter's update, one pass
+        over memory: as separate passes (scale the gradients, then `where` over parameters and state) they cost as
+        much as AdamW itself on a CPU, where these loops are memory bound."""
+        self._gradient_scale, self._finite = gradient_scale, finite
+        try:
+            counters = {k: self.state[k] for k in ("step", "learning_rate") if k in self.state}  # the schedule's too
+            self.update(model, gradients)
+            for name, old in counters.items():
+                self.state[name] = mx.where(finite, self.state[name], old)
+        finally:
+            self._gradient_scale, self._finite = None, None
 
     def init(self, parameters: dict):
         super().init(parameters)
@@ -101,13 +116,19 @@ class GroupedAdamW(optim.Adam):
         lr = self.learning_rate * state["lr_scale"]
         b1, b2 = self.betas
         step = self.step.astype(mx.float32)
-        parameter = parameter * (1 - lr * state["wd"]).astype(parameter.dtype)
-        state["m"] = b1 * state["m"] + (1 - b1) * gradient
-        state["v"] = b2 * state["v"] + (1 - b2) * mx.square(gradient)
+        if self._gradient_scale is not None:
+            gradient = gradient * self._gradient_scale.astype(gradient.dtype)
+        m = b1 * state["m"] + (1 - b1) * gradient
+        v = b2 * state["v"] + (1 - b2) * mx.square(gradient)
         c1 = lr / (1 - b1**step)
         c2 = mx.rsqrt(1 - b2**step)
-        update = c1 * state["m"] / (mx.sqrt(state["v"]) * c2 + self.eps)
-        return parameter - update.astype(parameter.dtype)
+        update = c1 * m / (mx.sqrt(v) * c2 + self.eps)
+        new = parameter * (1 - lr * state["wd"]).astype(parameter.dtype) - update.astype(parameter.dtype)
+        if self._finite is not None:
+            m, v = mx.where(self._finite, m, state["m"]), mx.where(self._finite, v, state["v"])
+            new = mx.where(self._finite, new, parameter)
+        state["m"], state["v"] = m, v
+        return new
 
 
 def _state_at(state, dotted: str) -> dict:

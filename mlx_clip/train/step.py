@@ -9,47 +9,78 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_clip.losses import accumulated_value_and_grad, combined_loss, parse_loss_spec
+from mlx_clip.train import distributed as dist
 from mlx_clip.train.distributed import average_gradients, global_batch
 from mlx_clip.train.optim import clamp_logit_scale
 
-# Losses the trainer can feed from one batch of (image, caption, label); the others need extra inputs (a negative
-# bank, perturbed captions, several views) and are driven by their own helpers.
-BATCH_LOSSES = {"clip", "siglip", "multi_positive", "hard_negative"}
 
+def make_feature_loss(spec: str, outputs: dict | None = None, **options):
+    """loss(image_features, text_features, logit_scale, labels, logit_bias=None, views=None, neg_text_features=None)
+    on normalized features.
 
-def _check_spec(spec: str):
+    `labels` is the (B,) label array, or a dict of step inputs (`mlx_clip.train.loss_inputs`): "labels" plus
+    bank_image / bank_text / bank_ids / sample_ids (mined_negative), neg_valid (negclip) and logit_scale (a scheduled
+    temperature, used in place of the model's). `views` are the per-view image features (multiscale; the first is
+    `image_features`). `options` (beta, tau_plus, k, weights) reach the terms whose signatures name them. With
+    `outputs` (a dict), the global batch's detached features and sample ids are written there for a negative bank.
+    """
     terms = parse_loss_spec(spec)
-    unsupported = [name for name, _ in terms if name not in BATCH_LOSSES]
-    if unsupported:
-        raise ValueError(f"--loss {spec!r}: {', '.join(unsupported)} cannot be trained from plain batches yet; "
-                         f"use {', '.join(sorted(BATCH_LOSSES))}")
-    return terms
 
-
-def make_feature_loss(spec: str, **options):
-    """loss(image_features, text_features, logit_scale, labels, logit_bias=None) on normalized features; `options`
-    (e.g. beta, tau_plus for hard_negative) reach the terms whose signatures name them."""
-    terms = _check_spec(spec)
-
-    def feature_loss(image_features, text_features, logit_scale, labels, logit_bias=None):
+    def feature_loss(image_features, text_features, logit_scale, labels, logit_bias=None, views=None,
+                     neg_text_features=None):
+        inputs = labels if isinstance(labels, dict) else {"labels": labels}
         # Under mlx.launch, the loss of the global batch: all ranks' pairs are negatives (identity in one process).
-        image_features, text_features, labels = global_batch(image_features, text_features, labels)
-        features = dict(image_features=image_features, text_features=text_features, logit_scale=logit_scale,
-                        labels=labels, **options)
+        image_features, text_features, labels = global_batch(image_features, text_features, inputs["labels"])
+        features = dict(image_features=image_features, text_features=text_features, labels=labels,
+                        logit_scale=inputs.get("logit_scale", logit_scale), **options)
         if logit_bias is not None:
             features["logit_bias"] = logit_bias
+        features["image_features_per_view"] = [image_features] + [_gathered(v) for v in (views or [])[1:]]
+        if neg_text_features is not None:
+            features["neg_text_features"] = _gathered(neg_text_features)
+            features["neg_valid"] = _gathered(inputs["neg_valid"], grad=False)
+        if "bank_ids" in inputs:
+            features.update(bank_image=inputs["bank_image"], bank_text=inputs["bank_text"],
+                            bank_ids=inputs["bank_ids"], ids=_gathered(inputs["sample_ids"], grad=False))
+            if outputs is not None:  # for the bank, outside the step: this batch as later steps will see it
+                outputs.update(image=mx.stop_gradient(image_features).astype(mx.float32),
+                               text=mx.stop_gradient(text_features).astype(mx.float32), ids=features["ids"])
         return combined_loss(terms, **features)
 
     return feature_loss
 
 
-def make_loss_fn(spec: str, **options):
-    """loss(model, images, ids, labels) for a spec like 'clip' or 'clip:1,multi_positive:0.5'."""
-    feature_loss = make_feature_loss(spec, **options)
+def _gathered(x: mx.array, grad: bool = True) -> mx.array:
+    """Every rank's rows of `x` (itself in one process)."""
+    if dist.world_size() == 1:
+        return x
+    return dist.gather_with_grad(x) if grad else mx.distributed.all_gather(x, group=dist.group())
+
+
+def make_loss_fn(spec: str, outputs: dict | None = None, **options):
+    """loss(model, images, ids, labels) for a spec like 'clip' or 'clip:1,multi_positive:0.5'.
+
+    `images` (B, H, W, C), or (B, V, H, W, C) for V views of each image (multiscale). `labels` as in
+    `make_feature_loss`; its "neg_ids" (negclip's perturbed captions) are encoded here, with the captions.
+    """
+    feature_loss = make_feature_loss(spec, outputs, **options)
 
     def loss_fn(model, images, ids, labels):
-        return feature_loss(model.encode_image(images, normalize=True), model.encode_text(ids, normalize=True),
-                            mx.exp(model.logit_scale), labels, model.get("logit_bias"))
+        views = None
+        if images.ndim == 5:
+            b, v = images.shape[:2]
+            flat = model.encode_image(images.reshape(b * v, *images.shape[2:]), normalize=True)  # (B*V, D)
+            views = [flat.reshape(b, v, -1)[:, i] for i in range(v)]
+        image_features = views[0] if views else model.encode_image(images, normalize=True)
+        neg_ids = labels.get("neg_ids") if isinstance(labels, dict) else None
+        neg_text_features = None
+        if neg_ids is None:
+            text_features = model.encode_text(ids, normalize=True)
+        else:  # one text pass for the captions and their perturbations
+            both = model.encode_text(mx.concatenate([ids, neg_ids]), normalize=True)
+            text_features, neg_text_features = both[: ids.shape[0]], both[ids.shape[0] :]
+        return feature_loss(image_features, text_features, mx.exp(model.logit_scale), labels, model.get("logit_bias"),
+                            views=views, neg_text_features=neg_text_features)
 
     loss_fn.feature_loss = feature_loss  # for gradient accumulation, which needs the loss of features
     return loss_fn
@@ -59,10 +90,13 @@ def _apply(model, optimizer, loss, grads, grad_clip: float):
     """Clip, update, clamp; keep the old values when the loss or gradient is not finite."""
     grads = average_gradients(grads)  # the mean over mlx.launch ranks, before clipping (identity in one process)
     norm = _global_norm(grads)
-    if grad_clip > 0:
-        factor = mx.minimum(grad_clip / (norm + 1e-6), 1.0)
-        grads = tree_map(lambda g: g * factor.astype(g.dtype), grads)
+    factor = mx.minimum(grad_clip / (norm + 1e-6), 1.0) if grad_clip > 0 else mx.array(1.0)
     finite = mx.isfinite(loss) & mx.isfinite(norm)
+    if hasattr(optimizer, "guarded_update"):  # clip and guard inside the update: one pass over memory (optim.py)
+        optimizer.guarded_update(model, grads, factor, finite)
+        clamp_logit_scale(model)
+        return norm, finite
+    grads = tree_map(lambda g: g * factor.astype(g.dtype), grads)
     old_params = model.trainable_parameters()
     old_opt = tree_map(lambda x: x, optimizer.state)  # new containers: the optimizer mutates its dicts in place
     optimizer.update(model, grads)
@@ -75,7 +109,7 @@ def _apply(model, optimizer, loss, grads, grad_clip: float):
 
 
 def make_step(model: nn.Module, optimizer, loss_fn, grad_clip: float = 1.0, accum_freq: int = 1):
-    """A compiled `step(images, ids, labels) -> (loss, grad_norm, applied)`.
+    """A compiled `step(images, ids, labels) -> (loss, grad_norm, applied)`; `labels` may be a dict of step inputs.
 
     Model, optimizer and random state are the compiled function's explicit inputs and outputs, so the graph is traced
     once per batch shape. A non-finite loss or gradient leaves parameters and optimizer state untouched (`applied` 0).
