@@ -6,7 +6,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from PIL import Image
+
+from mlx_clip.data.images import decode_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -34,8 +35,7 @@ def embed_images(model, preprocess, paths, batch_size: int = 32) -> np.ndarray:
     for i in range(0, len(paths), batch_size):
         pixels = []
         for p in paths[i : i + batch_size]:
-            with Image.open(p) as img:
-                pixels.append(preprocess.to_numpy(img))
+            pixels.append(preprocess.to_numpy(decode_image(p, mode=None)))  # allow-listed formats, pixel limit
         out.append(np.array(model.encode_image(mx.array(np.stack(pixels)), normalize=True).astype(mx.float32)))
     return np.concatenate(out) if out else np.zeros((0, model.config.projection_dim), np.float32)
 

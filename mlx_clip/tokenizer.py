@@ -8,6 +8,7 @@ A row is [sot, ids..., eot] cut to the context length (eot kept last) and zero-p
 from __future__ import annotations
 
 import gzip
+import heapq
 import html
 import json
 from functools import lru_cache
@@ -27,7 +28,8 @@ _FROM_HF, _TO_HF = {HF_SOT: SOT, HF_EOT: EOT}, {SOT: HF_SOT, EOT: HF_EOT}
 GZ_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
 _GZ_MERGES = 49152 - 256 - 2  # OpenAI/open_clip use only the first 48,894 merges of the gz file
 _WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-_CACHE_MAX = 1 << 17  # words cached before the BPE cache is reset (bounds memory on huge corpora)
+_CACHE_MAX = 1 << 16  # words cached before the BPE cache is reset (bounds memory on huge corpora)
+_CACHE_WORD_CHARS = 64  # longer words are not cached, so hostile input cannot fill memory with a few huge keys
 _MAX_SANE_LENGTH = 1 << 20  # HF writes model_max_length = int(1e30) for "no limit": not a context length
 
 
@@ -169,28 +171,52 @@ class Tokenizer:
         if ids is None:
             special = word in (SOT, EOT)  # a special token written in the text is one id, never BPE'd
             ids = [self.encoder[word]] if special else [self.encoder[token] for token in self._bpe(word)]
-            if len(self._cache) >= _CACHE_MAX:
-                self._cache.clear()
-            self._cache[word] = ids
+            if len(word) <= _CACHE_WORD_CHARS:
+                if len(self._cache) >= _CACHE_MAX:
+                    self._cache.clear()
+                self._cache[word] = ids
         return ids
 
     def _bpe(self, word: str) -> list[str]:
-        """Merge adjacent symbols, lowest-ranked pair first, until no known pair is left."""
-        symbols = [*word[:-1], word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pair = min(zip(symbols, symbols[1:]), key=lambda p: self.bpe_ranks.get(p, float("inf")))
-            if pair not in self.bpe_ranks:
-                break
-            merged, i = [], 0
-            while i < len(symbols):  # merge every occurrence of the pair, left to right
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        return symbols
+        """Merge adjacent symbols, lowest-ranked pair first, until no known pair is left.
+
+        Same result as open_clip's loop (find the lowest-ranked pair in the whole word, merge all its occurrences
+        left to right, repeat), but O(n log n) instead of O(n^2) so one huge word cannot stall the server: a heap
+        of (rank, position) over a doubly linked list of symbols; entries made stale by a merge are skipped on pop.
+        """
+        symbols: list[str | None] = [*word[:-1], word[-1] + "</w>"]
+        n, ranks = len(symbols), self.bpe_ranks
+        nxt, prv = [*range(1, n), -1], [*range(-1, n - 1)]  # linked list over positions; -1 ends it
+
+        def rank_at(i: int) -> int | None:  # rank of the pair starting at live position i, None if unmergeable
+            j = nxt[i]
+            return ranks.get((symbols[i], symbols[j])) if j >= 0 else None
+
+        heap = [(r, i) for i in range(n - 1) if (r := rank_at(i)) is not None]
+        heapq.heapify(heap)
+        while heap:
+            rank, merged = heap[0][0], []
+            # One rank at a time, as open_clip does: pop its occurrences leftmost first (an overlapped one is stale),
+            # and only then queue the pairs those merges made, which may rank lower in an arbitrary merge list.
+            while heap and heap[0][0] == rank:
+                i = heapq.heappop(heap)[1]
+                if symbols[i] is None or rank_at(i) != rank:
+                    continue  # stale: i was absorbed, or a neighbour changed since this entry was queued
+                j = nxt[i]
+                symbols[i], symbols[j] = symbols[i] + symbols[j], None
+                nxt[i] = nxt[j]
+                if nxt[j] >= 0:
+                    prv[nxt[j]] = i
+                merged.append(i)
+            for i in merged:
+                for left in (prv[i], i):
+                    if left >= 0 and (r := rank_at(left)) is not None:
+                        heapq.heappush(heap, (r, left))
+        out, i = [], 0  # position 0 is never absorbed (only right-hand symbols are)
+        while i >= 0:
+            out.append(symbols[i])
+            i = nxt[i]
+        return out
 
 
 # -- file helpers ------------------------------------------------------------------------------

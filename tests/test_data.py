@@ -12,6 +12,7 @@ from mlx_clip.data import (  # before mlx.core: loads the BLAS
     BadImageError, DataError, Loader, LoaderConfig, SkipCounter, TooManyBadImagesError, crop_box, decode_image,
     expand_braces, open_source, random_resized_crop, read_csv, read_folder, read_jsonl, read_webdataset,
 )
+from mlx_clip.data.images import IMAGE_FORMATS
 from mlx_clip.preprocess import Preprocess
 from mlx_clip.tokenizer import Tokenizer
 
@@ -205,6 +206,37 @@ def test_bad_images_raise_naming_the_path(tmp_path):
         with pytest.raises(BadImageError) as err:
             decode_image(tmp_path / name)
         assert str(tmp_path / name) in str(err.value)
+
+
+ACCEPTED = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif"}
+
+
+@pytest.mark.parametrize("fmt", sorted(ACCEPTED))
+def test_accepted_formats_decode_like_pillow(tmp_path, fmt):
+    assert set(IMAGE_FORMATS) == set(ACCEPTED)  # the constant users read is the list this test covers
+    path = _png(tmp_path / f"x.{ACCEPTED[fmt]}", np.random.default_rng(7))
+    with Image.open(path) as img:
+        assert img.format == fmt
+        expected = np.asarray(img.convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(decode_image(path)), expected)
+    np.testing.assert_array_equal(np.asarray(decode_image(path.read_bytes())), expected)
+
+
+@pytest.mark.parametrize("fmt, ext", [("ICO", "ico"), ("PCX", "pcx"), ("TGA", "tga"), ("PPM", "ppm"), ("EPS", "eps"),
+                                      ("SGI", "sgi")])
+def test_formats_off_the_allow_list_are_refused(tmp_path, fmt, ext):
+    path = _png(tmp_path / f"x.{ext}", np.random.default_rng(8))
+    with Image.open(path) as img:
+        assert img.format == fmt  # Pillow itself would open it: the refusal is ours
+    with pytest.raises(BadImageError, match="not an image in an accepted format") as err:
+        decode_image(path)
+    assert str(path) in str(err.value) and all(f in str(err.value) for f in IMAGE_FORMATS)
+    with pytest.raises(BadImageError, match=r"<\d+ bytes in memory>: not an image in an accepted format"):
+        decode_image(path.read_bytes())  # untrusted bytes (server, webdataset) go through the same list
+    disguised = tmp_path / "disguised.png"  # the content decides, not the file name
+    disguised.write_bytes(path.read_bytes())
+    with pytest.raises(BadImageError, match="accepted format"):
+        decode_image(disguised)
 
 
 def test_skip_counter_aborts_past_fraction():

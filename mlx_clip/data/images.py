@@ -10,11 +10,15 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 64 megapixels: far above any CLIP input, far below a bomb
+# The only Pillow decoders tried on image bytes: common formats with self-contained, well-exercised decoders. The rest
+# (EPS runs Ghostscript; PCX, TGA, ICO, PSD, ... are rarely fuzzed) is refused. DICOM goes through pydicom instead.
+# JPEG covers camera MPO files too (Pillow opens them through its JPEG entry).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 class BadImageError(ValueError):
@@ -38,8 +42,8 @@ def _open_lazy(source) -> Image.Image:
     if is_dicom(source):  # pydicom (optional extra) reads it whole; the size check below still applies
         return read_dicom(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(bytes(source)))
-    return Image.open(source)
+        return Image.open(io.BytesIO(bytes(source)), formats=IMAGE_FORMATS)
+    return Image.open(source, formats=IMAGE_FORMATS)
 
 
 def _to_8bit_rgb(img: Image.Image) -> Image.Image:
@@ -60,8 +64,9 @@ def _to_8bit_rgb(img: Image.Image) -> Image.Image:
 def decode_image(source, max_pixels: int = DEFAULT_MAX_PIXELS, mode: str | None = "RGB") -> Image.Image:
     """Decode a path or encoded bytes into a PIL image (8-bit RGB by default; `mode=None` keeps the file's mode).
 
-    The pixel count is read from the header and checked against `max_pixels` before any pixel data is decoded,
-    so a small file claiming huge dimensions costs nothing. Every failure raises `BadImageError` naming the image.
+    Only `IMAGE_FORMATS` are opened (plus DICOM, through pydicom). The pixel count is read from the header and checked
+    against `max_pixels` before any pixel data is decoded, so a small file claiming huge dimensions costs nothing.
+    Every failure raises `BadImageError` naming the image.
     """
     name = _describe(source)
     try:
@@ -80,6 +85,8 @@ def decode_image(source, max_pixels: int = DEFAULT_MAX_PIXELS, mode: str | None 
         raise
     except FileNotFoundError as exc:
         raise BadImageError(f"{name}: file not found") from exc
+    except UnidentifiedImageError as exc:  # Pillow cannot tell "not an image" from "a format we did not allow"
+        raise BadImageError(f"{name}: not an image in an accepted format ({', '.join(IMAGE_FORMATS)})") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise BadImageError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
     if mode is None:

@@ -18,11 +18,9 @@ from typing import Literal
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlx_clip.data.images import BadImageError, decode_image
+from mlx_clip.data.images import IMAGE_FORMATS, BadImageError, decode_image  # the one allow-list, shared
 from mlx_clip.serve.errors import ApiError
 
-# Formats with a Pillow decoder that needs no external program; others (EPS calls Ghostscript, ...) are refused.
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://\S*$")
 _DATA_URL = re.compile(r"^data:([^,;]*)((?:;[^,;]*)*),", re.IGNORECASE)
 
