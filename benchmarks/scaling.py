@@ -29,7 +29,9 @@ import mlx.core as mx
 
 from benchmarks.blas import cpu_name
 
-LAUNCH = Path(sys.executable).parent / "mlx.launch"
+# `mlx.launch` is a console script; a `pip install --target` has none on PATH, so run its module the same way.
+LAUNCH = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.argv[0] = 'mlx.launch'; "
+          "sys.exit(main())"]
 
 
 def prepare(root: Path, arch: str, pairs: int) -> tuple[Path, Path]:
@@ -57,7 +59,7 @@ def run(procs: int, backend: str, model: Path, train_csv: Path, out: Path, args)
     if procs == 1:
         cmd = [sys.executable, *flags]
     else:
-        cmd = [str(LAUNCH), "-n", str(procs), "--backend", backend, "--starting-port", str(_free_port())]
+        cmd = [*LAUNCH, "-n", str(procs), "--backend", backend, "--starting-port", str(_free_port())]
         if backend == "ring":  # ranks share this host's cores: split the BLAS threads between them
             threads = max(1, (os.cpu_count() or 1) // procs)
             cmd += ["--env", f"MKL_NUM_THREADS={threads}", "--env", f"OMP_NUM_THREADS={threads}"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -136,8 +137,25 @@ def _with_gradient(value_fn, grad_fn):
     return activation
 
 
-gelu = _with_gradient(_gelu_value, _gelu_grad)
-quick_gelu = _with_gradient(_quick_gelu_value, _quick_gelu_grad)
+_fast_gelu = _with_gradient(_gelu_value, _gelu_grad)
+_fast_quick_gelu = _with_gradient(_quick_gelu_value, _quick_gelu_grad)
+
+
+def _on_cpu() -> bool:
+    # Decided when a graph is traced. On a GPU, erf/exp are cheap hardware-assisted instructions and MLX's own ops are
+    # already fused by mx.compile; the polynomial kernels there only add JIT time (a ViT-B/32 train step took 83 s to
+    # compile with them on an H100), so they are used on the CPU only.
+    return mx.default_device() == mx.cpu
+
+
+def gelu(x: mx.array) -> mx.array:
+    """Exact (erf) GELU, as open_clip's nn.GELU() and HF's "gelu"."""
+    return _fast_gelu(x) if _on_cpu() else nn.gelu(x)
+
+
+def quick_gelu(x: mx.array) -> mx.array:
+    """x·sigmoid(1.702x), OpenAI CLIP's activation."""
+    return _fast_quick_gelu(x) if _on_cpu() else x * mx.sigmoid(1.702 * x)
 
 
 _softmax_exp = mx.compile(lambda x, m: exp((x - m).astype(mx.float32)))
@@ -160,7 +178,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
 
     On the CPU, as two batched matmuls around the fast softmax (MLX's fused SDPA has no CPU kernel: it composes the
     same matmuls around a libm-exp softmax, about 3× slower here). Elsewhere the fused kernel (cuDNN / Metal)."""
-    if mx.default_device() != mx.cpu:
+    if not _on_cpu():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     scores = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, L, L)
     if isinstance(mask, str):
