@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import mlx_clip  # noqa: F401  (before mlx.core: preloads the fast BLAS)
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -20,7 +19,6 @@ import torch.nn.functional as F
 import yaml
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
-from open_clip_train.scheduler import const_lr, cosine_lr
 from PIL import Image
 
 import mlx_clip.train.finetune as ft
@@ -35,7 +33,7 @@ from mlx_clip.io import load
 from mlx_clip.train.args import TrainingArgs, resolve_args
 from mlx_clip.train.checkpoint import checkpoint_dirs, load_checkpoint, resolve_resume, save_checkpoint
 from mlx_clip.train.lora import load_with_adapters
-from mlx_clip.train.optim import GroupedAdamW, build_optimizer, freeze_towers, lr_schedule, param_hparams
+from mlx_clip.train.optim import GroupedAdamW, build_optimizer, freeze_towers, param_hparams
 from mlx_clip.train.step import make_loss_fn, make_step
 
 LN100 = float(np.float32(math.log(100.0)))
@@ -336,118 +334,7 @@ def test_logit_scale_is_clamped_even_with_a_huge_lr(tiny_dir):
         assert model.logit_scale.item() == LN100  # Adam moved it by ~1000; the clamp holds it at ln(100)
 
 
-# ---- the optimizer ---------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("lr_scale,wd,scheduled", [(1.0, 0.1, False), (0.25, 0.05, False), (1.0, 0.0, True)])
-def test_grouped_adamw_matches_torch_adamw(lr_scale, wd, scheduled):
-    rng = np.random.default_rng(0)
-    w0 = rng.standard_normal((6, 5)).astype(np.float32)
-    grads = rng.standard_normal((8, 6, 5)).astype(np.float32)
-    grads[:, 0] *= 1e-6  # tiny gradients: eps placement matters
-    lr, betas, eps = 1e-2, (0.9, 0.98), 1e-6
-    schedule = lr_schedule(lr, 8, warmup=3) if scheduled else lr
-    opt = GroupedAdamW(schedule, {"w": (lr_scale, wd)}, betas=betas, eps=eps)
-    params = {"w": mx.array(w0)}
-    opt.init(params)
-    p = torch.nn.Parameter(torch.tensor(w0))
-    ref = torch.optim.AdamW([p], lr=lr * lr_scale, betas=betas, eps=eps, weight_decay=wd)
-    adjust = cosine_lr(ref, lr * lr_scale, 3, 8)
-    for i, g in enumerate(grads):
-        if scheduled:
-            adjust(i)
-        params = opt.apply_gradients({"w": mx.array(g)}, params)
-        p.grad = torch.tensor(g)
-        ref.step()
-        np.testing.assert_allclose(np.array(params["w"]), p.detach().numpy(), rtol=1e-6, atol=1e-6, err_msg=f"step {i}")
-
-
-def test_weight_decay_skips_biases_norms_embeddings_and_logit_scale(tiny_dir):
-    model, _, _ = load(tiny_dir)
-    hparams = param_hparams(model, 0.1)
-    # Independently, from module types: only Linear and Conv weight matrices decay.
-    decayed = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    assert set(hparams) == {k for k, _ in tree_flatten(model.parameters())}
-    assert {k for k, (_, wd) in hparams.items() if wd == 0.1} == decayed
-    assert {k for k, (_, wd) in hparams.items() if wd == 0.0} == set(hparams) - decayed
-    assert {"logit_scale", "vision_model.embeddings.class_embedding", "text_model.final_layer_norm.weight",
-            "text_model.embeddings.token_embedding.weight"} <= set(hparams) - decayed
-
-
-def test_layer_decay_scales(tiny_dir):
-    model, _, _ = load(tiny_dir)
-    d = 0.5
-    hparams = param_hparams(model, 0.1, layer_decay=d)
-
-    def expected(name):
-        tower = model.config.vision_config if name.startswith(("vision", "visual")) else model.config.text_config
-        L = tower.num_hidden_layers
-        parts = name.split(".")
-        if ".embeddings." in name or ".pre_layrnorm." in name:
-            return d ** (L + 1)
-        if parts[1:3] == ["encoder", "layers"]:
-            return d ** (L - int(parts[3]))
-        return 1.0  # final norms, projections, logit_scale
-
-    for name, (scale, _) in hparams.items():
-        assert scale == pytest.approx(expected(name), rel=1e-12), name
-    scales = {k: s for k, (s, _) in hparams.items()}
-    assert scales["vision_model.embeddings.patch_embedding.weight"] == min(scales.values())
-    assert scales["text_model.embeddings.token_embedding.weight"] == min(scales.values())
-    assert scales["visual_projection.weight"] == scales["logit_scale"] == max(scales.values()) == 1.0
-    block = "vision_model.encoder.layers.{}.mlp.fc1.weight"
-    assert scales[block.format(0)] < scales[block.format(1)] < scales["vision_model.post_layernorm.weight"]
-
-
-@pytest.mark.parametrize("kind,warmup", [("cosine", 0), ("cosine", 4), ("const", 4)])
-def test_lr_schedule_matches_open_clip(kind, warmup):
-    lr, total = 3e-4, 20
-    ours = lr_schedule(lr, total, warmup, kind)
-    ref = (cosine_lr if kind == "cosine" else const_lr)(SimpleNamespace(param_groups=[{}]), lr, warmup, total)
-    for step in range(total):
-        # float32: 1 + cos(pi * p) cancels near the end, so the error is bounded relative to the peak LR
-        assert ours(step).item() == pytest.approx(ref(step), rel=1e-6, abs=1e-6 * lr), step
-
-
-def test_lr_schedule_min_lr_ratio_formula():
-    lr, total, warmup, ratio = 1e-3, 12, 2, 0.1
-    ours = lr_schedule(lr, total, warmup, "cosine", ratio)
-    for step in range(total + 3):
-        if step < warmup:
-            want = lr * (step + 1) / warmup
-        else:
-            progress = min((step - warmup) / (total - warmup), 1.0)
-            want = lr * ratio + (lr - lr * ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        assert ours(step).item() == pytest.approx(want, rel=1e-6, abs=1e-6 * lr), step
-    assert ours(total).item() == pytest.approx(lr * ratio, rel=1e-6)
-
-
-def _tower_names(names, tower, projection, last_layer, final_norm):
-    whole = {n for n in names if n.startswith((tower + ".", projection + "."))}
-    unlocked = {n for n in whole if n.startswith((f"{tower}.encoder.layers.{last_layer}.", f"{tower}.{final_norm}.",
-                                                    projection + "."))}
-    return whole, unlocked
-
-
-@pytest.mark.parametrize("lock_image,lock_text,unlock_last",
-                         [(True, False, 0), (False, True, 0), (True, False, 1), (True, True, 1), (False, True, 5)])
-def test_freeze_towers_trains_exactly_the_expected_names(tiny_dir, lock_image, lock_text, unlock_last):
-    model, _, _ = load(tiny_dir)
-    names = {k for k, _ in tree_flatten(model.parameters())}
-    vision, vision_top = _tower_names(names, "vision_model", "visual_projection", 1, "post_layernorm")
-    text, text_top = _tower_names(names, "text_model", "text_projection", 1, "final_layer_norm")
-    if unlock_last >= 2:  # more than the 2 layers there are: every layer, but not the embeddings
-        text_top = {n for n in text if ".encoder.layers." in n or "final_layer_norm" in n or "projection" in n}
-    expected = set(names)
-    if lock_image:
-        expected -= vision - (vision_top if unlock_last else set())
-    if lock_text:
-        expected -= text - (text_top if unlock_last else set())
-    freeze_towers(model, lock_image, lock_text, unlock_last)
-    assert {k for k, _ in tree_flatten(model.trainable_parameters())} == expected
-    assert "logit_scale" in expected
-
-
-# ---- options: YAML < flags, errors, --help --------------------------------------------------------------------------
+# ---- the CLI and YAML (optimizer tests: tests/test_optim.py) -------------------------------------------------------
 
 def _run_cli(monkeypatch, capsys, *args):
     monkeypatch.setattr(sys, "argv", ["mlxclip", *map(str, args)])
