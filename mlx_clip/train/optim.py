@@ -13,6 +13,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from mlx_clip.model import CLIP
+from mlx_clip.train.cpu_streams import Spread
 
 # Decoupled weight decay is not applied to these (as open_clip excludes gains/biases/logit_scale, plus lookup tables,
 # whose rows only move when their token appears and so should not be shrunk every step).
@@ -90,6 +91,14 @@ class GroupedAdamW(optim.Adam):
         super().__init__(learning_rate=learning_rate, betas=list(betas), eps=eps, bias_correction=True)
         self.hparams = hparams
         self._gradient_scale, self._finite = None, None
+        self._spread = None
+
+    def apply_gradients(self, gradients: dict, parameters: dict):
+        self._spread = Spread()  # each parameter's update on the least-loaded CPU stream (cpu_streams.py says why)
+        try:
+            return super().apply_gradients(gradients, parameters)
+        finally:
+            self._spread = None
 
     def guarded_update(self, model: nn.Module, gradients: dict, gradient_scale: mx.array, finite: mx.array) -> None:
         """`update` with the gradients multiplied by `gradient_scale` (clipping) and, where `finite` is false, every
@@ -113,6 +122,12 @@ class GroupedAdamW(optim.Adam):
             state["lr_scale"], state["wd"] = mx.array(scale, mx.float32), mx.array(wd, mx.float32)
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
+        if self._spread is None:
+            return self._adamw(gradient, parameter, state)
+        with self._spread.stream_for(parameter.size):
+            return self._adamw(gradient, parameter, state)
+
+    def _adamw(self, gradient: mx.array, parameter: mx.array, state: dict):
         lr = self.learning_rate * state["lr_scale"]
         b1, b2 = self.betas
         step = self.step.astype(mx.float32)

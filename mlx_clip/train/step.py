@@ -10,6 +10,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_clip.losses import accumulated_value_and_grad, combined_loss, parse_loss_spec
 from mlx_clip.train import distributed as dist
+from mlx_clip.train.cpu_streams import Spread
 from mlx_clip.train.distributed import average_gradients, global_batch
 from mlx_clip.train.optim import clamp_logit_scale
 
@@ -155,4 +156,8 @@ def _assign(target, source) -> None:
 
 
 def _global_norm(grads) -> mx.array:
-    return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads)))
+    spread, squares = Spread(), []
+    for _, g in tree_flatten(grads):
+        with spread.stream_for(g.size):  # the per-array sums run on all CPU cores (cpu_streams.py)
+            squares.append(mx.sum(mx.square(g.astype(mx.float32))))
+    return mx.sqrt(sum(squares))
