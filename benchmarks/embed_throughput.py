@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import re
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import mlx_clip  # noqa: F401  (preloads the fast BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import shared_cpu_label
 from mlx_clip.data import open_source, synthesize_generic
 from mlx_clip.index import Index, build_index, recall_at_k
 from mlx_clip.io import load
@@ -99,10 +98,6 @@ def faiss_recall(embeddings: Path, workdir: Path, n_queries: int = 200) -> dict:
     return out
 
 
-def machine() -> str:
-    return f"{machine_info('cpu')['label']}; load average at start {os.getloadavg()[0]:.1f} (a shared machine)"
-
-
 def write_report(r: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "embed.json").write_text(json.dumps(r, indent=2) + "\n")
@@ -147,7 +142,7 @@ def main():
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mlxclip-embed-bench"))
     parser.add_argument("--raw-images", type=int, default=1024, help="images per raw-rate measurement")
     args = parser.parse_args()
-    r = {"machine": machine(), "n": args.n, "batch_size": args.batch_size}
+    r = {"machine": shared_cpu_label(), "n": args.n, "batch_size": args.batch_size}
     all_csv = make_images(args.workdir, args.n)
     model, _, preprocess = load("builtin")
     from mlx_clip.data import decode_image

@@ -61,16 +61,14 @@ def class_recall(model, tokenizer, batches) -> dict:
 
 
 def machine() -> str:
-    """'AMD EPYC, 2 cores, x86_64, MLX 0.32.4 CPU': the CPU model from /proc/cpuinfo where there is one."""
+    """'AMD EPYC, 2 cores, x86_64, MLX 0.32.4 CPU'."""
     import os
 
     import mlx.core as mx
 
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-             if line.startswith("model name")]
-    cpu = names[0] if names else platform.processor() or "CPU"
-    return f"{cpu}, {os.cpu_count()} cores, {platform.machine()}, MLX {mx.__version__} {mx.default_device().type.name.upper()}"
+    from benchmarks.blas import cpu_name
+
+    return f"{cpu_name()}, {os.cpu_count()} cores, {platform.machine()}, MLX {mx.__version__} {mx.default_device().type.name.upper()}"
 
 
 def main(argv=None):

@@ -45,3 +45,8 @@ def machine_info(device: str) -> dict:
     where = info["gpu"] or f"{info['cpu']}, {info['cores']} cores"
     info["label"] = f"{where} ({device}); MLX {info['mlx']}, torch {info.get('torch', '-')}, {info['date']}"
     return info
+
+
+def shared_cpu_label() -> str:
+    """The CPU line for reports measured on this (possibly shared) machine, with its load when the run started."""
+    return f"{machine_info('cpu')['label']}; load average at start {os.getloadavg()[0]:.1f} (a shared machine)"

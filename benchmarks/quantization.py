@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import mlx_clip  # noqa: F401  (preloads the fast BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import shared_cpu_label
 from mlx_clip.config import get_config
 from mlx_clip.data import decode_image, open_source, synthesize_generic
 from mlx_clip.eval import class_embeddings, encode_texts, zeroshot_metrics
@@ -92,10 +91,6 @@ def run_model(name: str, make, records, classnames, templates, zeroshot: bool) -
     return rows
 
 
-def machine() -> str:
-    return f"{machine_info('cpu')['label']}; load average at start {os.getloadavg()[0]:.1f} (a shared machine)"
-
-
 def write_report(rows: list[dict], info: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "quantization.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
@@ -153,7 +148,7 @@ def main():
     records = list(source)[: args.n_small]
     classnames = source.classnames
     templates = [t for t in (data / "templates.txt").read_text().splitlines() if t]
-    info = {"machine": machine(),
+    info = {"machine": shared_cpu_label(),
             "data": f"{len(records)} held-out synthetic generic-shape test images (seed 123) and their captions; "
                     f"zero-shot over {len(classnames)} shape classes with the corpus's {len(templates)} templates, "
                     f"builtin as shipped (no fine-tune). ViT-B-32: the first {args.n_b32} of those images "

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -156,11 +155,10 @@ class AdaptedCLIP(nn.Module):
         return self.clip.logit_scale
 
     def encode_image(self, images: mx.array, normalize: bool = False) -> mx.array:
-        f = self.clip.encode_image(images, normalize=True)
-        if self.adapter_config.method == "clip-adapter":
-            f = self.head(f)
-            return _unit(f) if normalize else f
-        return f if normalize else self.clip.encode_image(images)
+        if self.adapter_config.method != "clip-adapter":
+            return self.clip.encode_image(images, normalize)
+        f = self.head(self.clip.encode_image(images, normalize=True))
+        return _unit(f) if normalize else f
 
     def encode_text(self, ids: mx.array, normalize: bool = False) -> mx.array:
         return self.clip.encode_text(ids, normalize)

@@ -7,7 +7,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_clip.data.images import decode_image
+from mlx_clip.eval import encode_images
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -31,13 +31,7 @@ def read_texts(path) -> list[str]:
 
 
 def embed_images(model, preprocess, paths, batch_size: int = 32) -> np.ndarray:
-    out = []
-    for i in range(0, len(paths), batch_size):
-        pixels = []
-        for p in paths[i : i + batch_size]:
-            pixels.append(preprocess.to_numpy(decode_image(p, mode=None)))  # allow-listed formats, pixel limit
-        out.append(np.array(model.encode_image(mx.array(np.stack(pixels)), normalize=True).astype(mx.float32)))
-    return np.concatenate(out) if out else np.zeros((0, model.config.projection_dim), np.float32)
+    return encode_images(model, preprocess, list(paths), batch_size)
 
 
 def embed_texts(model, tokenizer, texts, batch_size: int = 256) -> np.ndarray:

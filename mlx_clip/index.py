@@ -156,6 +156,7 @@ class Index:
         self.info = json.loads(info_file.read_text())
         self.vectors = np.load(self.path / "vectors.npy", mmap_mode="r")
         self._faiss_index = None
+        self._items = None  # items.parquet, read on first use (serve --index answers many queries from one Index)
 
     @property
     def dims(self) -> int:
@@ -183,8 +184,9 @@ class Index:
         return self._faiss_index
 
     def items(self, rows) -> list[dict]:
-        table = pq.read_table(self.path / "items.parquet")
-        return table.take(pa.array(np.asarray(rows, np.int64))).to_pylist()
+        if self._items is None:
+            self._items = pq.read_table(self.path / "items.parquet")
+        return self._items.take(pa.array(np.asarray(rows, np.int64))).to_pylist()
 
     def results(self, scores, rows) -> list[dict]:
         """Ranked hits of one query: rank, score, and the item's id, key, path, caption, label."""

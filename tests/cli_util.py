@@ -5,10 +5,10 @@ from click.testing import CliRunner
 from mlx_clip import cli
 
 
-def invoke(*args):
-    """Run `mlxclip ARGS` in-process; fail the test with the command's output unless it exits 0."""
+def invoke(*args, code: int = 0):
+    """Run `mlxclip ARGS` in-process; fail the test with the command's output unless it exits with `code`."""
     result = CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == code, result.output
     return result
 
 

@@ -8,21 +8,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from mlx_clip import cli
 from mlx_clip import embed_batch as eb
 from mlx_clip.index import Index, build_index, recall_at_k, topk_exact
 from mlx_clip.io import load
 
 faiss = pytest.importorskip("faiss")
-
-
-def _invoke(*args):
-    result = CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result
+from cli_util import invoke  # noqa: E402
 
 
 def _numpy_topk(vectors, queries, k):
@@ -124,15 +117,15 @@ def test_float16_index_and_errors(tmp_path):
 
 
 def test_cli_index_and_search_end_to_end(tmp_path):
-    _invoke("init", "--arch", "tiny", "--seed", 5, "--out", tmp_path / "tiny")
+    invoke("init", "--arch", "tiny", "--seed", 5, "--out", tmp_path / "tiny")
     rng = np.random.default_rng(4)
     (tmp_path / "imgs" / "a").mkdir(parents=True)
     for i in range(12):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "a" / f"{i}.png")
-    _invoke("embed", "--model", tmp_path / "tiny", "--data", tmp_path / "imgs", "--out", tmp_path / "emb",
+    invoke("embed", "--model", tmp_path / "tiny", "--data", tmp_path / "imgs", "--out", tmp_path / "emb",
             "--dtype", "float32", "--shard-size", 5)
-    _invoke("index", "--embeddings", tmp_path / "emb", "--out", tmp_path / "idx")
-    out = _invoke("search", "--index", tmp_path / "idx", "--model", tmp_path / "tiny", "--text", "a photo of a",
+    invoke("index", "--embeddings", tmp_path / "emb", "--out", tmp_path / "idx")
+    out = invoke("search", "--index", tmp_path / "idx", "--model", tmp_path / "tiny", "--text", "a photo of a",
                   "--k", 4, "--json").output
     hits = json.loads(out)
     model, tok, _ = load(tmp_path / "tiny")
@@ -141,7 +134,7 @@ def test_cli_index_and_search_end_to_end(tmp_path):
     _, ref = _numpy_topk(vectors, query, 4)
     assert [h["path"] for h in hits] == [table.column("path")[int(j)].as_py() for j in ref[0]]
     image = tmp_path / "imgs" / "a" / "7.png"
-    text = _invoke("search", "--index", tmp_path / "idx", "--model", tmp_path / "tiny", "--image", image,
+    text = invoke("search", "--index", tmp_path / "idx", "--model", tmp_path / "tiny", "--image", image,
                    "--k", 3).output.splitlines()
     assert len(text) == 3 and text[0].split()[0] == "1" and text[0].split()[2] == str(image)  # itself first
     assert float(text[0].split()[1]) == pytest.approx(1.0, abs=1e-5)

@@ -15,9 +15,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from benchmarks.parity import parity
+from cli_util import invoke
 from mlx_clip import cli
 from mlx_clip.config import get_config
 from mlx_clip.io import save
@@ -25,12 +25,6 @@ from mlx_clip.model import CLIP, init_weights
 from mlx_clip.train.args import TrainingArgs
 from mlx_clip.train.optim import lr_schedule, param_hparams
 from torch_ref.model import TorchCLIP, build_model, load_exported, our_names, param_groups, lr_at
-
-
-def _invoke(*args, code=0):
-    result = CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result
 
 
 # --- the torch mirror ------------------------------------------------------------------------------------------------
@@ -66,7 +60,7 @@ def test_exported_checkpoint_loads_and_encodes_the_same(tmp_path):
     cfg = get_config("tiny")
     model = init_weights(CLIP(cfg), seed=5)
     save(model, None, tmp_path / "m")
-    _invoke("export", "--model", tmp_path / "m", "--to", "open_clip", "--out", tmp_path / "oc.safetensors")
+    invoke("export", "--model", tmp_path / "m", "--to", "open_clip", "--out", tmp_path / "oc.safetensors")
     ref_model, ref_cfg = load_exported(tmp_path / "oc.safetensors", device="cpu")
     assert ref_cfg.vision_config == cfg.vision_config and ref_cfg.text_config == cfg.text_config
     ref = TorchCLIP(ref_model, ref_cfg)
@@ -107,7 +101,7 @@ def test_train_step_skips_non_finite_and_clamps():
 
 def test_parity_command_tiny(tmp_path):
     out = tmp_path / "parity"
-    result = _invoke("parity", "--arch", "tiny", "--steps", 6, "--batch", 8, "--device", "cpu", "--control", "--out", out)
+    result = invoke("parity", "--arch", "tiny", "--steps", 6, "--batch", 8, "--device", "cpu", "--control", "--out", out)
     assert "PASS" in result.output
     report = json.loads((out / "parity.json").read_text())
     assert (out / "parity.png").stat().st_size > 10_000 and "all bars pass" in (out / "parity.md").read_text()

@@ -7,24 +7,17 @@ import base64
 import mlx_clip  # noqa: F401  (before mlx.core: preloads the fast BLAS)
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from mlx_clip import cli
 from mlx_clip import embed_batch as eb
 from mlx_clip.index import search as index_search
 
 httpx = pytest.importorskip("httpx")
-from serve_util import (AUTH, KEY, ServerProcess, data_url, error_of, png_bytes, random_image, ref,  # noqa: E402,F401
-                        ref_texts, tiny_dir)
+from cli_util import invoke  # noqa: E402
+from serve_util import (AUTH, KEY, ServerProcess, client, data_url, error_of, png_bytes, random_image,  # noqa: E402,F401
+                        ref, ref_texts, tiny_dir)
 
 N_ITEMS = 12
 QUERIES = ["a photo of a cat", "red and green", "x"]
-
-
-def _invoke(*args):
-    result = CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +27,9 @@ def collection(tiny_dir, tmp_path_factory):
         folder = root / "imgs" / ("a" if i % 2 else "b")
         folder.mkdir(parents=True, exist_ok=True)
         random_image(100 + i, (48, 40)).save(folder / f"{i}.png")
-    _invoke("embed", "--model", tiny_dir, "--data", root / "imgs", "--out", root / "emb", "--dtype", "float32",
+    invoke("embed", "--model", tiny_dir, "--data", root / "imgs", "--out", root / "emb", "--dtype", "float32",
             "--shard-size", 5)
-    _invoke("index", "--embeddings", root / "emb", "--out", root / "idx")
+    invoke("index", "--embeddings", root / "emb", "--out", root / "idx")
     return root
 
 
@@ -46,12 +39,6 @@ def server(tiny_dir, collection, tmp_path_factory):
                       log_dir=tmp_path_factory.mktemp("logs"))
     yield s.wait_ready()
     s.close()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
-        yield c
 
 
 def _same_hits(got: list[dict], want: list[dict]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import os
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -40,6 +41,11 @@ from mlx_clip.serve.search import index_info, open_index
 from mlx_clip.serve.search import router as search_router
 
 PAGE = Path(__file__).parent / "static" / "index.html"
+
+
+@functools.cache
+def _page_html() -> str:  # the page is static: read once, not on every GET /
+    return PAGE.read_text(encoding="utf-8")
 router = APIRouter()
 
 
@@ -69,7 +75,7 @@ async def _images(engine: Engine, items: list[str], name: str) -> np.ndarray:
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def page() -> HTMLResponse:
-    return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+    return HTMLResponse(_page_html())
 
 
 @router.get("/health")

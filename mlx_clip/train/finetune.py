@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_clip.adapters import FEATURE_METHODS
 from mlx_clip.data.pipeline import Loader, LoaderConfig
 from mlx_clip.data.sources import open_source
 from mlx_clip.eval import evaluate_retrieval, evaluate_zeroshot, iter_eval_batches, load_classnames, load_templates
@@ -94,7 +95,7 @@ def _progress(total: int, initial: int):
 
 def finetune(args: TrainingArgs, quiet: bool = False) -> dict:
     """Run a fine-tune as configured; returns the summary (also written to RUN_DIR/summary.md)."""
-    if args.adapter in ("clip-adapter", "tip-adapter", "coop"):  # frozen towers: trained on features (train/adapt.py)
+    if args.adapter in FEATURE_METHODS:  # frozen towers: trained on features (train/adapt.py)
         from mlx_clip.train.adapt import finetune_adapter
 
         return finetune_adapter(args, quiet)
