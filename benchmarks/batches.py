@@ -57,14 +57,30 @@ def fixed_batches(config: CLIPConfig, batch: int, n_batches: int, seed: int = 0)
     return out
 
 
-def random_batch(config: CLIPConfig, batch: int, seed: int = 0) -> dict:
-    """Normal pixels and token rows shaped as the tokenizer's (SOT, words, EOT, zero padding)."""
+def parse_caption_tokens(spec: str | None) -> tuple[int, int] | None:
+    """"A-B" (word tokens per caption drawn uniformly from A..B) or "N" (every caption N); None/"" -> the default."""
+    if not spec:
+        return None
+    lo, _, hi = str(spec).partition("-")
+    try:
+        bounds = (int(lo), int(hi or lo))
+    except ValueError:
+        raise ValueError(f"--caption-tokens: expected N or A-B (word tokens per caption), got {spec!r}") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise ValueError(f"--caption-tokens: need 1 <= A <= B, got {spec!r}")
+    return bounds
+
+
+def random_batch(config: CLIPConfig, batch: int, seed: int = 0, words: tuple[int, int] | None = None) -> dict:
+    """Normal pixels and token rows shaped as the tokenizer's (SOT, words, EOT, zero padding). `words` bounds the
+    word tokens of a caption (both ends included; at most the context less SOT and EOT); by default 3 to context - 3,
+    so a batch's longest caption nearly fills the context."""
     rng = np.random.default_rng(seed)
     size, ctx = config.vision_config.image_size, config.text_config.max_position_embeddings
+    lo, hi = words or (3, max(ctx - 3, 3))
     ids = np.zeros((batch, ctx), np.int32)
     for row in ids:
-        n = int(rng.integers(3, max(ctx - 2, 4)))
-        n = min(n, ctx - 2)
+        n = min(int(rng.integers(lo, hi + 1)), ctx - 2)
         row[0], row[1 : n + 1], row[n + 1] = 49406, rng.integers(1, 49405, n), 49407
     return {"images": rng.standard_normal((batch, size, size, 3)).astype(np.float32), "input_ids": ids,
             "labels": np.arange(batch, dtype=np.int32)}

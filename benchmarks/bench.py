@@ -16,11 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.batches import parse_caption_tokens
 from benchmarks.bench_report import ratio_lines, write_report
 from benchmarks.workloads_mlx import MODES, TASKS
 
 BACKENDS = ("mlx", "torch")
 LATENCY_TASKS = ("embed-image", "embed-text")  # also timed at batch 1: the latency of one request
+CAPTION_HELP = ("Word tokens per caption: N, or A-B drawn uniformly (default 3 to context - 3). Both backends get the "
+                "same 77-token rows; MLX cuts the padding after the batch's longest caption, as the product does.")
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -73,13 +76,14 @@ def _say(message: str) -> None:
 
 def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text", batch: int = 32, device: str = "auto",
           out=None, as_json: bool = False, dtype: str = "float32", modes="eager,compiled", runs: int = 5,
-          warmup: int = 2, seed: int = 0) -> list[dict]:
+          warmup: int = 2, seed: int = 0, caption_tokens: str | None = None) -> list[dict]:
     """Measure and (with `out`) write the report files; returns the records. With `as_json`, stdout carries the
     JSON lines only (one per measurement); progress and ratios go to stderr."""
     backends, tasks = _split(backends, BACKENDS, "backend"), _split(tasks, TASKS, "task")
     modes = _split(modes, MODES, "mode")
     if batch < 1 or runs < 1:
         raise ValueError("batch and runs must be >= 1")
+    parse_caption_tokens(caption_tokens)  # a bad spec fails here, not in every worker
     device = resolve_device(device)
     from benchmarks.machine import machine_info
 
@@ -90,7 +94,7 @@ def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text",
         for backend in backends:
             for mode in modes:
                 spec = dict(backend=backend, mode=mode, task=task, arch=arch, batch=size, device=device, dtype=dtype,
-                            runs=runs, warmup=warmup, seed=seed)
+                            runs=runs, warmup=warmup, seed=seed, caption_tokens=caption_tokens)
                 got, error = run_one(spec)
                 if error:
                     failures.append(f"{task} batch {size} {backend} {mode}: {error}")
@@ -107,7 +111,7 @@ def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text",
     for line in ratio_lines(records):
         (_say if as_json else print)(line)
     if out is not None:
-        paths = write_report(records, machine, out, arch, device, dtype, batch, failures)
+        paths = write_report(records, machine, out, arch, device, dtype, batch, failures, caption_tokens)
         _say("wrote " + ", ".join(str(p) for p in paths))
     return records
 
@@ -123,10 +127,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--caption-tokens", help=CAPTION_HELP)
     ap.add_argument("--out")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    bench(a.arch, a.backend, a.task, a.batch, a.device, a.out, a.json, a.dtype, a.mode, a.runs, a.warmup)
+    bench(a.arch, a.backend, a.task, a.batch, a.device, a.out, a.json, a.dtype, a.mode, a.runs, a.warmup,
+          caption_tokens=a.caption_tokens)
     return 0
 
 

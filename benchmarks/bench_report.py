@@ -48,6 +48,11 @@ def ratio_lines(records: list[dict]) -> list[str]:
             f"best vs best {_x(r.get('best'))}" for r in ratios(records)]
 
 
+def _captions(records: list[dict]) -> str:
+    specs = sorted({str(r.get("caption_tokens") or "3 to context - 3") for r in records})
+    return ", ".join(specs) or "3 to context - 3"
+
+
 def markdown(records: list[dict], machine: dict, title: str, failures: list[str]) -> str:
     lines = [
         f"# {title}",
@@ -59,6 +64,11 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
         "(slowest − fastest) / median. Peak memory: see `benchmarks/bench_worker.py` (CPU: resident-set growth of "
         "the measuring process, same rule for both backends; CUDA: allocator peak). Each row is its own process; "
         "the load average of the machine before and after each row shows what else was running.",
+        "",
+        f"Captions: {_captions(records)} word tokens each (SOT and EOT added, zero-padded to the context). Both "
+        "backends get the same rows; torch (open_clip) runs the text tower on all of them, MLX cuts the padding after "
+        "the batch's longest caption (rounded up to 16 tokens; exact, as attention is causal and the pooled token "
+        "comes first) as the product does.",
         "",
         "| task | batch | backend | mode | items/s | best run items/s | ms / iteration (p50) | spread | runs "
         "| first run s | peak MiB | source | load avg before/after |",
@@ -115,12 +125,13 @@ def plot(records: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(records, machine, out, arch, device, dtype, batch, failures=()) -> list[Path]:
+def write_report(records, machine, out, arch, device, dtype, batch, failures=(), caption_tokens=None) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench-{device}-{arch}-{dtype}-b{batch}"
+    stem = out / (f"bench-{device}-{arch}-{dtype}-b{batch}" + (f"-captions{caption_tokens}" if caption_tokens else ""))
     where = machine["gpu"] or f"{machine['cpu']}, {machine['cores']} cores"
-    title = f"{arch}, {dtype}, {device} ({where})"
+    title = f"{arch}, {dtype}, {device} ({where})" + (f", captions of {caption_tokens} word tokens" if caption_tokens
+                                                      else "")
     paths = [stem.with_suffix(".jsonl"), stem.with_suffix(".md"), stem.with_suffix(".png")]
     paths[0].write_text("".join(json.dumps(r) + "\n" for r in records))
     paths[1].write_text(markdown(records, machine, f"Benchmark: {title}", list(failures)))

@@ -71,21 +71,25 @@ def measure(run, warmup: int, runs: int) -> dict:
 
 
 def _builder(spec: dict):
+    from benchmarks.batches import parse_caption_tokens
     from converters.convert import arch_config
 
     config = arch_config(spec["arch"])
+    words = parse_caption_tokens(spec.get("caption_tokens"))
     if spec["backend"] == "mlx":
         import mlx.core as mx
 
         from benchmarks.workloads_mlx import mlx_workload
 
         mx.set_default_device(mx.cpu if spec["device"] == "cpu" else mx.gpu)
-        return lambda batch: mlx_workload(config, spec["task"], batch, spec["mode"], spec["dtype"], spec["seed"])
+        return lambda batch: mlx_workload(config, spec["task"], batch, spec["mode"], spec["dtype"], spec["seed"],
+                                          words)
     from benchmarks.workloads_torch import torch_workload
     from torch_ref.device import pick_device
 
     device = pick_device(spec["device"])
-    return lambda batch: torch_workload(config, spec["task"], batch, spec["mode"], spec["dtype"], device, spec["seed"])
+    return lambda batch: torch_workload(config, spec["task"], batch, spec["mode"], spec["dtype"], device, spec["seed"],
+                                        words)
 
 
 class _Memory:
@@ -138,6 +142,7 @@ def run_worker(spec: dict) -> dict:
     load_before = os.getloadavg()[0]
     timing = measure(workload.run, spec["warmup"], runs)
     record = {k: spec[k] for k in ("backend", "mode", "task", "arch", "device", "dtype")}
+    record["caption_tokens"] = spec.get("caption_tokens")
     record.update(batch=workload.items, items_per_s=workload.items / timing["median_s"],
                   items_per_s_best=workload.items / timing["min_s"],  # the least disturbed run, on a shared machine
                   latency_ms_p50=1e3 * timing["median_s"],

@@ -18,6 +18,7 @@ from benchmarks.batches import random_batch
 from mlx_clip.config import CLIPConfig
 from mlx_clip.io import DTYPES, cast
 from mlx_clip.model import CLIP, init_weights
+from mlx_clip.tokenizer import trim_padding
 from mlx_clip.train.args import TrainingArgs
 from mlx_clip.train.optim import build_optimizer
 from mlx_clip.train.step import make_loss_fn, make_step
@@ -46,14 +47,15 @@ def _uncompiled(fn: Callable[[], None]) -> Callable[[], None]:
 
 
 def mlx_workload(config: CLIPConfig, task: str, batch: int, mode: str = "compiled", dtype: str = "float32",
-                 seed: int = 0) -> Workload:
+                 seed: int = 0, words: tuple[int, int] | None = None) -> Workload:
     if task not in TASKS or mode not in MODES:
         raise ValueError(f"task must be one of {TASKS} and mode one of {MODES}, got {task!r}, {mode!r}")
     batch = 1 if task == "embed-pair" else batch
     model = cast(init_weights(CLIP(config), seed), dtype)
-    data = random_batch(config, batch, seed)
+    data = random_batch(config, batch, seed, words)
     images = mx.array(data["images"]).astype(DTYPES[dtype])
-    ids, labels = mx.array(data["input_ids"]), mx.array(data["labels"])
+    # As the product feeds the model (training loop, eval, serve): padding after the longest caption is cut.
+    ids, labels = mx.array(trim_padding(data["input_ids"])), mx.array(data["labels"])
     mx.eval(model.parameters(), images, ids, labels)
     if task == "train":
         args = TrainingArgs(lr=1e-5)

@@ -18,13 +18,14 @@ from torch_ref.model import TorchCLIP, build_model
 
 
 def torch_workload(config: CLIPConfig, task: str, batch: int, mode: str = "compiled", dtype: str = "float32",
-                   device: torch.device | str | None = None, seed: int = 0) -> Workload:
+                   device: torch.device | str | None = None, seed: int = 0,
+                   words: tuple[int, int] | None = None) -> Workload:
     if task not in TASKS or mode not in MODES:
         raise ValueError(f"task must be one of {TASKS} and mode one of {MODES}, got {task!r}, {mode!r}")
     batch = 1 if task == "embed-pair" else batch
     model = build_model(config, device, dtype, seed)
     ref = TorchCLIP(model, config, TrainingArgs(lr=1e-5), total_steps=1_000_000, compile=mode == "compiled")
-    data = random_batch(config, batch, seed)
+    data = random_batch(config, batch, seed, words)  # full 77-token rows, as open_clip's tokenizer gives them
     pixels, tokens = ref.pixels(data["images"]), ref.tokens(data["input_ids"])
     if task == "train":
         def run():

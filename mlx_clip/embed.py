@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_clip.eval import encode_images
+from mlx_clip.tokenizer import trim_padding
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -37,7 +38,7 @@ def embed_images(model, preprocess, paths, batch_size: int = 32) -> np.ndarray:
 def embed_texts(model, tokenizer, texts, batch_size: int = 256) -> np.ndarray:
     out = []
     for i in range(0, len(texts), batch_size):
-        ids = tokenizer(texts[i : i + batch_size])
+        ids = trim_padding(tokenizer(texts[i : i + batch_size]))
         out.append(np.array(model.encode_text(ids, normalize=True).astype(mx.float32)))
     return np.concatenate(out) if out else np.zeros((0, model.config.projection_dim), np.float32)
 

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from mlx_clip.data import Loader, LoaderConfig, SkipCounter, open_source
 from mlx_clip.io import resolve
+from mlx_clip.tokenizer import trim_padding
 
 FORMAT = 1
 MODALITIES = ("images", "texts", "both")
@@ -182,7 +183,7 @@ def _encode(model, tokenizer, batch: list[Item], modality: str) -> dict[str, mx.
     if modality in ("images", "both"):
         out["image_embedding"] = model.encode_image(mx.array(np.stack([i.pixels for i in batch])), normalize=True)
     if modality in ("texts", "both"):
-        out["text_embedding"] = model.encode_text(tokenizer([i.caption for i in batch]), normalize=True)
+        out["text_embedding"] = model.encode_text(trim_padding(tokenizer([i.caption for i in batch])), normalize=True)
     mx.async_eval(out)
     return out
 

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from mlx_clip.data import Loader, LoaderConfig, decode_image, open_source
+from mlx_clip.tokenizer import trim_padding
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 RECALL_KS = (1, 5, 10)
@@ -92,7 +93,8 @@ def retrieval_metrics(image_features, text_features, image_ids_of_texts=None, ks
 # ---- features from a model ---------------------------------------------------------------------------------------
 
 def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-    out = [np.array(model.encode_text(tokenizer(list(texts[i: i + batch_size])), normalize=True).astype(mx.float32))
+    out = [np.array(model.encode_text(trim_padding(tokenizer(list(texts[i: i + batch_size]))), normalize=True)
+                    .astype(mx.float32))
            for i in range(0, len(texts), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, model.config.projection_dim), np.float32)
 

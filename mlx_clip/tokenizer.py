@@ -33,6 +33,25 @@ _CACHE_WORD_CHARS = 64  # longer words are not cached, so hostile input cannot f
 _MAX_SANE_LENGTH = 1 << 20  # HF writes model_max_length = int(1e30) for "no limit": not a context length
 
 
+def trim_padding(ids, multiple: int = 16, pad_id: int = 0):
+    """`ids` (B, L) cut after the last column that holds a non-pad token in any row, rounded up to `multiple` (never
+    past L); numpy in, numpy out, mx in, mx out.
+
+    Exact for the text tower: attention is causal and the pooled token (EOT, or the first EOS) comes before the
+    padding, so the padded positions cannot change any output, and not computing them saves most of the tower's work
+    on real captions (12 tokens in a 77-token row: 16 positions run instead of 77). Rounding to `multiple` keeps the
+    number of distinct shapes, and so of compiled-step traces, at five for a 77-token context."""
+    host = np.asarray(ids)
+    if host.ndim != 2:
+        raise ValueError(f"token ids must be (batch, length), got shape {host.shape}")
+    used = np.flatnonzero((host != pad_id).any(axis=0))
+    last = int(used[-1]) + 1 if used.size else 1
+    keep = min(host.shape[1], -(-last // multiple) * multiple)
+    if keep == host.shape[1]:
+        return ids
+    return ids[:, :keep]
+
+
 @lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
     """OpenAI's byte -> printable char table (BPE never sees whitespace); its order is the vocab's first 256."""

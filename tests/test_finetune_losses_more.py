@@ -202,12 +202,15 @@ def test_negclip_steps_match_torch_with_per_step_perturbations(setup, monkeypatc
     tokenizer = load(setup / "tiny")[1]
     for step, record in enumerate(steps, 1):
         perturbed = perturb_captions(record["texts"], random.Random(dist.step_seed(1, step)))
-        np.testing.assert_array_equal(record["inputs"]["neg_ids"], tokenizer.tokenize_numpy(perturbed))
+        full, got = tokenizer.tokenize_numpy(perturbed), record["inputs"]["neg_ids"]
+        np.testing.assert_array_equal(got, full[:, : got.shape[1]])  # the step's rows: padding cut, every token kept
+        assert not full[:, got.shape[1]:].any()
         valid = np.array([p != c for p, c in zip(perturbed, record["texts"])])
         np.testing.assert_array_equal(record["inputs"]["neg_valid"], valid)
         assert 0 < valid.sum() < BATCH  # the sentences get a swap, the single words cannot
-        img, txt, scale = _features(setup, record)
-        _, neg, _ = _features(setup, record, ids=record["inputs"]["neg_ids"])
+        # The reference encodes full-length rows: the loss must not depend on the padding the step cut.
+        img, txt, scale = _features(setup, record, ids=tokenizer.tokenize_numpy(record["texts"]))
+        _, neg, _ = _features(setup, record, ids=full)
         want = ref.negclip_loss(_t(img), _t(txt), _t(neg[valid]), torch.tensor(scale, dtype=torch.float64)).item()
         assert losses[step] == pytest.approx(want, rel=1e-5)
     assert steps[0]["inputs"]["neg_ids"].tolist() != steps[1]["inputs"]["neg_ids"].tolist()

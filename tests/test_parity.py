@@ -169,3 +169,41 @@ def test_end_to_end_with_tokenizer_and_preprocess(tmp_path):
     pixels = Preprocess(image_size=cfg.vision_config.image_size)(image)[None]
     assert rel(np.array(ours.encode_image(pixels, normalize=True)), ref_img) <= TOL
     assert rel(np.array(ours.encode_text(Tokenizer.default()(texts), normalize=True)), ref_txt) <= TOL
+
+
+def _short_caption_ids(cfg: CLIPConfig, lengths, seed=3):
+    """Token rows with the given word counts (SOT, words, EOT, zeros): every row is padded well past its EOT."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), cfg.text_config.max_position_embeddings), np.int64)
+    for row, n in zip(ids, lengths):
+        row[0], row[1: n + 1], row[n + 1] = 49406, rng.integers(1, 49405, n), 49407
+    return ids
+
+
+@pytest.mark.parametrize("lengths", [(1,), (3, 17, 9), (14,), (30, 2)], ids=["one-token", "ragged", "bucket-edge", "two-buckets"])
+def test_trimmed_text_rows_match_open_clip_on_full_rows(lengths):
+    """The product cuts padding after the longest caption (tokenizer.trim_padding) before the text tower; open_clip
+    runs all 77 positions. The embeddings must not change."""
+    from mlx_clip.tokenizer import trim_padding
+
+    cfg, ref, ours = open_clip_pair("tiny", seed=4)  # 77-token context
+    ids = _short_caption_ids(cfg, lengths)
+    trimmed = trim_padding(ids.astype(np.int32))
+    assert trimmed.shape[1] == -(-(max(lengths) + 2) // 16) * 16 < ids.shape[1]  # the padding really was cut
+    with torch.no_grad():
+        ref_txt = ref.encode_text(torch.from_numpy(ids)).numpy()
+    assert rel(np.array(ours.encode_text(mx.array(trimmed))), ref_txt) <= TOL
+
+
+def test_trimmed_text_rows_match_transformers_eos_pooling():
+    """HF models pool the first EOS (`pool_type` "eos"): cutting the zero padding keeps it, so the output is HF's."""
+    from mlx_clip.tokenizer import trim_padding
+
+    ref, ours, cfg = hf_model(seed=5)
+    ids = _short_caption_ids(cfg, (4, 1, 6))
+    trimmed = trim_padding(ids.astype(np.int32), multiple=4)
+    assert trimmed.shape[1] == 8 < ids.shape[1]
+    with torch.no_grad():
+        ref_txt = ref.get_text_features(input_ids=torch.from_numpy(ids))
+        ref_txt = getattr(ref_txt, "pooler_output", ref_txt).numpy()
+    assert rel(np.array(ours.encode_text(mx.array(trimmed))), ref_txt) <= TOL

@@ -348,3 +348,34 @@ def test_word_cache_is_bounded(monkeypatch):
     for _ in range(500):
         t.encode("".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 12))))
         assert len(t._cache) <= 50
+
+
+def _naive_trim_length(rows, multiple):
+    """The shortest prefix that keeps every non-zero token, in whole multiples, never past the row."""
+    last = max((i + 1 for row in rows for i, t in enumerate(row) if t != 0), default=1)
+    return min(len(rows[0]), multiple * ((last + multiple - 1) // multiple))
+
+
+@pytest.mark.parametrize("texts", [["a dog"], ["a photo of a cat on a mat", "x"], ["word " * 40, "a"], ["word " * 200]])
+@pytest.mark.parametrize("multiple", [1, 8, 16])
+def test_trim_padding_keeps_every_token(tok, texts, multiple):
+    from mlx_clip.tokenizer import trim_padding
+
+    ids = tok.tokenize_numpy(texts)
+    cut = trim_padding(ids, multiple)
+    assert isinstance(cut, np.ndarray) and cut.shape == (len(texts), _naive_trim_length(ids.tolist(), multiple))
+    np.testing.assert_array_equal(cut, ids[:, : cut.shape[1]])
+    assert not ids[:, cut.shape[1]:].any()  # only padding was cut
+    as_mx = trim_padding(mx.array(ids), multiple)
+    assert isinstance(as_mx, mx.array) and as_mx.shape == cut.shape
+
+
+def test_trim_padding_edge_rows():
+    from mlx_clip.tokenizer import trim_padding
+
+    assert trim_padding(np.zeros((2, 77), np.int32)).shape == (2, 16)  # nothing to keep: one bucket, not zero width
+    assert trim_padding(np.full((1, 77), 5, np.int32)).shape == (1, 77)  # full rows are left alone
+    padded_with_eos = np.full((1, 77), 49407, np.int32)  # HF pads with EOS: no zero padding, nothing is cut
+    assert trim_padding(padded_with_eos).shape == (1, 77)
+    with pytest.raises(ValueError, match="batch, length"):
+        trim_padding(np.zeros(77, np.int32))

@@ -19,6 +19,7 @@ from mlx_clip.serve.batcher import Batcher
 from mlx_clip.serve.config import ServeConfig
 from mlx_clip.serve.errors import ApiError
 from mlx_clip.serve.inputs import open_image
+from mlx_clip.tokenizer import trim_padding
 
 MAX_WORD_CHARS = 100
 log = logging.getLogger("uvicorn.error.mlxclip")  # printed with uvicorn's own lines
@@ -93,7 +94,7 @@ class Engine:
             self._run("text", list(self.tokenizer.tokenize_numpy(["warm up"] * n)))
 
     def _run(self, kind: str, items: list) -> np.ndarray:
-        x = mx.array(np.stack(items))
+        x = mx.array(np.stack(items) if kind == "image" else trim_padding(np.stack(items)))
         encode = self.model.encode_image if kind == "image" else self.model.encode_text
         return np.array(encode(x, normalize=True).astype(mx.float32))
 

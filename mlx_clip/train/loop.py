@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
+from mlx_clip.tokenizer import trim_padding
 from mlx_clip.train import distributed as dist
 
 
@@ -53,7 +54,8 @@ def train(step_fn, batches: Iterator[dict], start_step: int, total_steps: int, h
         batch = next(batches)
         # Randomness inside the step (dropout) depends only on (seed, step): a resumed run draws the same numbers.
         mx.random.seed(dist.step_seed(seed, step))
-        images, ids = mx.array(batch["images"]), mx.array(batch["input_ids"])
+        # Padding after the longest caption is cut (exact: tokenizer.trim_padding); a few shapes, a few traces.
+        images, ids = mx.array(batch["images"]), mx.array(trim_padding(batch["input_ids"]))
         labels = mx.array(unique_missing_labels(batch["labels"]).astype(np.int32))
         inputs = hooks.step_inputs(step, batch, labels) if hooks.step_inputs else labels
         loss, norm, applied = step_fn(images, ids, inputs)

@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_clip.losses import TEMPERATURE_KINDS, NegativeBank, parse_loss_spec, perturb_captions, temperature_schedule
+from mlx_clip.tokenizer import trim_padding
 from mlx_clip.train import distributed as dist
 
 EXTRA_INPUT_LOSSES = ("mined_negative", "negclip", "multiscale")
@@ -177,7 +178,7 @@ class LossInputs:
         if self.tokenize is not None:
             captions = list(batch["texts"])
             perturbed = perturb_captions(captions, random.Random(dist.step_seed(self.seed, step)))
-            out["neg_ids"] = mx.array(self.tokenize(perturbed))
+            out["neg_ids"] = mx.array(trim_padding(self.tokenize(perturbed)))
             out["neg_valid"] = mx.array([p != c for p, c in zip(perturbed, captions)])
         if self.schedule is not None:
             out["logit_scale"] = mx.array(self.logit_scale_at(step), dtype=mx.float32)

@@ -78,13 +78,19 @@ def make_loss_fn(spec: str, outputs: dict | None = None, **options):
         if neg_ids is None:
             text_features = model.encode_text(ids, normalize=True)
         else:  # one text pass for the captions and their perturbations
-            both = model.encode_text(mx.concatenate([ids, neg_ids]), normalize=True)
+            both = model.encode_text(mx.concatenate(_same_length(ids, neg_ids)), normalize=True)
             text_features, neg_text_features = both[: ids.shape[0]], both[ids.shape[0] :]
         return feature_loss(image_features, text_features, mx.exp(model.logit_scale), labels, model.get("logit_bias"),
                             views=views, neg_text_features=neg_text_features)
 
     loss_fn.feature_loss = feature_loss  # for gradient accumulation, which needs the loss of features
     return loss_fn
+
+
+def _same_length(a: mx.array, b: mx.array) -> tuple[mx.array, mx.array]:
+    """Two id batches trimmed to different lengths (tokenizer.trim_padding), zero-padded back to the longer."""
+    n = max(a.shape[1], b.shape[1])
+    return tuple(mx.pad(x, [(0, 0), (0, n - x.shape[1])]) if x.shape[1] < n else x for x in (a, b))
 
 
 def _apply(model, optimizer, loss, grads, grad_clip: float):
