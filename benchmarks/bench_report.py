@@ -125,6 +125,18 @@ def plot(records: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _key(r: dict) -> tuple:
+    return r["task"], r["batch"], r["backend"], r["mode"]
+
+
+def merged(path: Path, records: list[dict]) -> list[dict]:
+    """The file's earlier records that this run did not measure again, then this run's: running `--task train` and
+    then `--task embed-text` into one out dir fills one table instead of the second run replacing the first."""
+    new = {_key(r) for r in records}
+    old = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [r for r in old if _key(r) not in new] + list(records)
+
+
 def write_report(records, machine, out, arch, device, dtype, batch, failures=(), caption_tokens=None) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,6 +145,7 @@ def write_report(records, machine, out, arch, device, dtype, batch, failures=(),
     title = f"{arch}, {dtype}, {device} ({where})" + (f", captions of {caption_tokens} word tokens" if caption_tokens
                                                       else "")
     paths = [stem.with_suffix(".jsonl"), stem.with_suffix(".md"), stem.with_suffix(".png")]
+    records = merged(paths[0], records)
     paths[0].write_text("".join(json.dumps(r) + "\n" for r in records))
     paths[1].write_text(markdown(records, machine, f"Benchmark: {title}", list(failures)))
     if records:

@@ -117,3 +117,36 @@ def test_attention_gradients_match_fused_kernel():
     for a, b in zip(ours, fused):
         a, b = np.array(a), np.array(b)
         assert np.linalg.norm(a - b) / np.linalg.norm(b) <= 1e-5
+
+
+@pytest.mark.parametrize("length,causal,pads", [(77, True, True), (70, False, True), (50, False, False)],
+                         ids=["text-77-causal", "70-unmasked", "50-not-padded"])
+def test_padded_sdpa_matches_numpy_values_and_gradients(monkeypatch, length, causal, pads):
+    """The opt-in GPU path (MLXCLIP_SDPA_PAD) pads to 128 tokens and masks the padded keys; run here through the same
+    MLX op so the arithmetic is checked on any device: values and gradients against float64 numpy."""
+    monkeypatch.setattr(fastmath, "SDPA_PAD", True)
+    calls = []
+    real = mx.fast.scaled_dot_product_attention
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append(q.shape[2]) or real(q, *a, **kw))
+    rng = np.random.default_rng(3)
+    q, k, v, w = (rng.standard_normal((2, 2, length, 8)).astype(np.float16) for _ in range(4))
+    mask = "causal" if causal else None
+
+    def loss(q, k, v):
+        return (fastmath._fused_attention(q, k, v, 0.35, mask).astype(mx.float32) * mx.array(w, mx.float32)).sum()
+
+    out = np.array(fastmath._fused_attention(*map(mx.array, (q, k, v)), 0.35, mask).astype(mx.float32))
+    assert calls[-1] == (128 if pads else length)
+    q64, k64, v64 = (a.astype(np.float64) for a in (q, k, v))
+    want = _attention(q64, k64, v64, 0.35, causal)
+    assert np.linalg.norm(out - want) / np.linalg.norm(want) <= 2e-3  # float16 inputs and output
+    grads = mx.grad(loss, argnums=(0, 1, 2))(*map(mx.array, (q, k, v)))
+    torch = pytest.importorskip("torch")  # float64 autograd of the same attention: the reference gradients
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q64, k64, v64))
+    scores = tq @ tk.transpose(-1, -2) * 0.35
+    if causal:
+        scores = scores.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+    (torch.softmax(scores, -1) @ tv * torch.tensor(w, dtype=torch.float64)).sum().backward()
+    for got, ref in zip(grads, (tq.grad, tk.grad, tv.grad)):
+        got, ref = np.array(got.astype(mx.float32)), ref.numpy()
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 5e-3  # float16 gradients

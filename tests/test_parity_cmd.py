@@ -170,3 +170,31 @@ def test_bench_json_lines(tmp_path, capsys):
     stem = tmp_path / "bench-cpu-tiny-float32-b4"
     assert len(stem.with_suffix(".jsonl").read_text().splitlines()) == 4
     assert "MLX / torch" in stem.with_suffix(".md").read_text() and stem.with_suffix(".png").exists()
+
+
+def test_bench_runs_accumulate_in_one_table(tmp_path, capsys):
+    """A second run with another task adds its rows; a task measured again replaces its own rows only. Captions set
+    with --caption-tokens name the files and reach both backends (MLX trims the padding, so its text rows are short)."""
+    common = ["bench", "--arch", "tiny", "--backend", "mlx", "--mode", "eager", "--batch", "2", "--runs", "1",
+              "--warmup", "1", "--device", "cpu", "--out", str(tmp_path), "--json", "--caption-tokens", "4-6"]
+    cli.main([*common, "--task", "embed-text"], standalone_mode=False)
+    cli.main([*common, "--task", "embed-image"], standalone_mode=False)
+    cli.main([*common, "--task", "embed-text"], standalone_mode=False)
+    capsys.readouterr()
+    path = tmp_path / "bench-cpu-tiny-float32-b2-captions4-6.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted((r["task"], r["batch"]) for r in records) == [("embed-image", 1), ("embed-image", 2),
+                                                                  ("embed-text", 1), ("embed-text", 2)]
+    assert {r["caption_tokens"] for r in records} == {"4-6"}
+    assert "4-6 word tokens" in path.with_suffix(".md").read_text()
+    with pytest.raises(ValueError, match="caption-tokens"):
+        cli.main([*common[:-1], "9-3", "--task", "embed-text"], standalone_mode=False)
+
+
+def test_random_batch_caption_lengths():
+    from benchmarks.batches import random_batch
+
+    ids = random_batch(get_config("tiny"), 64, seed=1, words=(4, 6))["input_ids"]
+    lengths = (ids != 0).sum(axis=1) - 2  # less SOT and EOT
+    assert lengths.min() >= 4 and lengths.max() <= 6 and len(set(lengths.tolist())) == 3
+    assert (ids[np.arange(64), lengths + 1] == 49407).all()
