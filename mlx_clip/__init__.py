@@ -4,6 +4,10 @@ from mlx_clip import _blas
 
 _blas.load()  # must precede the first `import mlx.core` anywhere in the process
 
+from mlx_clip import cpu_cache  # noqa: E402  (after the BLAS preload)
+
+cpu_cache.configure()  # CPU builds: keep a training step's freed buffers for the next step (cpu_cache.py says why)
+
 __version__ = "0.1.0"
 
 # Public names, imported on first use so `import mlx_clip.tokenizer` stays light.
