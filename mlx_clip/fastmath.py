@@ -178,32 +178,40 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
     """softmax(q kᵀ · scale + mask) v for (B, H, L, Dh) arrays; `mask` None, "causal" or additive.
 
     On the CPU, as two batched matmuls around the fast softmax (MLX's fused SDPA has no CPU kernel: it composes the
-    same matmuls around a libm-exp softmax, about 3× slower here). Elsewhere the fused kernel (cuDNN / Metal)."""
-    if not _on_cpu():
-        return _fused_attention(q, k, v, scale, mask)
+    same matmuls around a libm-exp softmax, about 3× slower here). Elsewhere the fused kernel (cuDNN / Metal), or what
+    MLXCLIP_GPU_ATTENTION picks (below)."""
+    if _on_cpu():
+        return _matmul_attention(q, k, v, scale, mask, softmax)
+    return _gpu_attention(q, k, v, scale, mask)
+
+
+def _matmul_attention(q, k, v, scale: float, mask, softmax_fn) -> mx.array:
     scores = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, L, L)
     if isinstance(mask, str):
         length = q.shape[-2]
         mask = mx.where(mx.triu(mx.ones((length, length), dtype=mx.bool_), k=1), -mx.inf, 0.0).astype(scores.dtype)
     if mask is not None:
         scores = scores + mask
-    return softmax(scores) @ v
+    return softmax_fn(scores) @ v
 
 
-# Opt-in (issue 7, benchmarks/perf-notes.md): MLX's CUDA SDPA runs its backward through cuDNN only for sequence lengths
-# that are multiples of 128 (CLIP's 77 text / 197 ViT-B-16 tokens are not), else an unfused path. MLXCLIP_SDPA_PAD=1
-# pads q, k, v to the next multiple of 128 when that at most doubles the length (padded keys masked out; padded query
-# rows computed and dropped). Measured on the H100: attention fwd+bwd at 197 tokens 7.0 -> 3.5 ms, ViT-B-16 train
-# +9% img/s, but +27% peak memory (the padded copies are kept for the backward), so it is not the default.
-SDPA_PAD = os.environ.get("MLXCLIP_SDPA_PAD", "0") == "1"
+# GPU attention (issue 7, benchmarks/perf-notes.md). MLX's CUDA SDPA runs its backward through cuDNN only for sequence
+# lengths that are multiples of 128 (CLIP's 50 / 77 / 197 tokens and trimmed text are not), else an unfused path.
+# MLXCLIP_GPU_ATTENTION picks: "sdpa" (default: mx.fast.scaled_dot_product_attention as is); "padded" (q, k, v padded
+# to the next multiple of 128 when that at most doubles the length, padded keys masked out, padded query rows computed
+# and dropped: ViT-B-16 train +9% img/s on the H100 but +27% peak memory); "matmul" (two batched matmuls around MLX's
+# softmax, differentiated by MLX: no fused kernel at all).
+GPU_ATTENTION = os.environ.get("MLXCLIP_GPU_ATTENTION", "sdpa")
 SDPA_BLOCK = 128
 
 
-def _fused_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
+def _gpu_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
+    if GPU_ATTENTION == "matmul":
+        return _matmul_attention(q, k, v, scale, mask, lambda x: mx.softmax(x, axis=-1, precise=True))
     length = q.shape[2]
     padded = -(-length // SDPA_BLOCK) * SDPA_BLOCK
-    if (not SDPA_PAD or padded == length or padded > 2 * length or q.dtype not in (mx.bfloat16, mx.float16)
-            or not (mask is None or isinstance(mask, str))):
+    if (GPU_ATTENTION != "padded" or padded == length or padded > 2 * length
+            or q.dtype not in (mx.bfloat16, mx.float16) or not (mask is None or isinstance(mask, str))):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     widths = [(0, 0), (0, 0), (0, padded - length), (0, 0)]
     q, k, v = (mx.pad(t, widths) for t in (q, k, v))

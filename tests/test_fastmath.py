@@ -122,9 +122,9 @@ def test_attention_gradients_match_fused_kernel():
 @pytest.mark.parametrize("length,causal,pads", [(77, True, True), (70, False, True), (50, False, False)],
                          ids=["text-77-causal", "70-unmasked", "50-not-padded"])
 def test_padded_sdpa_matches_numpy_values_and_gradients(monkeypatch, length, causal, pads):
-    """The opt-in GPU path (MLXCLIP_SDPA_PAD) pads to 128 tokens and masks the padded keys; run here through the same
+    """The opt-in GPU path (MLXCLIP_GPU_ATTENTION=padded) pads to 128 tokens and masks the padded keys; run here through the same
     MLX op so the arithmetic is checked on any device: values and gradients against float64 numpy."""
-    monkeypatch.setattr(fastmath, "SDPA_PAD", True)
+    monkeypatch.setattr(fastmath, "GPU_ATTENTION", "padded")
     calls = []
     real = mx.fast.scaled_dot_product_attention
     monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append(q.shape[2]) or real(q, *a, **kw))
@@ -133,9 +133,9 @@ def test_padded_sdpa_matches_numpy_values_and_gradients(monkeypatch, length, cau
     mask = "causal" if causal else None
 
     def loss(q, k, v):
-        return (fastmath._fused_attention(q, k, v, 0.35, mask).astype(mx.float32) * mx.array(w, mx.float32)).sum()
+        return (fastmath._gpu_attention(q, k, v, 0.35, mask).astype(mx.float32) * mx.array(w, mx.float32)).sum()
 
-    out = np.array(fastmath._fused_attention(*map(mx.array, (q, k, v)), 0.35, mask).astype(mx.float32))
+    out = np.array(fastmath._gpu_attention(*map(mx.array, (q, k, v)), 0.35, mask).astype(mx.float32))
     assert calls[-1] == (128 if pads else length)
     q64, k64, v64 = (a.astype(np.float64) for a in (q, k, v))
     want = _attention(q64, k64, v64, 0.35, causal)
