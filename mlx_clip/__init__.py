@@ -6,7 +6,7 @@ _blas.load()  # must precede the first `import mlx.core` anywhere in the process
 
 from mlx_clip import cpu_cache  # noqa: E402  (after the BLAS preload)
 
-cpu_cache.configure()  # CPU builds: keep a training step's freed buffers for the next step (cpu_cache.py says why)
+cpu_cache.configure()  # CPU builds: MLXCLIP_CPU_CACHE, if set, sizes MLX's buffer cache (cpu_cache.py says why)
 
 __version__ = "0.1.0"
 

@@ -1,14 +1,15 @@
-"""MLX's CPU buffer cache, sized for training rather than MLX's 32 MB default.
+"""MLX's CPU buffer cache, opt-in larger than MLX's 32 MB default (MLXCLIP_CPU_CACHE).
 
 MLX's CPU allocator keeps freed buffers for reuse only up to its cache limit (32 MB unless set); past it, buffers go
-back to `malloc`, which hands large blocks back to the OS, so the next step faults every page in again (the kernel
-zero-fills each one). A ViT-B/32 training step frees and re-allocates about one parameter set's worth of buffers
-(~600 MB): at the default limit that was 150k page faults and 0.7 s of kernel time per step, batch-16 step 7.4 s ->
-5.4 s with the cache raised (benchmarks/perf-notes.md). The cache never holds more than what was in use at the peak,
-so the raise costs no peak memory; it only keeps that memory mapped between steps.
+back to `malloc`, which hands large blocks back to the OS, so the next step faults the pages in again (the kernel
+zero-fills each one). A ViT-B/32 training step frees and re-allocates about one parameter set's worth of buffers: at
+the default limit 150k page faults per batch-16 step. With MLXCLIP_CPU_CACHE=2GB they are gone, but measured A/B in
+alternating processes the step got only 1-3% faster (5.31 -> 5.24 s, 5.14 -> 4.97 s) while peak RSS rose from 3.26 to
+4.15 GiB, because cached buffers of one size cannot serve a request of another. So it is off by default
+(benchmarks/perf-notes.md, change 9).
 
-MLXCLIP_CPU_CACHE sets the limit ("4GB", "800MB", bytes; "0" keeps MLX's default); by default a quarter of RAM.
-A limit the program already set itself (anything but MLX's default) is left alone. GPU builds are untouched: their
+MLXCLIP_CPU_CACHE sets the limit at `import mlx_clip` ("2GB", "800MB", bytes; unset or "0" keeps MLX's default). A
+limit the program already set itself (anything but MLX's default) is left alone. GPU builds are untouched: their
 allocators already cache up to the memory limit.
 """
 
@@ -20,7 +21,6 @@ import warnings
 import mlx.core as mx
 
 MLX_CPU_DEFAULT = 32 << 20  # mlx/backend/common allocator's cache_limit_
-RAM_FRACTION = 0.25
 
 
 def _cpu_only_build() -> bool:
@@ -28,18 +28,9 @@ def _cpu_only_build() -> bool:
     return not mx.metal.is_available() and not (gpu is not None and gpu.is_available())
 
 
-def _ram_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
-
-
 def wanted_limit() -> int:
     text = os.environ.get("MLXCLIP_CPU_CACHE", "").strip()
-    if not text:
-        return int(RAM_FRACTION * _ram_bytes())
-    if text in ("0", "none", "default"):
+    if text in ("", "0", "none", "default"):
         return MLX_CPU_DEFAULT
     from mlx_clip.memory import parse_bytes  # only when asked: memory.py pulls in mlx.nn
 
@@ -50,14 +41,15 @@ def wanted_limit() -> int:
 
 
 def configure() -> int | None:
-    """Raise the CPU cache limit once (see the module docstring); returns the limit now in force, None on a GPU build."""
+    """Set the CPU cache limit asked for (see the module docstring); returns the limit now in force, None on a GPU
+    build."""
     if not _cpu_only_build():
         return None
     try:
         limit = wanted_limit()
     except ValueError as exc:  # at import time: say so and go on with the default rather than fail every command
-        warnings.warn(f"{exc}; using a quarter of RAM", stacklevel=2)
-        limit = int(RAM_FRACTION * _ram_bytes())
+        warnings.warn(f"{exc}; keeping MLX's default", stacklevel=2)
+        limit = MLX_CPU_DEFAULT
     previous = mx.set_cache_limit(limit)
     if previous != MLX_CPU_DEFAULT:  # the program chose its own limit before importing us: keep it
         mx.set_cache_limit(previous)

@@ -1,4 +1,4 @@
-"""mlx_clip.cpu_cache: MLX's CPU buffer cache raised at import, so a training step's freed buffers are reused."""
+"""mlx_clip.cpu_cache: MLX's CPU buffer cache, sized at import by MLXCLIP_CPU_CACHE."""
 
 import json
 import os
@@ -39,18 +39,18 @@ def probe(env=None, before=""):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_default_limit_is_a_quarter_of_ram_and_stops_page_faults():
-    raised = probe({"MLXCLIP_CPU_CACHE": ""})
-    kept = probe({"MLXCLIP_CPU_CACHE": "0"})
-    assert raised["limit"] == int(cpu_cache.RAM_FRACTION * cpu_cache._ram_bytes())
-    assert kept["limit"] == cpu_cache.MLX_CPU_DEFAULT
+def test_a_raised_limit_stops_page_faults_and_the_default_is_mlx_s():
+    raised = probe({"MLXCLIP_CPU_CACHE": "1GB"})
+    kept = probe({"MLXCLIP_CPU_CACHE": ""})
+    assert raised["limit"] == 10**9
+    assert kept["limit"] == cpu_cache.MLX_CPU_DEFAULT == probe({"MLXCLIP_CPU_CACHE": "0"})["limit"]
     # 5 rounds of a 64 MB buffer: at MLX's default limit each is a fresh mapping (16k faults a round); cached, none.
     assert kept["faults"] > 5 * 8000 and raised["faults"] < 1000
 
 
 def test_explicit_sizes_and_a_program_s_own_limit():
     assert probe({"MLXCLIP_CPU_CACHE": "800MB"})["limit"] == 800 * 10**6
-    own = probe({"MLXCLIP_CPU_CACHE": ""}, before="import mlx.core as mx; mx.set_cache_limit(12345)")
+    own = probe({"MLXCLIP_CPU_CACHE": "1GB"}, before="import mlx.core as mx; mx.set_cache_limit(12345)")
     assert own["limit"] == 12345  # set before mlx_clip was imported: left alone
 
 
@@ -61,6 +61,6 @@ def test_bad_size_names_the_variable(monkeypatch):
     previous = mx.set_cache_limit(cpu_cache.MLX_CPU_DEFAULT)  # as if nothing had set it yet
     try:
         with pytest.warns(UserWarning, match="MLXCLIP_CPU_CACHE"):
-            assert cpu_cache.configure() == int(cpu_cache.RAM_FRACTION * cpu_cache._ram_bytes())
+            assert cpu_cache.configure() == cpu_cache.MLX_CPU_DEFAULT
     finally:
         mx.set_cache_limit(previous)
