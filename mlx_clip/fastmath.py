@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -201,7 +202,12 @@ def _matmul_attention(q, k, v, scale: float, mask, softmax_fn) -> mx.array:
 # to the next multiple of 128 when that at most doubles the length, padded keys masked out, padded query rows computed
 # and dropped: ViT-B-16 train +9% img/s on the H100 but +27% peak memory); "matmul" (two batched matmuls around MLX's
 # softmax, differentiated by MLX: no fused kernel at all).
-GPU_ATTENTION = os.environ.get("MLXCLIP_GPU_ATTENTION", "sdpa")
+GPU_ATTENTION_MODES = ("sdpa", "padded", "matmul")
+GPU_ATTENTION = os.environ.get("MLXCLIP_GPU_ATTENTION", "sdpa").strip().lower() or "sdpa"
+if GPU_ATTENTION not in GPU_ATTENTION_MODES:
+    warnings.warn(f"MLXCLIP_GPU_ATTENTION={GPU_ATTENTION!r}: expected one of {', '.join(GPU_ATTENTION_MODES)}; "
+                  "using sdpa", stacklevel=2)
+    GPU_ATTENTION = "sdpa"
 SDPA_BLOCK = 128
 
 

@@ -66,6 +66,25 @@ def test_doctor_json():
     assert info["torch"]["available"] is True and info["torch"]["version"] == torch.__version__
 
 
+def test_doctor_reports_the_cache_and_attention_settings():
+    env = {**os.environ, "MLXCLIP_CPU_CACHE": "1GB", "MLXCLIP_GPU_ATTENTION": "matmul"}
+    proc = subprocess.run([sys.executable, "-m", "mlx_clip", "doctor", "--json", "--no-bench"], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["gpu_attention"] == "matmul"
+    if info["device"].startswith("Device(cpu"):  # CPU builds take the cache size from the variable
+        assert info["cache_limit_bytes"] == 10**9
+
+
+def test_unknown_gpu_attention_mode_is_named_and_ignored():
+    env = {**os.environ, "MLXCLIP_GPU_ATTENTION": "flash"}
+    proc = subprocess.run([sys.executable, "-m", "mlx_clip", "doctor", "--json", "--no-bench"], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and "MLXCLIP_GPU_ATTENTION='flash': expected one of sdpa, padded, matmul" in proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["gpu_attention"] == "sdpa"
+
+
 def test_python_m_help():
     proc = subprocess.run([sys.executable, "-m", "mlx_clip", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
