@@ -57,6 +57,11 @@ def fixed_batches(config: CLIPConfig, batch: int, n_batches: int, seed: int = 0)
     return out
 
 
+DEFAULT_CAPTIONS = "3 to context - 3"  # random_batch's word tokens per caption when none are asked for
+CAPTION_HELP = (f"Word tokens per caption: N, or A-B drawn uniformly (default {DEFAULT_CAPTIONS}). Both backends get the "
+                "same 77-token rows; MLX cuts the padding after the batch's longest caption, as the product does.")
+
+
 def parse_caption_tokens(spec: str | None) -> tuple[int, int] | None:
     """"A-B" (word tokens per caption drawn uniformly from A..B) or "N" (every caption N); None/"" -> the default."""
     if not spec:

@@ -16,14 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.batches import parse_caption_tokens
+from benchmarks.batches import CAPTION_HELP, parse_caption_tokens
 from benchmarks.bench_report import ratio_lines, write_report
 from benchmarks.workloads_mlx import MODES, TASKS
 
 BACKENDS = ("mlx", "torch")
 LATENCY_TASKS = ("embed-image", "embed-text")  # also timed at batch 1: the latency of one request
-CAPTION_HELP = ("Word tokens per caption: N, or A-B drawn uniformly (default 3 to context - 3). Both backends get the "
-                "same 77-token rows; MLX cuts the padding after the batch's longest caption, as the product does.")
 
 
 def resolve_device(name: str = "auto") -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from benchmarks.batches import DEFAULT_CAPTIONS
+
 SERIES = [("mlx", "eager"), ("mlx", "compiled"), ("torch", "eager"), ("torch", "compiled")]
 LABELS = {("mlx", "eager"): "MLX eager", ("mlx", "compiled"): "MLX mx.compile",
           ("torch", "eager"): "torch eager", ("torch", "compiled"): "torch.compile"}
@@ -49,8 +51,7 @@ def ratio_lines(records: list[dict]) -> list[str]:
 
 
 def _captions(records: list[dict]) -> str:
-    specs = sorted({str(r.get("caption_tokens") or "3 to context - 3") for r in records})
-    return ", ".join(specs) or "3 to context - 3"
+    return ", ".join(sorted({str(r.get("caption_tokens") or DEFAULT_CAPTIONS) for r in records})) or DEFAULT_CAPTIONS
 
 
 def markdown(records: list[dict], machine: dict, title: str, failures: list[str]) -> str:

@@ -40,6 +40,13 @@ def wanted_limit() -> int:
         raise ValueError(f"MLXCLIP_CPU_CACHE: {exc}") from None
 
 
+def current_limit() -> int:
+    """The cache limit in force (MLX has no getter: read by setting, then put back)."""
+    limit = mx.set_cache_limit(0)
+    mx.set_cache_limit(limit)
+    return limit
+
+
 def configure() -> int | None:
     """Set the CPU cache limit asked for (see the module docstring); returns the limit now in force, None on a GPU
     build."""

@@ -41,20 +41,10 @@ def torch_info() -> dict:
     return {"available": True, "version": torch.__version__, "device": device, "open_clip": _version("open_clip_torch")}
 
 
-def _cache_limit(mx) -> int:
-    limit = mx.set_cache_limit(0)  # MLX has no getter: read by setting, then put it back
-    mx.set_cache_limit(limit)
-    return limit
-
-
-def _gpu_attention() -> str:
-    from mlx_clip import fastmath
-
-    return fastmath.GPU_ATTENTION
-
-
 def report(measure: bool = True) -> dict:
     import mlx.core as mx
+
+    from mlx_clip import cpu_cache, fastmath
 
     info = {
         "python": platform.python_version(),
@@ -62,8 +52,8 @@ def report(measure: bool = True) -> dict:
         "mlx": mx.__version__,
         "device": str(mx.default_device()),
         "blas": _blas.LOADED or f"bundled ({_blas.REASON})",
-        "cache_limit_bytes": _cache_limit(mx),  # MLXCLIP_CPU_CACHE on CPU builds (mlx_clip/cpu_cache.py)
-        "gpu_attention": _gpu_attention(),  # MLXCLIP_GPU_ATTENTION (mlx_clip/fastmath.py)
+        "cache_limit_bytes": cpu_cache.current_limit(),  # MLXCLIP_CPU_CACHE on CPU builds
+        "gpu_attention": fastmath.GPU_ATTENTION,  # MLXCLIP_GPU_ATTENTION
         "torch": torch_info(),
     }
     if measure:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
-from mlx_clip.eval import encode_images
-from mlx_clip.tokenizer import trim_padding
+from mlx_clip.eval import encode_images, encode_texts
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -36,11 +34,7 @@ def embed_images(model, preprocess, paths, batch_size: int = 32) -> np.ndarray:
 
 
 def embed_texts(model, tokenizer, texts, batch_size: int = 256) -> np.ndarray:
-    out = []
-    for i in range(0, len(texts), batch_size):
-        ids = trim_padding(tokenizer(texts[i : i + batch_size]))
-        out.append(np.array(model.encode_text(ids, normalize=True).astype(mx.float32)))
-    return np.concatenate(out) if out else np.zeros((0, model.config.projection_dim), np.float32)
+    return encode_texts(model, tokenizer, list(texts), batch_size)
 
 
 def embed_to_npz(model, tokenizer, preprocess, images=(), texts_file=None, out="embeddings.npz", batch_size=32) -> dict:

@@ -94,7 +94,8 @@ class Engine:
             self._run("text", list(self.tokenizer.tokenize_numpy(["warm up"] * n)))
 
     def _run(self, kind: str, items: list) -> np.ndarray:
-        x = mx.array(np.stack(items) if kind == "image" else trim_padding(np.stack(items)))
+        batch = np.stack(items)
+        x = mx.array(batch if kind == "image" else trim_padding(batch))
         encode = self.model.encode_image if kind == "image" else self.model.encode_text
         return np.array(encode(x, normalize=True).astype(mx.float32))
 
