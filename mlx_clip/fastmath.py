@@ -17,6 +17,8 @@ import warnings
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_clip import gpu_attention
+
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -175,6 +177,28 @@ def _softmax_vjp(x, cotangent, output):
     return output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True))
 
 
+def split_heads(x: mx.array, heads: int) -> mx.array:
+    """(B, L, heads·Dh) -> (B, heads, L, Dh)."""
+    batch, length, _ = x.shape
+    return x.reshape(batch, length, heads, -1).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: mx.array) -> mx.array:
+    """(B, heads, L, Dh) -> (B, L, heads·Dh)."""
+    batch, heads, length, _ = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(batch, length, -1)
+
+
+def token_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float, mask=None) -> mx.array:
+    """Attention over `heads` heads of (B, L, heads·Dh) projections, returned as (B, L, heads·Dh).
+
+    On CUDA the fused short-sequence kernels of mlx_clip.gpu_attention take it when they apply (MLXCLIP_GPU_ATTENTION
+    "fused"); they read the projections' layout directly. Otherwise the heads are split off and `attention` runs."""
+    if GPU_ATTENTION == "fused" and gpu_attention.supported(q, heads, scale, mask):
+        return gpu_attention.fused(heads, isinstance(mask, str))(q, k, v)
+    return merge_heads(attention(*(split_heads(t, heads) for t in (q, k, v)), scale=scale, mask=mask))
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
     """softmax(q kᵀ · scale + mask) v for (B, H, L, Dh) arrays; `mask` None, "causal" or additive.
 
@@ -198,16 +222,18 @@ def _matmul_attention(q, k, v, scale: float, mask, softmax_fn) -> mx.array:
 
 # GPU attention (issue 7, benchmarks/perf-notes.md). MLX's CUDA SDPA runs its backward through cuDNN only for sequence
 # lengths that are multiples of 128 (CLIP's 50 / 77 / 197 tokens and trimmed text are not), else an unfused path.
-# MLXCLIP_GPU_ATTENTION picks: "sdpa" (default: mx.fast.scaled_dot_product_attention as is); "padded" (q, k, v padded
-# to the next multiple of 128 when that at most doubles the length, padded keys masked out, padded query rows computed
-# and dropped: ViT-B-16 train +9% img/s on the H100 but +27% peak memory); "matmul" (two batched matmuls around MLX's
+# MLXCLIP_GPU_ATTENTION picks: "fused" (default: mlx_clip.gpu_attention's kernels for bf16 sequences of at most 64
+# tokens with head width 64 (ViT-B/32 images, trimmed text): attention fwd+bwd 2x faster, the ViT-B/32 step ~10%;
+# longer sequences take sdpa); "sdpa" (mx.fast.scaled_dot_product_attention as is); "padded" (q, k, v padded to the
+# next multiple of 128 when that at most doubles the length, padded keys masked out, padded query rows computed and
+# dropped: ViT-B-16 train +9-15% img/s on the H100 but +20-27% peak memory); "matmul" (two batched matmuls around MLX's
 # softmax, differentiated by MLX: no fused kernel at all).
-GPU_ATTENTION_MODES = ("sdpa", "padded", "matmul")
-GPU_ATTENTION = os.environ.get("MLXCLIP_GPU_ATTENTION", "sdpa").strip().lower() or "sdpa"
+GPU_ATTENTION_MODES = ("sdpa", "padded", "matmul", "fused")
+GPU_ATTENTION = os.environ.get("MLXCLIP_GPU_ATTENTION", "fused").strip().lower() or "fused"
 if GPU_ATTENTION not in GPU_ATTENTION_MODES:
     warnings.warn(f"MLXCLIP_GPU_ATTENTION={GPU_ATTENTION!r}: expected one of {', '.join(GPU_ATTENTION_MODES)}; "
-                  "using sdpa", stacklevel=2)
-    GPU_ATTENTION = "sdpa"
+                  "using fused", stacklevel=2)
+    GPU_ATTENTION = "fused"
 SDPA_BLOCK = 128
 
 

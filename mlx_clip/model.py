@@ -34,13 +34,13 @@ class Attention(nn.Module):
         self.chunk = 0  # > 0: attention in chunks of this many tokens, same output with less memory (mlx_clip.memory)
 
     def __call__(self, x: mx.array, mask=None) -> mx.array:
-        B, L, D = x.shape
-        heads = [p(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3) for p in (self.q_proj, self.k_proj, self.v_proj)]
+        q, k, v = (p(x) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, L, D)
         if self.chunk:
-            out = sliced_attention(*heads, scale=self.scale, mask=mask, chunk=self.chunk)  # (B, H, L, Dh)
+            heads = (fastmath.split_heads(t, self.num_heads) for t in (q, k, v))
+            out = fastmath.merge_heads(sliced_attention(*heads, scale=self.scale, mask=mask, chunk=self.chunk))
         else:
-            out = fastmath.attention(*heads, scale=self.scale, mask=mask)  # (B, H, L, Dh)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
+            out = fastmath.token_attention(q, k, v, self.num_heads, self.scale, mask)
+        return self.out_proj(out)
 
 
 class MLP(nn.Module):

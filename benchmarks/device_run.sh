@@ -1,0 +1,18 @@
+#!/bin/bash
+# Issue 7 measurements on a lent CUDA machine (../shared/docs/GPU.md stages the wheels into /tmp/site first).
+# Usage there: bash benchmarks/device_run.sh STEP...   (steps below; each writes its output under $OUT)
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+BENCH="python3 -m benchmarks.bench --backend mlx,torch --task train --mode compiled --batch 256 --dtype bfloat16 --device cuda --runs 10 --warmup 3 --caption-tokens 5-30"
+for step in "$@"; do
+  case $step in
+    tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_attention.py 2>&1 | tail -40 | tee $OUT/gpu-tests.txt ;;
+    modes) timeout 240 python3 -m benchmarks.attention_modes 2>&1 | tee $OUT/attention-modes.txt ;;
+    b32) MLXCLIP_GPU_ATTENTION=fused timeout 300 $BENCH --arch ViT-B-32 --out $OUT/b32-fused 2>&1 | tail -25 ;;
+    b32-sdpa) timeout 240 ${BENCH/mlx,torch/mlx} --arch ViT-B-32 --out $OUT/b32-sdpa 2>&1 | tail -15 ;;
+    b16) MLXCLIP_GPU_ATTENTION=fused timeout 300 $BENCH --arch ViT-B-16 --out $OUT/b16-fused 2>&1 | tail -25 ;;
+    ab32) timeout 400 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --variants sdpa,fused 2>&1 | tee $OUT/ab32.txt ;;
+    scale) for b in 64 128; do timeout 200 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --batch $b --variants sdpa,fused --rounds 6 2>&1 | tail -2; done | tee $OUT/scale.txt ;;
+    ab16) timeout 400 python3 -m benchmarks.gpu_ab --arch ViT-B-16 --variants sdpa,fused,padded 2>&1 | tee $OUT/ab16.txt ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
