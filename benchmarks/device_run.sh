@@ -13,6 +13,7 @@ for step in "$@"; do
     ab32) timeout 400 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --variants sdpa,fused 2>&1 | tee $OUT/ab32.txt ;;
     scale) for b in 64 128; do timeout 200 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --batch $b --variants sdpa,fused --rounds 6 2>&1 | tail -2; done | tee $OUT/scale.txt ;;
     ab16) timeout 400 python3 -m benchmarks.gpu_ab --arch ViT-B-16 --variants sdpa,fused,padded 2>&1 | tee $OUT/ab16.txt ;;
+    tree-ab) for r in 1 2 3; do for t in ab_old .; do echo "tree $t"; PYTHONPATH=/tmp/site:$PWD/$t:$PWD timeout 150 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --variants fused --rounds 8 2>&1 | tail -1; done; done | tee $OUT/tree-ab.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

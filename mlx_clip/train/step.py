@@ -10,7 +10,6 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_clip.losses import accumulated_value_and_grad, combined_loss, parse_loss_spec
 from mlx_clip.train import distributed as dist
-from mlx_clip.train.cpu_streams import Spread
 from mlx_clip.train.distributed import average_gradients, global_batch
 from mlx_clip.train.optim import clamp_logit_scale
 
@@ -162,8 +161,10 @@ def _assign(target, source) -> None:
 
 
 def _global_norm(grads) -> mx.array:
-    spread, squares = Spread(), []
+    # Each array's sum of squares as one dot product: one kernel and one read of the gradient, where square-then-sum
+    # is two kernels and writes a squared copy (BLAS spreads the dot over the CPU's cores).
+    squares = []
     for _, g in tree_flatten(grads):
-        with spread.stream_for(g.size):  # the per-array sums run on all CPU cores (cpu_streams.py)
-            squares.append(mx.sum(mx.square(g.astype(mx.float32))))
+        flat = g.reshape(-1).astype(mx.float32)
+        squares.append(flat @ flat)
     return mx.sqrt(sum(squares))
