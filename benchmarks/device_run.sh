@@ -1,6 +1,7 @@
 #!/bin/bash
 # Issue 7 measurements on a lent CUDA machine (../shared/docs/GPU.md stages the wheels into /tmp/site first).
 # Usage there: bash benchmarks/device_run.sh STEP...   (steps below; each writes its output under $OUT)
+# tree-ab compares against ab_old/, made here first: mkdir ab_old && git archive BASE mlx_clip | tar -x -C ab_old
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 BENCH="python3 -m benchmarks.bench --backend mlx,torch --task train --mode compiled --batch 256 --dtype bfloat16 --device cuda --runs 10 --warmup 3 --caption-tokens 5-30"
 for step in "$@"; do

@@ -11,7 +11,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_clip import fastmath
+from mlx_clip import fastmath, mlp_block
 from mlx_clip.config import CLIPConfig, TextConfig, VisionConfig
 from mlx_clip.memory import checkpointed, sliced_attention
 from mlx_clip.resolution import drop_patches, resample_position_embedding
@@ -66,7 +66,10 @@ class EncoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, mask=None) -> mx.array:
         x = x + self.self_attn(self.layer_norm1(x), mask)
-        return x + self.mlp(self.layer_norm2(x))
+        norm, fc1, fc2 = self.layer_norm2, self.mlp.fc1, self.mlp.fc2
+        if mlp_block.applies(norm, fc1, fc2):  # same numbers, fewer activations kept for the backward pass
+            return x + mlp_block.mlp_block(norm, fc1, fc2, self.mlp.activation, x)
+        return x + self.mlp(norm(x))
 
 
 class Encoder(nn.Module):

@@ -1,0 +1,60 @@
+"""LayerNorm -> fc1 -> activation -> fc2 with a hand-written backward that keeps two arrays, not five (issue 7).
+
+Differentiated by MLX, the pre-norm MLP keeps its input x, the normalised y (fc1's input), the hidden pre-activation
+h, the activation a (fc2's input) and whatever the activation's own backward holds: about 10 activations of
+(tokens x width) per layer, a third of a training step's activation memory. Here only x and h are kept; the backward
+recomputes y = LayerNorm(x) and a = act(h), two cheap elementwise passes, the way torch.compile's recomputation does.
+The matmuls are the same ones MLX's autodiff would run, so the gradients agree to rounding (tests/test_mlp_block.py).
+
+Used when the block's Linear layers are plain, trainable nn.Linear (LoRA, quantized or frozen layers take the
+ordinary path: a frozen weight needs no gradient matmul).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def applies(norm: nn.Module, fc1: nn.Module, fc2: nn.Module) -> bool:
+    return (type(norm) is nn.LayerNorm and type(fc1) is nn.Linear and type(fc2) is nn.Linear
+            and "bias" in fc1 and "bias" in fc2 and "weight" in norm and "bias" in norm
+            and all(len(m.trainable_parameters()) == len(m.parameters()) for m in (norm, fc1, fc2)))
+
+
+def mlp_block(norm: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear, activation, x: mx.array) -> mx.array:
+    """fc2(activation(fc1(norm(x)))) for (..., D) inputs."""
+    fn = _block(activation, norm.eps)
+    return fn(x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias)[0]
+
+
+@lru_cache(maxsize=None)
+def _block(activation, eps: float):
+    def layer_norm(x, w, b):
+        return mx.fast.layer_norm(x, w, b, eps)
+
+    @mx.custom_function
+    def block(x, ln_w, ln_b, w1, b1, w2, b2):
+        h = mx.addmm(b1, layer_norm(x, ln_w, ln_b), w1.T)
+        return mx.addmm(b2, activation(h), w2.T), h  # h is returned so the backward gets it without recomputing
+
+    @block.vjp
+    def block_vjp(primals, cotangents, outputs):
+        x, ln_w, ln_b, w1, b1, w2, b2 = primals
+        g, h = cotangents[0], outputs[1]
+        rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (tokens of every batch row as one matrix)
+        a, (dh,) = _value_and_vjp(activation, h, g @ w2)
+        y = layer_norm(x, ln_w, ln_b)
+        dw2, db2 = rows(g).T @ rows(a), rows(g).sum(axis=0)
+        dw1, db1 = rows(dh).T @ rows(y), rows(dh).sum(axis=0)
+        _, (dx, d_ln_w, d_ln_b) = mx.vjp(layer_norm, [x, ln_w, ln_b], [dh @ w1])
+        return dx, d_ln_w, d_ln_b, dw1, db1.astype(b1.dtype), dw2, db2.astype(b2.dtype)
+
+    return block
+
+
+def _value_and_vjp(fn, x: mx.array, cotangent: mx.array):
+    (value,), grads = mx.vjp(fn, [x], [cotangent])
+    return value, grads

@@ -1,0 +1,58 @@
+"""mlx_clip.mlp_block (pre-norm MLP with a hand-written, recomputing backward) against MLX's autodiff of the same
+layers: value and every gradient, both activations, compiled or not; and which layers take it."""
+
+import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_clip import fastmath, mlp_block
+from mlx_clip.train.lora import LoRALinear
+
+
+def _layers(seed=0, dims=24, hidden=96):
+    mx.random.seed(seed)
+    norm, fc1, fc2 = nn.LayerNorm(dims), nn.Linear(dims, hidden), nn.Linear(hidden, dims)
+    norm.weight = mx.random.normal((dims,)) * 0.2 + 1
+    norm.bias = mx.random.normal((dims,)) * 0.1
+    return norm, fc1, fc2
+
+
+@pytest.mark.parametrize("activation", [fastmath.gelu, fastmath.quick_gelu], ids=["gelu", "quick_gelu"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_block_matches_autodiff(activation, compiled):
+    norm, fc1, fc2 = _layers()
+    x = mx.random.normal((3, 7, 24), key=mx.random.key(1))
+    w = mx.random.normal((3, 7, 24), key=mx.random.key(2))
+    modules = {"norm": norm, "fc1": fc1, "fc2": fc2}
+    params = {k: m.parameters() for k, m in modules.items()}
+
+    def loss(block):
+        def f(params, x):
+            for k, m in modules.items():
+                m.update(params[k])
+            out = mlp_block.mlp_block(norm, fc1, fc2, activation, x) if block else fc2(activation(fc1(norm(x))))
+            return (out * w).sum()
+        f = mx.value_and_grad(f, argnums=(0, 1))
+        return mx.compile(f) if compiled else f
+
+    (got, (got_p, got_x)), (want, (want_p, want_x)) = loss(True)(params, x), loss(False)(params, x)
+    for m, p in zip(modules.values(), params.values()):
+        m.update(p)
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    np.testing.assert_allclose(np.array(got_x), np.array(want_x), rtol=1e-4, atol=1e-5)
+    for (name, a), (_, b) in zip(tree_flatten(got_p), tree_flatten(want_p)):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_only_plain_trainable_layers_take_it():
+    norm, fc1, fc2 = _layers()
+    assert mlp_block.applies(norm, fc1, fc2)
+    fc1.freeze()
+    assert not mlp_block.applies(norm, fc1, fc2)  # a frozen weight needs no gradient matmul: the ordinary path
+    fc1.unfreeze()
+    assert not mlp_block.applies(norm, LoRALinear(fc1, rank=4), fc2)
+    assert not mlp_block.applies(norm, nn.QuantizedLinear.from_linear(nn.Linear(64, 96)), fc2)
