@@ -1,4 +1,4 @@
-"""Spread memory-bound work with no matmul in it (the optimizer update, the gradient norm) over the CPU's cores.
+"""Spread memory-bound work with no matmul in it (the optimizer update) over the CPU's cores.
 
 MLX runs every elementwise kernel and reduction of one stream on one thread; only BLAS is multi-threaded. Independent
 work placed on several CPU streams runs on several threads at once (measured 1.8x on an elementwise chain on 2 cores).
