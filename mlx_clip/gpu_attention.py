@@ -101,6 +101,56 @@ __device__ inline void softmax_rows(float* s, bf16* p, int r0, int L, int cols, 
     }
   }
 }
+
+// The three warp-level products, each writing a 16-row stripe (rows r0..r0+15) of fp32 staging (LDF stride);
+// `nt` 16-wide tiles span the sequence. a, b are bf16 tiles with LDH stride.
+// out[r0.., 0:16nt] = a[r0.., 0:64] . b[0:16nt, 0:64]^T          (scores q k^T, dp = dout v^T)
+__device__ inline void rows_times_transposed(const bf16* a, const bf16* b, float* out, int r0, int nt) {
+  for (int j = 0; j < nt; ++j) {
+    FragC acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int d = 0; d < 4; ++d) {
+      FragA x;
+      FragBT y;
+      wmma::load_matrix_sync(x, a + r0 * LDH + 16 * d, LDH);
+      wmma::load_matrix_sync(y, b + 16 * j * LDH + 16 * d, LDH);
+      wmma::mma_sync(acc, x, y, acc);
+    }
+    wmma::store_matrix_sync(out + r0 * LDF + 16 * j, acc, LDF, wmma::mem_row_major);
+  }
+}
+
+// out[r0.., 0:64] = a[r0.., 0:16nt] . b[0:16nt, 0:64]             (o = p v, dq = ds k)
+__device__ inline void rows_times(const bf16* a, const bf16* b, float* out, int r0, int nt) {
+  for (int j = 0; j < 4; ++j) {
+    FragC acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int t = 0; t < nt; ++t) {
+      FragA x;
+      FragB y;
+      wmma::load_matrix_sync(x, a + r0 * LDH + 16 * t, LDH);
+      wmma::load_matrix_sync(y, b + 16 * t * LDH + 16 * j, LDH);
+      wmma::mma_sync(acc, x, y, acc);
+    }
+    wmma::store_matrix_sync(out + r0 * LDF + 16 * j, acc, LDF, wmma::mem_row_major);
+  }
+}
+
+// out[r0.., 0:64] = a[0:16nt, r0..]^T . b[0:16nt, 0:64]            (dk = ds^T q, dv = p^T dout)
+__device__ inline void columns_times(const bf16* a, const bf16* b, float* out, int r0, int nt) {
+  for (int j = 0; j < 4; ++j) {
+    FragC acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int t = 0; t < nt; ++t) {
+      FragAT x;
+      FragB y;
+      wmma::load_matrix_sync(x, a + 16 * t * LDH + r0, LDH);
+      wmma::load_matrix_sync(y, b + 16 * t * LDH + 16 * j, LDH);
+      wmma::mma_sync(acc, x, y, acc);
+    }
+    wmma::store_matrix_sync(out + r0 * LDF + 16 * j, acc, LDF, wmma::mem_row_major);
+  }
+}
 }  // namespace mlxclip_attention
 """
 
@@ -120,33 +170,11 @@ _FORWARD = r"""
   __syncthreads();
   if (warp >= NT) return;
   const int r0 = 16 * warp;
-  for (int j = 0; j < NT; ++j) {  // s = q k^T
-    FragC acc;
-    wmma::fill_fragment(acc, 0.0f);
-    for (int d = 0; d < 4; ++d) {
-      FragA a;
-      FragBT bt;
-      wmma::load_matrix_sync(a, qs + r0 * LDH + 16 * d, LDH);
-      wmma::load_matrix_sync(bt, ks + 16 * j * LDH + 16 * d, LDH);
-      wmma::mma_sync(acc, a, bt, acc);
-    }
-    wmma::store_matrix_sync(sf + r0 * LDF + 16 * j, acc, LDF, wmma::mem_row_major);
-  }
+  rows_times_transposed(qs, ks, sf, r0, NT);  // s = q k^T
   __syncwarp();
   softmax_rows(sf, qs, r0, L, 16 * NT, CAUSAL, false, lane);
   __syncwarp();
-  for (int j = 0; j < 4; ++j) {  // o = p v
-    FragC acc;
-    wmma::fill_fragment(acc, 0.0f);
-    for (int t = 0; t < NT; ++t) {
-      FragA a;
-      FragB bm;
-      wmma::load_matrix_sync(a, qs + r0 * LDH + 16 * t, LDH);
-      wmma::load_matrix_sync(bm, vs + 16 * t * LDH + 16 * j, LDH);
-      wmma::mma_sync(acc, a, bm, acc);
-    }
-    wmma::store_matrix_sync(sf + r0 * LDF + 16 * j, acc, LDF, wmma::mem_row_major);
-  }
+  rows_times(qs, vs, sf, r0, NT);  // o = p v
   __syncwarp();
   store_rows(sf, o, b, h, L, H, r0, 1.0f, lane);
 """
@@ -172,23 +200,8 @@ _BACKWARD = r"""
   __syncthreads();
   const int r0 = 16 * warp;
   if (warp < NT) {
-    for (int j = 0; j < NT; ++j) {  // s = q k^T, dp = dout v^T
-      FragC s, dp;
-      wmma::fill_fragment(s, 0.0f);
-      wmma::fill_fragment(dp, 0.0f);
-      for (int d = 0; d < 4; ++d) {
-        FragA a;
-        FragBT bt;
-        wmma::load_matrix_sync(a, qs + r0 * LDH + 16 * d, LDH);
-        wmma::load_matrix_sync(bt, ks + 16 * j * LDH + 16 * d, LDH);
-        wmma::mma_sync(s, a, bt, s);
-        wmma::load_matrix_sync(a, gs + r0 * LDH + 16 * d, LDH);
-        wmma::load_matrix_sync(bt, vs + 16 * j * LDH + 16 * d, LDH);
-        wmma::mma_sync(dp, a, bt, dp);
-      }
-      wmma::store_matrix_sync(pf + r0 * LDF + 16 * j, s, LDF, wmma::mem_row_major);
-      wmma::store_matrix_sync(dpf + r0 * LDF + 16 * j, dp, LDF, wmma::mem_row_major);
-    }
+    rows_times_transposed(qs, ks, pf, r0, NT);  // s = q k^T
+    rows_times_transposed(gs, vs, dpf, r0, NT);  // dp = dout v^T
     __syncwarp();
     softmax_rows(pf, ph, r0, L, 16 * NT, CAUSAL, true, lane);
     __syncwarp();
@@ -207,40 +220,14 @@ _BACKWARD = r"""
       }
     }
     __syncwarp();
-    for (int j = 0; j < 4; ++j) {  // dq = ds k
-      FragC acc;
-      wmma::fill_fragment(acc, 0.0f);
-      for (int t = 0; t < NT; ++t) {
-        FragA a;
-        FragB bm;
-        wmma::load_matrix_sync(a, dsh + r0 * LDH + 16 * t, LDH);
-        wmma::load_matrix_sync(bm, ks + 16 * t * LDH + 16 * j, LDH);
-        wmma::mma_sync(acc, a, bm, acc);
-      }
-      wmma::store_matrix_sync(dpf + r0 * LDF + 16 * j, acc, LDF, wmma::mem_row_major);
-    }
+    rows_times(dsh, ks, dpf, r0, NT);  // dq = ds k
     __syncwarp();
     store_rows(dpf, dq, b, h, L, H, r0, SCALE, lane);
   }
   __syncthreads();  // dk and dv read every query row of ds and p
   if (warp >= NT) return;
-  for (int j = 0; j < 4; ++j) {  // dk = ds^T q, dv = p^T dout, for key rows [r0, r0 + 16)
-    FragC acc_k, acc_v;
-    wmma::fill_fragment(acc_k, 0.0f);
-    wmma::fill_fragment(acc_v, 0.0f);
-    for (int t = 0; t < NT; ++t) {
-      FragAT at;
-      FragB bm;
-      wmma::load_matrix_sync(at, dsh + 16 * t * LDH + r0, LDH);
-      wmma::load_matrix_sync(bm, qs + 16 * t * LDH + 16 * j, LDH);
-      wmma::mma_sync(acc_k, at, bm, acc_k);
-      wmma::load_matrix_sync(at, ph + 16 * t * LDH + r0, LDH);
-      wmma::load_matrix_sync(bm, gs + 16 * t * LDH + 16 * j, LDH);
-      wmma::mma_sync(acc_v, at, bm, acc_v);
-    }
-    wmma::store_matrix_sync(pf + r0 * LDF + 16 * j, acc_k, LDF, wmma::mem_row_major);
-    wmma::store_matrix_sync(dpf + r0 * LDF + 16 * j, acc_v, LDF, wmma::mem_row_major);
-  }
+  columns_times(dsh, qs, pf, r0, NT);  // dk = ds^T q, for key rows [r0, r0 + 16)
+  columns_times(ph, gs, dpf, r0, NT);  // dv = p^T dout
   __syncwarp();
   store_rows(pf, dk, b, h, L, H, r0, SCALE, lane);
   store_rows(dpf, dv, b, h, L, H, r0, 1.0f, lane);
