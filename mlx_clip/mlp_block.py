@@ -45,16 +45,16 @@ def _block(activation, eps: float):
         x, ln_w, ln_b, w1, b1, w2, b2 = primals
         g, h = cotangents[0], outputs[1]
         rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (tokens of every batch row as one matrix)
-        a, (dh,) = _value_and_vjp(activation, h, g @ w2)
-        y = layer_norm(x, ln_w, ln_b)
+        a, (dh,) = _value_and_vjp(activation, [h], g @ w2)  # a = act(h) recomputed, and dh
+        y, (dx, d_ln_w, d_ln_b) = _value_and_vjp(layer_norm, [x, ln_w, ln_b], dh @ w1)  # y recomputed, and dx
         dw2, db2 = rows(g).T @ rows(a), rows(g).sum(axis=0)
         dw1, db1 = rows(dh).T @ rows(y), rows(dh).sum(axis=0)
-        _, (dx, d_ln_w, d_ln_b) = mx.vjp(layer_norm, [x, ln_w, ln_b], [dh @ w1])
         return dx, d_ln_w, d_ln_b, dw1, db1.astype(b1.dtype), dw2, db2.astype(b2.dtype)
 
     return block
 
 
-def _value_and_vjp(fn, x: mx.array, cotangent: mx.array):
-    (value,), grads = mx.vjp(fn, [x], [cotangent])
+def _value_and_vjp(fn, primals: list, cotangent: mx.array):
+    """fn(*primals) and its vector-Jacobian product, from one evaluation of fn."""
+    (value,), grads = mx.vjp(fn, primals, [cotangent])
     return value, grads
