@@ -18,10 +18,13 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
+_WEIGHT_AND_BIAS = {"weight", "bias"}
+
+
 def applies(norm: nn.Module, fc1: nn.Module, fc2: nn.Module) -> bool:
+    # Checked on every forward call (each layer): one parameter walk per module, weight and bias present and trainable.
     return (type(norm) is nn.LayerNorm and type(fc1) is nn.Linear and type(fc2) is nn.Linear
-            and "bias" in fc1 and "bias" in fc2 and "weight" in norm and "bias" in norm
-            and all(len(m.trainable_parameters()) == len(m.parameters()) for m in (norm, fc1, fc2)))
+            and all(_WEIGHT_AND_BIAS <= m.trainable_parameters().keys() for m in (norm, fc1, fc2)))
 
 
 def mlp_block(norm: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear, activation, x: mx.array) -> mx.array:
