@@ -10,9 +10,10 @@ import re
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_clip.model import CLIP
+from mlx_clip.train import multi_tensor
 from mlx_clip.train.cpu_streams import Spread
 
 # Decoupled weight decay is not applied to these (as open_clip excludes gains/biases/logit_scale, plus lookup tables,
@@ -94,6 +95,9 @@ class GroupedAdamW(optim.Adam):
         self._spread = None
 
     def apply_gradients(self, gradients: dict, parameters: dict):
+        flat = tree_flatten(gradients)
+        if self._gradient_scale is not None and multi_tensor.applies([g for _, g in flat]):
+            return self._apply_multi_tensor(flat, parameters)
         self._spread = Spread()  # each parameter's update on the least-loaded CPU stream (cpu_streams.py says why)
         try:
             return super().apply_gradients(gradients, parameters)
@@ -113,6 +117,24 @@ class GroupedAdamW(optim.Adam):
                 self.state[name] = mx.where(finite, self.state[name], old)
         finally:
             self._gradient_scale, self._finite = None, None
+
+    def _apply_multi_tensor(self, flat_gradients: list, parameters: dict) -> dict:
+        """The guarded update of every parameter in a few CUDA launches (multi_tensor.py); the same state layout."""
+        if not self._initialized:
+            self.init(tree_unflatten(flat_gradients))
+        for name, scheduler in self._schedulers.items():  # as Optimizer.apply_gradients does
+            self.state[name] = scheduler(self.step)
+        self.state["step"] = self.step + 1
+        names = [name for name, _ in flat_gradients]
+        current = dict(tree_flatten(parameters))
+        states = [_state_at(self.state, name) for name in names]
+        new_p, new_m, new_v = multi_tensor.adamw(
+            [current[n] for n in names], [g for _, g in flat_gradients], [s["m"] for s in states],
+            [s["v"] for s in states], [self.hparams.get(n, (1.0, 0.0)) for n in names], self.learning_rate,
+            self.step, self._gradient_scale, self._finite, self.betas, self.eps)
+        for state, m, v in zip(states, new_m, new_v):
+            state["m"], state["v"] = m, v
+        return tree_unflatten(list(zip(names, new_p)))
 
     def init(self, parameters: dict):
         super().init(parameters)

@@ -10,6 +10,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_clip.losses import accumulated_value_and_grad, combined_loss, parse_loss_spec
 from mlx_clip.train import distributed as dist
+from mlx_clip.train import multi_tensor
 from mlx_clip.train.distributed import average_gradients, global_batch
 from mlx_clip.train.optim import clamp_logit_scale
 
@@ -161,10 +162,13 @@ def _assign(target, source) -> None:
 
 
 def _global_norm(grads) -> mx.array:
+    arrays = [g for _, g in tree_flatten(grads)]
+    if multi_tensor.applies(arrays):  # CUDA: a few launches instead of one dot (and its views) per array
+        return mx.sqrt(multi_tensor.sum_of_squares(arrays))
     # Each array's sum of squares as one dot product: one kernel and one read of the gradient, where square-then-sum
     # is two kernels and writes a squared copy (BLAS spreads the dot over the CPU's cores).
     squares = []
-    for _, g in tree_flatten(grads):
+    for g in arrays:
         flat = g.reshape(-1).astype(mx.float32)
         squares.append(flat @ flat)
     return mx.sqrt(sum(squares))

@@ -1,0 +1,122 @@
+"""mlx_clip.train.multi_tensor (CUDA only): the multi-tensor gradient sum of squares against float64 numpy, its AdamW
+against a numpy AdamW (torch semantics: bias-corrected, decoupled decay, clip factor, skipped non-finite step), and
+the compiled train step with the kernels against the same step on the per-parameter path."""
+
+import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_clip.config import get_config
+from mlx_clip.io import cast
+from mlx_clip.model import CLIP, init_weights
+from mlx_clip.train import multi_tensor
+from mlx_clip.train.args import TrainingArgs
+from mlx_clip.train.optim import build_optimizer
+from mlx_clip.train.step import make_loss_fn, make_step
+
+pytestmark = pytest.mark.gpu
+if not mx.cuda.is_available():
+    pytest.skip("the multi-tensor kernels are CUDA kernels", allow_module_level=True)
+
+# Sizes across tile edges (TILE = 4096), a scalar, and more arrays than one launch takes (64).
+SIZES = [1, 7, 4095, 4096, 4097, 3 * 4096 + 5, 50_000] + [33 * (i + 1) for i in range(70)]
+
+
+def _arrays(seed: int, scale: float = 1.0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(scale * rng.standard_normal(n)).astype(np.float32) for n in SIZES]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_sum_of_squares_matches_float64(dtype):
+    arrays = [mx.array(a).astype(dtype) for a in _arrays(0)]
+    want = sum(float(np.sum(np.array(a.astype(mx.float32), dtype=np.float64) ** 2)) for a in arrays)
+    got = multi_tensor.sum_of_squares(arrays).item()
+    assert abs(got - want) / want < 1e-5
+
+
+def _numpy_adamw(p, g, m, v, lr, step, scale, wd, gscale, finite, b1, b2, eps):
+    if not finite:
+        return p, m, v
+    g = g.astype(np.float64) * gscale
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    lr_t = lr * scale
+    update = lr_t / (1 - b1**step) * m / (np.sqrt(v) / np.sqrt(1 - b2**step) + eps)
+    return p * (1 - lr_t * wd) - update, m, v
+
+
+@pytest.mark.parametrize("finite", [True, False])
+def test_adamw_matches_numpy_over_steps(finite):
+    betas, eps, lr, gscale = (0.9, 0.98), 1e-6, 1e-3, 0.5
+    params = _arrays(1)
+    hparams = [(1.0 if i % 3 else 0.25, 0.1 if i % 2 else 0.0) for i in range(len(params))]
+    ms = [np.zeros_like(p, dtype=np.float64) for p in params]
+    vs = [np.zeros_like(p, dtype=np.float64) for p in params]
+    ref = [p.astype(np.float64) for p in params]
+    got_p, got_m, got_v = [mx.array(p) for p in params], [mx.zeros(p.shape) for p in params], [mx.zeros(p.shape) for p in params]
+    for step in (1, 2, 3):  # the first step reads zero moments; later ones read the kernel's own fp32 moments
+        grads = _arrays(10 + step, scale=0.01)
+        ok = finite or step != 2  # a non-finite step in the middle must leave everything as it was
+        grads_mx = [mx.array(g) for g in grads]
+        if not ok:
+            grads_mx[3] = mx.full(grads_mx[3].shape, float("nan"))
+        got_p, got_m, got_v = multi_tensor.adamw(
+            got_p, grads_mx, got_m, got_v, hparams, mx.array(lr), mx.array(step, mx.uint64), mx.array(gscale),
+            mx.array(ok), betas, eps)
+        mx.eval(got_p, got_m, got_v)
+        for i in range(len(params)):
+            ref[i], ms[i], vs[i] = _numpy_adamw(ref[i], grads[i], ms[i], vs[i], lr, step, *hparams[i], gscale, ok,
+                                                *betas, eps)
+    for i in range(len(params)):
+        np.testing.assert_allclose(np.array(got_p[i]), ref[i], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.array(got_m[i]), ms[i], rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(np.array(got_v[i]), vs[i], rtol=1e-5, atol=1e-12)
+
+
+def _train(enabled: bool, dtype: str, steps: int = 3):
+    saved, multi_tensor.ENABLED = multi_tensor.ENABLED, enabled
+    try:
+        config = get_config("tiny")
+        model = cast(init_weights(CLIP(config), 0), dtype)
+        rng = np.random.default_rng(0)
+        images = mx.array(rng.standard_normal((4, config.vision_config.image_size,
+                                               config.vision_config.image_size, 3)).astype(np.float32)).astype(
+            model.logit_scale.dtype)
+        ids = mx.array(rng.integers(1, 100, (4, 12)).astype(np.int32))
+        args = TrainingArgs(lr=1e-3, weight_decay=0.1, layer_decay=0.8)
+        optimizer = build_optimizer(model, args, total_steps=100)
+        start = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.trainable_parameters())}
+        step = make_step(model, optimizer, make_loss_fn("clip"), args.grad_clip)
+        for _ in range(steps):
+            out = step(images, ids, mx.arange(4))
+            mx.eval(out, model.state, optimizer.state)
+        end = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.trainable_parameters())}
+        return ({k: v - start[k] for k, v in end.items()}, end), float(out[1].item())
+    finally:
+        multi_tensor.ENABLED = saved
+
+
+# Compared: how far each parameter moved in 3 steps, and the last gradient norm. The key projections' biases get
+# round-off gradients only (softmax does not see a bias added to every key): Adam turns that noise into moves of
+# ~lr·|g|/eps in both paths, so in fp32 they are only checked to stay that small. In bf16 a weight moves a few of its own
+# rounding steps (ulps) per update and the two paths round differently (fp32 arithmetic rounded once here, bf16
+# operations there), so each weight may differ by up to 3 ulps (an Adam step here is ~8).
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 0.15)])
+def test_train_step_matches_per_parameter_path(dtype, tol):
+    (fast, fast_end), fast_norm = _train(True, dtype)
+    (slow, slow_end), slow_norm = _train(False, dtype)
+    assert abs(fast_norm - slow_norm) <= min(tol, 1e-2) * slow_norm
+    total = np.sqrt(sum(np.sum(w**2) for w in slow.values()))
+    assert total > 0 and np.sqrt(sum(np.sum((fast[k] - w) ** 2) for k, w in slow.items())) <= tol * total
+    for name, want in slow.items():
+        if dtype == "float32" and name.endswith("k_proj.bias"):
+            assert max(np.linalg.norm(fast[name]), np.linalg.norm(want)) <= 1e-4 * total, name
+        elif dtype == "float32":
+            assert np.linalg.norm(fast[name] - want) <= tol * np.linalg.norm(want), name
+        else:
+            ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(slow_end[name]), 1e-30))) - 7)
+            assert np.all(np.abs(fast_end[name] - slow_end[name]) <= 3 * ulp), name
