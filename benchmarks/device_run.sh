@@ -6,7 +6,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 BENCH="python3 -m benchmarks.bench --backend mlx,torch --task train --mode compiled --batch 256 --dtype bfloat16 --device cuda --runs 10 --warmup 3 --caption-tokens 5-30"
 for step in "$@"; do
   case $step in
-    tests) MLX_ENABLE_TF32=0 timeout 300 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_attention.py tests/test_mlp_block.py 2>&1 | tail -40 | tee $OUT/gpu-tests.txt ;;
+    tests) MLX_ENABLE_TF32=0 timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_attention.py tests/test_mlp_block.py tests/test_multi_tensor.py 2>&1 | tail -40 | tee $OUT/gpu-tests.txt ;;
     modes) timeout 240 python3 -m benchmarks.attention_modes 2>&1 | tee $OUT/attention-modes.txt ;;
     b32) MLXCLIP_GPU_ATTENTION=fused timeout 300 $BENCH --arch ViT-B-32 --out $OUT/b32-fused 2>&1 | tail -25 ;;
     b32-sdpa) timeout 240 ${BENCH/mlx,torch/mlx} --arch ViT-B-32 --out $OUT/b32-sdpa 2>&1 | tail -15 ;;
@@ -15,6 +15,12 @@ for step in "$@"; do
     scale) for b in 64 128; do timeout 200 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --batch $b --variants sdpa,fused --rounds 6 2>&1 | tail -2; done | tee $OUT/scale.txt ;;
     ab16) timeout 400 python3 -m benchmarks.gpu_ab --arch ViT-B-16 --variants sdpa,fused,padded 2>&1 | tee $OUT/ab16.txt ;;
     tree-ab) for r in 1 2 3; do for t in ab_old .; do echo "tree $t"; PYTHONPATH=/tmp/site:$PWD/$t:$PWD timeout 150 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --variants fused --rounds 8 2>&1 | tail -1; done; done | tee $OUT/tree-ab.txt ;;
+    host) for v in "" MLX_MAX_OPS_PER_BUFFER=300 "MLX_MAX_OPS_PER_BUFFER=1000 MLX_MAX_MB_PER_BUFFER=100000" "MLX_MAX_OPS_PER_BUFFER=4000 MLX_MAX_MB_PER_BUFFER=100000" MLX_USE_CUDA_GRAPHS=0; do env $v timeout 150 python3 -m benchmarks.gpu_host --arch ViT-B-32 2>&1 | tail -1; done | tee $OUT/host.txt ;;
+    mt) timeout 400 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --variants default,optimizer=multi --torch 2>&1 | tee $OUT/mt-ab32.txt ;;
+    host1) timeout 150 python3 -m benchmarks.gpu_host --arch ViT-B-32 2>&1 | tail -1 | tee -a $OUT/host.txt ;;
+    prof) for b in mlx torch; do timeout 240 python3 -m benchmarks.gpu_profile --backend $b --arch ViT-B-32 2>&1 | tail -32; done | tee $OUT/profile.txt ;;
+    prof-mt) MLXCLIP_MULTI_TENSOR=1 timeout 240 python3 -m benchmarks.gpu_profile --backend mlx --arch ViT-B-32 2>&1 | tail -32 | tee $OUT/profile-mt.txt ;;
+    colsum-micro) timeout 120 python3 -m benchmarks.column_sum 2>&1 | tee $OUT/colsum-micro.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

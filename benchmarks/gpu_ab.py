@@ -2,7 +2,9 @@
 its switches set, then the variants are timed in alternation, so machine drift hits them all alike.
 
     python -m benchmarks.gpu_ab --arch ViT-B-32 --batch 256 --variants sdpa,fused
-A variant is an MLXCLIP_GPU_ATTENTION mode: sdpa | padded | matmul | fused. Peak memory measured here depends on the
+A variant is `default` (the process's settings) or settings joined by `+`: attention=sdpa|padded|matmul|fused
+(MLXCLIP_GPU_ATTENTION), optimizer=per-param|multi (MLXCLIP_MULTI_TENSOR, mlx_clip/train/multi_tensor.py); a bare
+attention mode means attention=MODE. `--torch` adds torch.compile's step to the rotation. Peak memory measured here depends on the
 order the variants were traced in (same-process allocations); compare memory across separate `mlxclip bench` runs.
 """
 
@@ -17,12 +19,29 @@ from benchmarks.batches import parse_caption_tokens, CAPTION_HELP
 from benchmarks.workloads_mlx import mlx_workload
 from mlx_clip import fastmath
 from mlx_clip.config import get_config
+from mlx_clip.train import multi_tensor
+
+
+SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the process's own (environment) values
+    "attention": (fastmath, "GPU_ATTENTION", fastmath.GPU_ATTENTION_MODES),
+    "optimizer": (multi_tensor, "ENABLED", {"per-param": False, "multi": True}),
+}
+DEFAULTS = {name: getattr(module, attr) for name, (module, attr, _) in SETTINGS.items()}
 
 
 def _set(variant: str):
-    if variant not in fastmath.GPU_ATTENTION_MODES:
-        raise SystemExit(f"--variants: {variant!r} is not one of {', '.join(fastmath.GPU_ATTENTION_MODES)}")
-    fastmath.GPU_ATTENTION = variant
+    for name, value in DEFAULTS.items():
+        setattr(SETTINGS[name][0], SETTINGS[name][1], value)
+    for item in filter(None, variant.split("+")):
+        if item == "default":
+            continue
+        name, _, value = item.rpartition("=")
+        module, attr, values = SETTINGS.get(name or "attention", (None, None, ()))
+        if value not in values:
+            raise SystemExit(f"--variants: {item!r}: expected default or NAME=VALUE with NAME one of "
+                             f"{', '.join(SETTINGS)} (values: " + "; ".join(
+                                 f"{n}: {', '.join(v)}" for n, (_, _, v) in SETTINGS.items()) + ")")
+        setattr(module, attr, values[value] if isinstance(values, dict) else value)
 
 
 def main():
@@ -30,9 +49,11 @@ def main():
     ap.add_argument("--arch", default="ViT-B-32")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--variants", default="sdpa,fused")
+    ap.add_argument("--variants", default="default,optimizer=multi")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--caption-tokens", default="5-30", help=CAPTION_HELP)
+    ap.add_argument("--torch", action="store_true",
+                    help="also time torch.compile(open_clip)'s step (the bench's torch side) in the same rotation")
     args = ap.parse_args()
     config, words = get_config(args.arch), parse_caption_tokens(args.caption_tokens)
     variants = args.variants.split(",")
@@ -48,6 +69,19 @@ def main():
         peaks[variant] = (mx.get_peak_memory() - base) / 2**30
         print(f"{variant}: traced; step peak above resident {peaks[variant]:.2f} GiB, resident {base / 2**30:.2f} GiB",
               flush=True)
+    if args.torch:  # after MLX's peaks are read; torch's own peak is its allocator's high-water mark
+        import torch
+
+        from benchmarks.workloads_torch import torch_workload
+        loads["torch.compile"] = torch_workload(config, "train", args.batch, "compiled", args.dtype, device="cuda",
+                                                words=words)
+        for _ in range(3):
+            loads["torch.compile"].run()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loads["torch.compile"].run()
+        peaks["torch.compile"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        variants.append("torch.compile")
     times = {v: [] for v in variants}
     for _ in range(args.rounds):
         for variant in variants:

@@ -31,6 +31,9 @@ MODES = ("eager", "compiled")
 class Workload:
     run: Callable[[], None]  # one iteration, complete when it returns
     items: int  # images (train: image-text pairs) per iteration
+    # train only: one step's lazy outputs (loss, norm, applied, model and optimizer state), not evaluated, so that
+    # host-side graph building can be timed apart from the device's work (benchmarks/gpu_host.py)
+    launch: Callable[[], list] | None = None
 
 
 def _uncompiled(fn: Callable[[], None]) -> Callable[[], None]:
@@ -62,10 +65,13 @@ def mlx_workload(config: CLIPConfig, task: str, batch: int, mode: str = "compile
         optimizer = build_optimizer(model, args, total_steps=1_000_000)
         step = make_step(model, optimizer, make_loss_fn("clip"), args.grad_clip)
 
-        def run():
-            mx.eval(step(images, ids, labels), model.state, optimizer.state)
+        def launch():
+            return [step(images, ids, labels), model.state, optimizer.state]
 
-        return Workload(run if mode == "compiled" else _uncompiled(run), batch)
+        def run():
+            mx.eval(launch())
+
+        return Workload(run if mode == "compiled" else _uncompiled(run), batch, launch)
     encode = {
         "embed-image": lambda x, t: model.encode_image(x, normalize=True),
         "embed-text": lambda x, t: model.encode_text(t, normalize=True),

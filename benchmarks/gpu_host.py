@@ -1,0 +1,84 @@
+"""Where a GPU train step's time goes between the host and the device (issue 7), all in one process:
+
+- sync: each step evaluated before the next is built (what `mlxclip bench` times per step);
+- host: building the step's graph (the compiled call) and encoding its kernels (`mx.async_eval` returns once every
+  kernel is queued on the GPU stream), then the wait for the device to finish;
+- pipelined: K steps, each queued with `mx.async_eval` while the previous one still runs, one wait at the end, so the
+  host's work for step n+1 overlaps the device's work for step n.
+
+    python -m benchmarks.gpu_host --arch ViT-B-32 --batch 256
+MLX reads MLX_MAX_OPS_PER_BUFFER (kernels per CUDA graph; its default on H100/H200 is 100) at start-up: run the
+script once per value to compare them.
+"""
+
+import argparse
+import os
+import time
+
+import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
+import mlx.core as mx
+import numpy as np
+
+from benchmarks.batches import CAPTION_HELP, parse_caption_tokens
+from benchmarks.workloads_mlx import mlx_workload
+from mlx_clip.config import get_config
+
+
+ENV = ("MLX_MAX_OPS_PER_BUFFER", "MLX_MAX_MB_PER_BUFFER", "MLX_USE_CUDA_GRAPHS")
+
+
+def _sync(load) -> float:
+    start = time.perf_counter()
+    mx.eval(load.launch())
+    return time.perf_counter() - start
+
+
+def _split(load) -> tuple[float, float, float]:
+    start = time.perf_counter()
+    outputs = load.launch()
+    built = time.perf_counter()
+    mx.async_eval(outputs)
+    queued = time.perf_counter()
+    mx.eval(outputs)
+    done = time.perf_counter()
+    return built - start, queued - built, done - queued
+
+
+def _pipelined(load, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        outputs = load.launch()
+        mx.async_eval(outputs)
+    mx.eval(outputs)
+    return (time.perf_counter() - start) / steps
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="ViT-B-32")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--pipeline", type=int, default=8, help="steps queued back to back in the pipelined timing")
+    ap.add_argument("--caption-tokens", default="5-30", help=CAPTION_HELP)
+    args = ap.parse_args()
+    load = mlx_workload(get_config(args.arch), "train", args.batch, "compiled", args.dtype,
+                        words=parse_caption_tokens(args.caption_tokens))
+    for _ in range(3):
+        load.run()
+    sync, split, piped = [], [], []
+    for _ in range(args.rounds):  # alternating, so machine drift hits all three alike
+        sync.append(_sync(load))
+        split.append(_split(load))
+        piped.append(_pipelined(load, args.pipeline))
+    build, encode, wait = (1e3 * float(np.median(col)) for col in zip(*split))
+    ms = {name: 1e3 * float(np.median(t)) for name, t in (("sync", sync), ("pipelined", piped))}
+    graphs = " ".join(f"{k}={os.environ[k]}" for k in ENV if k in os.environ) or "MLX defaults"
+    print(f"{args.arch} b{args.batch} {args.dtype} [{graphs}]: sync {ms['sync']:.1f} ms "
+          f"({args.batch / ms['sync'] * 1e3:.0f} img/s); host build {build:.1f} + encode {encode:.1f} ms, "
+          f"then device wait {wait:.1f} ms; pipelined x{args.pipeline} {ms['pipelined']:.1f} ms/step "
+          f"({args.batch / ms['pipelined'] * 1e3:.0f} img/s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Kernel-level profile of a train step on a CUDA device (issue 7), for MLX or torch, through torch.profiler: CUPTI
+records every kernel of the process, MLX's (launched from CUDA graphs) included. Prints the device time of the step's
+kernels against its wall time (the difference is the device waiting for the host) and the kernels that take the most
+time, grouped by kind.
+
+    python -m benchmarks.gpu_profile --backend mlx --arch ViT-B-32 --batch 256
+"""
+
+import argparse
+import re
+import time
+from collections import defaultdict
+
+import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.batches import CAPTION_HELP, parse_caption_tokens
+from mlx_clip.config import get_config
+
+# Kernel name patterns, first match wins: where the device time goes, by kind of work.
+KINDS = [("gemm", r"gemm|cutlass|xmma|nvjet|cublas|matmul|sm90_"), ("attention", r"attention|flash|fmha|sdpa"),
+         ("optimizer", r"adamw|sumsq|multi_tensor|foreach"), ("reduce", r"reduce|norm|softmax|sum"),
+         ("copy", r"copy|memcpy|memset|cat|concat|fill"), ("elementwise", r".")]
+
+
+def _kind(name: str) -> str:
+    lowered = name.lower()
+    return next(kind for kind, pattern in KINDS if re.search(pattern, lowered))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backend", choices=("mlx", "torch"), default="mlx")
+    ap.add_argument("--arch", default="ViT-B-32")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--caption-tokens", default="5-30", help=CAPTION_HELP)
+    args = ap.parse_args()
+    config, words = get_config(args.arch), parse_caption_tokens(args.caption_tokens)
+    torch.cuda.init()
+    if args.backend == "mlx":
+        from benchmarks.workloads_mlx import mlx_workload
+        load = mlx_workload(config, "train", args.batch, "compiled", args.dtype, words=words)
+    else:
+        from benchmarks.workloads_torch import torch_workload
+        load = torch_workload(config, "train", args.batch, "compiled", args.dtype, device="cuda", words=words)
+    for _ in range(3):
+        load.run()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            load.run()
+        wall = (time.perf_counter() - start) / args.steps
+    rows = [(e.key, e.count / args.steps, e.self_device_time_total / args.steps / 1e3) for e in prof.key_averages()
+            if e.self_device_time_total > 0]
+    device = sum(ms for _, _, ms in rows)
+    kinds = defaultdict(lambda: [0.0, 0.0])
+    for name, count, ms in rows:
+        kinds[_kind(name)][0] += count
+        kinds[_kind(name)][1] += ms
+    print(f"{args.backend} {args.arch} b{args.batch} {args.dtype}: wall {1e3 * wall:.1f} ms/step, kernels "
+          f"{device:.1f} ms/step ({sum(c for _, c, _ in rows):.0f} launches)")
+    print("  by kind: " + ", ".join(f"{k} {ms:.1f} ms ({n:.0f})" for k, (n, ms) in
+                                    sorted(kinds.items(), key=lambda kv: -kv[1][1])))
+    for name, count, ms in sorted(rows, key=lambda r: -r[2])[: args.top]:
+        print(f"  {ms:7.2f} ms {count:6.0f}x  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
