@@ -17,13 +17,15 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_clip import layer_norm as ln
+
 
 _WEIGHT_AND_BIAS = {"weight", "bias"}
 
 
 def applies(norm: nn.Module, fc1: nn.Module, fc2: nn.Module) -> bool:
     # Checked on every forward call (each layer): one parameter walk per module, weight and bias present and trainable.
-    return (type(norm) is nn.LayerNorm and type(fc1) is nn.Linear and type(fc2) is nn.Linear
+    return (type(norm) in (nn.LayerNorm, ln.LayerNorm) and type(fc1) is nn.Linear and type(fc2) is nn.Linear
             and all(_WEIGHT_AND_BIAS <= m.trainable_parameters().keys() for m in (norm, fc1, fc2)))
 
 
@@ -36,7 +38,7 @@ def mlp_block(norm: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear, activation, x:
 @lru_cache(maxsize=None)
 def _block(activation, eps: float):
     def layer_norm(x, w, b):
-        return mx.fast.layer_norm(x, w, b, eps)
+        return ln.layer_norm(x, w, b, eps)
 
     @mx.custom_function
     def block(x, ln_w, ln_b, w1, b1, w2, b2):
@@ -49,7 +51,10 @@ def _block(activation, eps: float):
         g, h = cotangents[0], outputs[1]
         rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (tokens of every batch row as one matrix)
         a, (dh,) = _value_and_vjp(activation, [h], g @ w2)  # a = act(h) recomputed, and dh
-        y, (dx, d_ln_w, d_ln_b) = _value_and_vjp(layer_norm, [x, ln_w, ln_b], dh @ w1)  # y recomputed, and dx
+        if ln.on_cpu():  # y recomputed, and the LayerNorm's gradients (layer_norm.py: fewer passes on the CPU)
+            y, dx, d_ln_w, d_ln_b = ln.value_and_grads(x, ln_w, ln_b, dh @ w1, eps)
+        else:
+            y, (dx, d_ln_w, d_ln_b) = _value_and_vjp(layer_norm, [x, ln_w, ln_b], dh @ w1)
         dw2, db2 = rows(g).T @ rows(a), rows(g).sum(axis=0)
         dw1, db1 = rows(dh).T @ rows(y), rows(dh).sum(axis=0)
         return dx, d_ln_w, d_ln_b, dw1, db1.astype(b1.dtype), dw2, db2.astype(b2.dtype)

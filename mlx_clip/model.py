@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_clip import fastmath, mlp_block
+from mlx_clip.layer_norm import LayerNorm
 from mlx_clip.config import CLIPConfig, TextConfig, VisionConfig
 from mlx_clip.memory import checkpointed, sliced_attention
 from mlx_clip.resolution import drop_patches, resample_position_embedding
@@ -60,9 +61,9 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: VisionConfig | TextConfig):
         super().__init__()
         self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads)
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def __call__(self, x: mx.array, mask=None) -> mx.array:
         x = x + self.self_attn(self.layer_norm1(x), mask)
@@ -107,9 +108,9 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.embeddings = VisionEmbeddings(cfg)
-        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: HF's name
+        self.pre_layrnorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: HF's name
         self.encoder = Encoder(cfg)
-        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.patch_dropout = 0.0  # fraction of patch tokens dropped; set only while a training step runs
 
     def __call__(self, images: mx.array, hidden_states: list | None = None) -> mx.array:
@@ -141,7 +142,7 @@ class TextTransformer(nn.Module):
         self.eos_token_id = cfg.eos_token_id
         self.embeddings = TextEmbeddings(cfg)
         self.encoder = Encoder(cfg)
-        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def __call__(self, ids: mx.array, hidden_states: list | None = None) -> mx.array:
         """Features at the EOT token after the final norm, before projection: (B, D)."""
