@@ -74,13 +74,18 @@ def _say(message: str) -> None:
 
 def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text", batch: int = 32, device: str = "auto",
           out=None, as_json: bool = False, dtype: str = "float32", modes="eager,compiled", runs: int = 5,
-          warmup: int = 2, seed: int = 0, caption_tokens: str | None = None) -> list[dict]:
+          warmup: int = 2, seed: int = 0, caption_tokens: str | None = None, rounds: int = 1) -> list[dict]:
     """Measure and (with `out`) write the report files; returns the records. With `as_json`, stdout carries the
-    JSON lines only (one per measurement); progress and ratios go to stderr."""
+    JSON lines only (one per measurement); progress and ratios go to stderr.
+
+    With `rounds` > 1 every measurement is repeated that many times, the backends taking turns (MLX, torch; then
+    torch, MLX; ...), and each row reports the round with the median items/s (`round_items_per_s` lists them all):
+    on a machine whose speed drifts by 10-40% over minutes (a shared VM), one process per side would put the drift
+    into the ratio."""
     backends, tasks = _split(backends, BACKENDS, "backend"), _split(tasks, TASKS, "task")
     modes = _split(modes, MODES, "mode")
-    if batch < 1 or runs < 1:
-        raise ValueError("batch and runs must be >= 1")
+    if batch < 1 or runs < 1 or rounds < 1:
+        raise ValueError("batch, runs and rounds must be >= 1")
     parse_caption_tokens(caption_tokens)  # a bad spec fails here, not in every worker
     device = resolve_device(device)
     from benchmarks.machine import machine_info
@@ -89,29 +94,52 @@ def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text",
     records, failures = [], []
     plan = [(task, b) for task in tasks for b in ([1, batch] if task in LATENCY_TASKS and batch > 1 else [batch])]
     for task, size in plan:
-        for backend in backends:
-            for mode in modes:
-                spec = dict(backend=backend, mode=mode, task=task, arch=arch, batch=size, device=device, dtype=dtype,
-                            runs=runs, warmup=warmup, seed=seed, caption_tokens=caption_tokens)
-                got, error = run_one(spec)
-                if error:
-                    failures.append(f"{task} batch {size} {backend} {mode}: {error}")
-                    _say(f"{arch} {task} batch {size} {backend} {mode}: failed: {error}")
-                for rec in got:
-                    rec["machine"] = machine["label"]
-                    records.append(rec)
-                    if as_json:
-                        print(json.dumps(rec), flush=True)
-                    else:
-                        print(f"{arch} {task} batch {rec['batch']} {backend} {mode} ({device}, {dtype}): "
-                              f"{rec['items_per_s']:.2f} items/s, {rec['latency_ms_p50']:.1f} ms p50, "
-                              f"peak {rec['peak_mem_bytes'] / 2**20:.0f} MiB", flush=True)
+        measured = {}
+        for turn in range(rounds):
+            for backend in (backends if turn % 2 == 0 else backends[::-1]):
+                for mode in modes:
+                    spec = dict(backend=backend, mode=mode, task=task, arch=arch, batch=size, device=device,
+                                dtype=dtype, runs=runs, warmup=warmup, seed=seed, caption_tokens=caption_tokens)
+                    got, error = run_one(spec)
+                    if error:
+                        failures.append(f"{task} batch {size} {backend} {mode}: {error}")
+                        _say(f"{arch} {task} batch {size} {backend} {mode}: failed: {error}")
+                    for rec in got:
+                        measured.setdefault((backend, mode, rec["batch"]), []).append(rec)
+        for (backend, mode, _), runs_of_it in sorted(measured.items(), key=lambda kv: backends.index(kv[0][0])):
+            rec = _median_round(runs_of_it)
+            rec["machine"] = machine["label"]
+            records.append(rec)
+            if as_json:
+                print(json.dumps(rec), flush=True)
+            else:
+                print(f"{arch} {task} batch {rec['batch']} {backend} {mode} ({device}, {dtype}): "
+                      f"{rec['items_per_s']:.2f} items/s, {rec['latency_ms_p50']:.1f} ms p50, "
+                      f"peak {rec['peak_mem_bytes'] / 2**20:.0f} MiB" + _rounds_note(rec), flush=True)
     for line in ratio_lines(records):
         (_say if as_json else print)(line)
     if out is not None:
         paths = write_report(records, machine, out, arch, device, dtype, batch, failures, caption_tokens)
         _say("wrote " + ", ".join(str(p) for p in paths))
     return records
+
+
+def _median_round(recs: list[dict]) -> dict:
+    """One record for a measurement repeated in rounds: the round with the median items/s, with every round's items/s,
+    the fastest and slowest run of them all and the highest peak memory."""
+    if len(recs) == 1:
+        return recs[0]
+    rec = dict(sorted(recs, key=lambda r: r["items_per_s"])[len(recs) // 2])
+    rec.update(round_items_per_s=[r["items_per_s"] for r in recs],
+               items_per_s_best=max(r.get("items_per_s_best", r["items_per_s"]) for r in recs),
+               min_s=min(r["min_s"] for r in recs), max_s=max(r["max_s"] for r in recs),
+               peak_mem_bytes=max(r["peak_mem_bytes"] for r in recs))
+    return rec
+
+
+def _rounds_note(rec: dict) -> str:
+    per_round = rec.get("round_items_per_s")
+    return f" (median of {len(per_round)} rounds: " + ", ".join(f"{v:.2f}" for v in per_round) + ")" if per_round else ""
 
 
 def main(argv=None) -> int:
@@ -126,11 +154,12 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--caption-tokens", help=CAPTION_HELP)
+    ap.add_argument("--rounds", type=int, default=1, help="repeat each measurement, the backends taking turns")
     ap.add_argument("--out")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     bench(a.arch, a.backend, a.task, a.batch, a.device, a.out, a.json, a.dtype, a.mode, a.runs, a.warmup,
-          caption_tokens=a.caption_tokens)
+          caption_tokens=a.caption_tokens, rounds=a.rounds)
     return 0
 
 

@@ -93,6 +93,11 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
         f = fastest.get((r["task"], r["batch"]), {})
         cells = [f"{_x(r.get(k))} ({_x(f.get(k))})" for k in ("eager", "compiled", "best")]
         lines.append(f"| {r['task']} | {r['batch']} | " + " | ".join(cells) + " |")
+    repeated = [r for r in records if r.get("round_items_per_s")]
+    if repeated:
+        lines += ["", "## Rounds (each measurement repeated, the backends taking turns; the median round is reported)",
+                  "", *[f"- {r['task']} batch {r['batch']} {r['backend']} {r['mode']}: items/s "
+                        + ", ".join(f"{v:.2f}" for v in r["round_items_per_s"]) for r in repeated]]
     if failures:
         lines += ["", "## Failed measurements", "", *[f"- {f}" for f in failures]]
     return "\n".join(lines) + "\n"

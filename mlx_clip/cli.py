@@ -390,11 +390,15 @@ def parity(arch, steps, device, out, batch, dtype, lr, warmup, seed, control):
 @click.option("--json", "as_json", is_flag=True, help="stdout: JSON lines only, one per measurement.")
 @click.option("--caption-tokens", help="Word tokens per caption: N, or A-B drawn uniformly (default 3 to context - 3). "
               "Both backends get the same 77-token rows; MLX cuts the padding after the longest caption.")
-def bench(arch, backend, task, mode, batch, device, dtype, runs, warmup, out, as_json, caption_tokens):
+@click.option("--rounds", type=int, default=1, show_default=True,
+              help="Repeat each measurement N times, the backends taking turns; report the median round (use on "
+              "machines whose speed drifts, e.g. shared VMs).")
+def bench(arch, backend, task, mode, batch, device, dtype, runs, warmup, out, as_json, caption_tokens, rounds):
     """Time MLX (eager, mx.compile) against torch (eager, torch.compile) on the same device, batch and dtype."""
     from benchmarks.bench import bench as run_bench
 
-    run_bench(arch, backend, task, batch, device, out, as_json, dtype, mode, runs, warmup, caption_tokens=caption_tokens)
+    run_bench(arch, backend, task, batch, device, out, as_json, dtype, mode, runs, warmup, caption_tokens=caption_tokens,
+              rounds=rounds)
 
 
 def run():

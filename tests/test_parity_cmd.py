@@ -191,6 +191,33 @@ def test_bench_runs_accumulate_in_one_table(tmp_path, capsys):
         cli.main([*common[:-1], "9-3", "--task", "embed-text"], standalone_mode=False)
 
 
+def test_bench_rounds_take_turns_and_report_the_median_round(tmp_path, capsys, monkeypatch):
+    """--rounds N runs every measurement N times, the backends alternating first, and keeps the median round."""
+    import benchmarks.bench as bench_module
+
+    order, speeds = [], iter([10.0, 4.0, 30.0, 6.0, 20.0, 5.0])  # mlx, torch; torch, mlx; mlx, torch (items/s)
+
+    def fake_run_one(spec):
+        order.append(spec["backend"])
+        v = next(speeds)
+        return [dict(spec, items_per_s=v, items_per_s_best=v + 1, latency_ms_p50=1e3 * spec["batch"] / v,
+                     median_s=spec["batch"] / v, min_s=spec["batch"] / (1.1 * v), max_s=spec["batch"] / (0.9 * v),
+                     spread_pct=1.0, first_run_s=1.0,
+                     peak_mem_bytes=int(v), peak_mem_source="test", load_avg=[0.0])], None
+
+    monkeypatch.setattr(bench_module, "run_one", fake_run_one)
+    cli.main(["bench", "--arch", "tiny", "--backend", "mlx,torch", "--task", "train", "--mode", "compiled",
+              "--batch", "2", "--device", "cpu", "--rounds", "3", "--json", "--out", str(tmp_path)],
+             standalone_mode=False)
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert order == ["mlx", "torch", "torch", "mlx", "mlx", "torch"]
+    got = {r["backend"]: r for r in records}
+    assert got["mlx"]["round_items_per_s"] == [10.0, 6.0, 20.0] and got["mlx"]["items_per_s"] == 10.0
+    assert got["torch"]["round_items_per_s"] == [4.0, 30.0, 5.0] and got["torch"]["items_per_s"] == 5.0
+    assert got["mlx"]["peak_mem_bytes"] == 20 and got["torch"]["items_per_s_best"] == 31.0
+    assert "## Rounds" in (tmp_path / "bench-cpu-tiny-float32-b2.md").read_text()
+
+
 def test_random_batch_caption_lengths():
     from benchmarks.batches import random_batch
 
