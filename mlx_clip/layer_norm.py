@@ -69,14 +69,14 @@ def _cpu_layer_norm(eps: float):
 ENABLED = os.environ.get("MLXCLIP_CPU_LAYER_NORM", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def on_cpu() -> bool:
-    """Whether the CPU LayerNorm applies (decided when a graph is traced)."""
+def applies() -> bool:
+    """Whether the CPU LayerNorm is used: on the CPU unless switched off (decided when a graph is traced)."""
     return ENABLED and mx.default_device() == mx.cpu
 
 
 def layer_norm(x: mx.array, w: mx.array, b: mx.array, eps: float) -> mx.array:
     """LayerNorm over the last axis with gain w and bias b (both (D,))."""
-    return _cpu_layer_norm(eps)(x, w, b) if on_cpu() else mx.fast.layer_norm(x, w, b, eps)
+    return _cpu_layer_norm(eps)(x, w, b) if applies() else mx.fast.layer_norm(x, w, b, eps)
 
 
 class LayerNorm(nn.LayerNorm):

@@ -51,7 +51,7 @@ def _block(activation, eps: float):
         g, h = cotangents[0], outputs[1]
         rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (tokens of every batch row as one matrix)
         a, (dh,) = _value_and_vjp(activation, [h], g @ w2)  # a = act(h) recomputed, and dh
-        if ln.on_cpu():  # y recomputed, and the LayerNorm's gradients (layer_norm.py: fewer passes on the CPU)
+        if ln.applies():  # y recomputed, and the LayerNorm's gradients (layer_norm.py: fewer passes on the CPU)
             y, dx, d_ln_w, d_ln_b = ln.value_and_grads(x, ln_w, ln_b, dh @ w1, eps)
         else:
             y, (dx, d_ln_w, d_ln_b) = _value_and_vjp(layer_norm, [x, ln_w, ln_b], dh @ w1)

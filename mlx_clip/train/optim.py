@@ -119,7 +119,8 @@ class GroupedAdamW(optim.Adam):
             self._gradient_scale, self._finite = None, None
 
     def _apply_multi_tensor(self, flat_gradients: list, parameters: dict) -> dict:
-        """The guarded update of every parameter in a few CUDA launches (multi_tensor.py); the same state layout."""
+        """The guarded update of every parameter in a few CUDA launches (multi_tensor.py); the same state layout. Each
+        parameter's LR scale and decay come from `self.hparams`, the values `init` wrote into the state."""
         if not self._initialized:
             self.init(tree_unflatten(flat_gradients))
         for name, scheduler in self._schedulers.items():  # as Optimizer.apply_gradients does
