@@ -1,10 +1,12 @@
-"""Same-process A/B of GPU code-path variants on the bench's train step (issue 7): each variant's step is traced with
-its switches set, then the variants are timed in alternation, so machine drift hits them all alike.
+"""Same-process A/B of code-path variants on a bench workload (issue 7), on the GPU or the CPU: each variant's graph is
+traced with its switches set, then the variants are timed in alternation, so machine drift hits them all alike.
 
     python -m benchmarks.gpu_ab --arch ViT-B-32 --batch 256 --variants sdpa,fused
+    python -m benchmarks.gpu_ab --arch ViT-B-32 --task embed-image --batch 16 --dtype float32 --variants default,layernorm=mlx
 A variant is `default` (the process's settings) or settings joined by `+`: attention=sdpa|padded|matmul|fused
-(MLXCLIP_GPU_ATTENTION), optimizer=per-param|multi (MLXCLIP_MULTI_TENSOR, mlx_clip/train/multi_tensor.py); a bare
-attention mode means attention=MODE. `--torch` adds torch.compile's step to the rotation. Peak memory measured here depends on the
+(MLXCLIP_GPU_ATTENTION), optimizer=per-param|multi (MLXCLIP_MULTI_TENSOR, mlx_clip/train/multi_tensor.py),
+layernorm=ours|mlx (MLXCLIP_CPU_LAYER_NORM, mlx_clip/layer_norm.py); a bare attention mode means attention=MODE.
+`--torch` adds torch.compile's step on CUDA to the rotation. Peak memory measured here depends on the
 order the variants were traced in (same-process allocations); compare memory across separate `mlxclip bench` runs.
 """
 
@@ -16,8 +18,8 @@ import mlx.core as mx
 import numpy as np
 
 from benchmarks.batches import parse_caption_tokens, CAPTION_HELP
-from benchmarks.workloads_mlx import mlx_workload
-from mlx_clip import fastmath
+from benchmarks.workloads_mlx import TASKS, mlx_workload
+from mlx_clip import fastmath, layer_norm
 from mlx_clip.config import get_config
 from mlx_clip.train import multi_tensor
 
@@ -25,6 +27,7 @@ from mlx_clip.train import multi_tensor
 SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the process's own (environment) values
     "attention": (fastmath, "GPU_ATTENTION", fastmath.GPU_ATTENTION_MODES),
     "optimizer": (multi_tensor, "ENABLED", {"per-param": False, "multi": True}),
+    "layernorm": (layer_norm, "ENABLED", {"ours": True, "mlx": False}),
 }
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr, _) in SETTINGS.items()}
 
@@ -47,6 +50,7 @@ def _set(variant: str):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="ViT-B-32")
+    ap.add_argument("--task", default="train", choices=TASKS)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--variants", default="default,optimizer=multi")
@@ -60,7 +64,7 @@ def main():
     loads, peaks = {}, {}
     for variant in variants:  # trace (and warm) each variant with its switches; memory measured alone
         _set(variant)
-        loads[variant] = mlx_workload(config, "train", args.batch, "compiled", args.dtype, words=words)
+        loads[variant] = mlx_workload(config, args.task, args.batch, "compiled", args.dtype, words=words)
         for _ in range(3):
             loads[variant].run()
         mx.reset_peak_memory()
@@ -73,7 +77,7 @@ def main():
         import torch
 
         from benchmarks.workloads_torch import torch_workload
-        loads["torch.compile"] = torch_workload(config, "train", args.batch, "compiled", args.dtype, device="cuda",
+        loads["torch.compile"] = torch_workload(config, args.task, args.batch, "compiled", args.dtype, device="cuda",
                                                 words=words)
         for _ in range(3):
             loads["torch.compile"].run()
@@ -90,7 +94,7 @@ def main():
             times[variant].append(time.perf_counter() - start)
     for variant in variants:
         t = float(np.median(times[variant]))
-        print(f"{args.arch} b{args.batch} {variant}: {1e3 * t:.1f} ms p50, {args.batch / t:.0f} img/s, "
+        print(f"{args.arch} {args.task} b{args.batch} {variant}: {1e3 * t:.1f} ms p50, {args.batch / t:.0f} img/s, "
               f"step peak {peaks[variant]:.2f} GiB", flush=True)
 
 

@@ -95,9 +95,10 @@ class GroupedAdamW(optim.Adam):
         self._spread = None
 
     def apply_gradients(self, gradients: dict, parameters: dict):
-        flat = tree_flatten(gradients)
-        if self._gradient_scale is not None and multi_tensor.applies([g for _, g in flat]):
-            return self._apply_multi_tensor(flat, parameters)
+        if self._gradient_scale is not None:  # the guarded update (the train step's); plain `update` calls skip this
+            flat = tree_flatten(gradients)
+            if multi_tensor.applies([g for _, g in flat]):
+                return self._apply_multi_tensor(flat, parameters)
         self._spread = Spread()  # each parameter's update on the least-loaded CPU stream (cpu_streams.py says why)
         try:
             return super().apply_gradients(gradients, parameters)
