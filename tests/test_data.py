@@ -372,6 +372,28 @@ def test_bad_images_skipped_counted_and_aborting(records, tmp_path):
         _run(strict)
 
 
+def _decode_threads():
+    import threading
+    return [t for t in threading.enumerate() if t.name.startswith("mlxclip-decode")]
+
+
+def test_decode_threads_end_with_the_epoch_or_an_early_stop(records):
+    """The decode pool lives exactly as long as the epoch's iteration: drained, stopped after two batches (training
+    by steps) or ended by an error, no thread is left decoding for nobody."""
+    loader = Loader(records, PRE, LoaderConfig(batch_size=4, num_threads=2, prefetch=8))
+    assert len(_run(loader)) == 5 and not _decode_threads()
+    batches = iter(loader)
+    next(batches), next(batches)
+    assert 0 < len(_decode_threads()) <= 2
+    batches.close()  # what a `for` loop's `break` does when the generator is dropped
+    assert not _decode_threads()
+    recs = [dict(r) for r in records]
+    recs[6]["image"] = 12345  # not bytes nor a path: a programming error, not a bad image to skip
+    with pytest.raises(TypeError):  # raised in a decode thread, re-raised in the consumer
+        _run(Loader(recs, PRE, LoaderConfig(batch_size=4, train=False)))
+    assert not _decode_threads()
+
+
 def test_streamed_source_resume_and_shards(tmp_path):
     pattern, expected = _shards(tmp_path, n_shards=3, per_shard=4)
     wds = read_webdataset(pattern)

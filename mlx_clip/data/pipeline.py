@@ -1,22 +1,24 @@
 """Batches for training and evaluation: decode + augment in parallel threads with prefetch, deterministic given the
 seed, resumable to the exact sample, sharded across ranks without overlap.
 
-Why mlx-data carries only the parallelism here: its `load_image` (stb_image) squashes 16-bit PNGs to 8 bits by
-truncation, cannot read TIFF, and has no decompression-bomb check or skip accounting; so each sample is decoded with
-Pillow (`decode_image`) inside a `sample_transform`, and mlx-data's `prefetch(n, threads)` runs those transforms in
-background threads (Pillow releases the GIL while decoding and resizing). Its prefetch returns samples in completion
-order, so they carry their ordinal and are put back in order here; batching stays in Python because captions are
-strings and a skipped image must not shift the next batch's contents.
+Each sample is decoded with Pillow (`decode_image`: 16-bit PNGs at full precision, TIFF, a decompression-bomb check,
+skip accounting) in a `concurrent.futures` thread pool; Pillow releases the GIL while decoding and resizing, so the
+threads run in parallel. mlx-data's `prefetch` carried this parallelism before and was dropped: its thread pool's
+destructor sets the stop flag without holding the queue lock, so a worker between its wait predicate and its wait
+misses the wake-up and the destructor's `join` blocks forever (a loop that builds, drains and drops
+`dx.stream_python_iterable(...).prefetch(4, 2)` hangs in `ThreadPool::~ThreadPool` within 2k-30k rounds; the test
+suite hung there about once in eight runs). Batching stays in Python because captions are strings and a skipped
+image must not shift the next batch.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
-import mlx.data as dx
 import numpy as np
 from PIL import Image
 
@@ -148,7 +150,7 @@ class Loader:
         n, b = len(self._order()), self.config.batch_size
         return n // b if self.config.train else math.ceil(n / b)
 
-    # ---- per-sample work (runs in mlx-data's threads) ----------------------------------------------------------
+    # ---- per-sample work (runs in the decode threads) -----------------------------------------------------------
 
     def _pixels(self, record: dict, ordinal: int) -> np.ndarray:
         c, pre = self.config, self.preprocess
@@ -176,37 +178,33 @@ class Loader:
             img = img.transpose((Image.ROTATE_90, Image.ROTATE_180, Image.ROTATE_270)[quarter - 1])
         return np.asarray(pre.normalize_array(np.asarray(img, dtype=np.uint8)), dtype=np.float32)
 
+    def _decode(self, record: dict, ordinal: int) -> tuple[np.ndarray | None, str]:
+        """(pixels, "") or (None, why) for an image that cannot be decoded; other errors propagate to the caller."""
+        try:
+            return self._pixels(record, ordinal), ""
+        except BadImageError as exc:
+            return None, str(exc)
+
     def _samples(self, start: int) -> Iterator[tuple[int, dict, np.ndarray | None, str]]:
-        """(ordinal, record, pixels or None, error) in ordinal order, decoded in parallel threads."""
+        """(ordinal, record, pixels or None, error) in ordinal order, `prefetch` samples decoded ahead in threads."""
         c = self.config
-        inflight: dict[int, dict] = {}
-        errors: dict[int, str] = {}
-
-        def items():
+        pool = ThreadPoolExecutor(max(c.num_threads, 1), thread_name_prefix="mlxclip-decode")
+        ahead: deque[tuple[int, dict, Future]] = deque()
+        try:
             for ordinal, record in self._epoch_items(start):
-                inflight[ordinal] = record
-                yield {"ordinal": np.int64(ordinal)}
+                ahead.append((ordinal, record, pool.submit(self._decode, record, ordinal)))
+                if len(ahead) > c.prefetch:
+                    yield self._done(*ahead.popleft())
+            while ahead:
+                yield self._done(*ahead.popleft())
+        finally:
+            # A consumer that stops early (steps reached, an error) must not leave threads decoding for nobody.
+            pool.shutdown(wait=True, cancel_futures=True)
 
-        def work(sample):
-            ordinal = int(sample["ordinal"])
-            size = self.preprocess.image_size
-            try:
-                pixels = self._pixels(inflight[ordinal], ordinal)
-            except BadImageError as exc:
-                errors[ordinal] = str(exc)
-                views = (len(c.views),) if c.views and c.train and c.random_crop else ()
-                pixels = np.zeros((*views, size, size, 3), np.float32)
-            return {"ordinal": sample["ordinal"], "pixels": pixels}
-
-        stream = dx.stream_python_iterable(items).sample_transform(work).prefetch(c.prefetch, c.num_threads)
-        ready, expected = [], start
-        for sample in stream:
-            heapq.heappush(ready, (int(sample["ordinal"]), sample["pixels"]))
-            while ready and ready[0][0] == expected:  # put completion order back into epoch order
-                ordinal, pixels = heapq.heappop(ready)
-                error = errors.pop(ordinal, "")
-                yield ordinal, inflight.pop(ordinal), None if error else pixels, error
-                expected += 1
+    @staticmethod
+    def _done(ordinal: int, record: dict, future: Future) -> tuple[int, dict, np.ndarray | None, str]:
+        pixels, error = future.result()
+        return ordinal, record, pixels, error
 
     # ---- batches -----------------------------------------------------------------------------------------------
 
