@@ -5,8 +5,9 @@ traced with its switches set, then the variants are timed in alternation, so mac
     python -m benchmarks.gpu_ab --arch ViT-B-32 --task embed-image --batch 16 --dtype float32 --variants default,layernorm=mlx
 A variant is `default` (the process's settings) or settings joined by `+`: attention=sdpa|padded|matmul|fused
 (MLXCLIP_GPU_ATTENTION), optimizer=per-param|multi (MLXCLIP_MULTI_TENSOR, mlx_clip/train/multi_tensor.py),
-layernorm=ours|mlx (MLXCLIP_CPU_LAYER_NORM, mlx_clip/layer_norm.py); a bare attention mode means attention=MODE.
-`--torch` adds torch.compile's step on CUDA to the rotation. Peak memory measured here depends on the
+layernorm=ours|mlx (MLXCLIP_CPU_LAYER_NORM, mlx_clip/layer_norm.py), split=on|off (CPU batch-parallel mode,
+mlx_clip/cpu_streams.py); a bare attention mode means attention=MODE. `--torch` adds torch.compile's step (CUDA, or the
+CPU when MLX runs there) to the rotation. Peak memory measured here depends on the
 order the variants were traced in (same-process allocations); compare memory across separate `mlxclip bench` runs.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from benchmarks.batches import parse_caption_tokens, CAPTION_HELP
 from benchmarks.workloads_mlx import TASKS, mlx_workload
-from mlx_clip import fastmath, layer_norm
+from mlx_clip import cpu_streams, fastmath, layer_norm
 from mlx_clip.config import get_config
 from mlx_clip.train import multi_tensor
 
@@ -28,6 +29,7 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "attention": (fastmath, "GPU_ATTENTION", fastmath.GPU_ATTENTION_MODES),
     "optimizer": (multi_tensor, "ENABLED", {"per-param": False, "multi": True}),
     "layernorm": (layer_norm, "ENABLED", {"ours": True, "mlx": False}),
+    "split": (cpu_streams, "ALLOWED", {"on": True, "off": False}),  # CPU batch-parallel mode (when a task has one)
 }
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr, _) in SETTINGS.items()}
 
@@ -77,18 +79,22 @@ def main():
         import torch
 
         from benchmarks.workloads_torch import torch_workload
-        loads["torch.compile"] = torch_workload(config, args.task, args.batch, "compiled", args.dtype, device="cuda",
-                                                words=words)
+        cuda = mx.default_device() == mx.gpu  # else the CPU: torch on the same device as MLX
+        loads["torch.compile"] = torch_workload(config, args.task, args.batch, "compiled", args.dtype,
+                                                device="cuda" if cuda else "cpu", words=words)
         for _ in range(3):
             loads["torch.compile"].run()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
         loads["torch.compile"].run()
-        peaks["torch.compile"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        peaks["torch.compile"] = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")
         variants.append("torch.compile")
     times = {v: [] for v in variants}
     for _ in range(args.rounds):
         for variant in variants:
+            if variant != "torch.compile":
+                _set(variant)  # settings read at run time too (split=)
             start = time.perf_counter()
             loads[variant].run()
             times[variant].append(time.perf_counter() - start)

@@ -3,8 +3,9 @@
 - sync: each step evaluated before the next is built (what `mlxclip bench` times per step);
 - host: building the step's graph (the compiled call) and encoding its kernels (`mx.async_eval` returns once every
   kernel is queued on the GPU stream), then the wait for the device to finish;
-- pipelined: K steps, each queued with `mx.async_eval` while the previous one still runs, one wait at the end, so the
-  host's work for step n+1 overlaps the device's work for step n.
+- pipelined: as the training loop runs (mlx_clip/train/loop.py): step n+1 built and queued with `mx.async_eval`,
+  then step n waited for, so the host's work for step n+1 overlaps the device's work for step n; and the peak memory
+  of both ways (two steps in flight may hold more).
 
     python -m benchmarks.gpu_host --arch ViT-B-32 --batch 256
 MLX reads MLX_MAX_OPS_PER_BUFFER (kernels per CUDA graph; its default on H100/H200 is 100) at start-up: run the
@@ -46,11 +47,23 @@ def _split(load) -> tuple[float, float, float]:
 
 def _pipelined(load, steps: int) -> float:
     start = time.perf_counter()
+    previous = None
     for _ in range(steps):
         outputs = load.launch()
         mx.async_eval(outputs)
-    mx.eval(outputs)
+        if previous is not None:
+            mx.eval(previous)
+        previous = outputs
+    mx.eval(previous)
     return (time.perf_counter() - start) / steps
+
+
+def _peak_gib(fn, *args) -> float:
+    mx.eval(mx.zeros(1))
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    fn(*args)
+    return (mx.get_peak_memory() - base) / 2**30
 
 
 def main():
@@ -59,7 +72,7 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--pipeline", type=int, default=8, help="steps queued back to back in the pipelined timing")
+    ap.add_argument("--pipeline", type=int, default=8, help="steps in each pipelined timing")
     ap.add_argument("--caption-tokens", default="5-30", help=CAPTION_HELP)
     args = ap.parse_args()
     load = mlx_workload(get_config(args.arch), "train", args.batch, "compiled", args.dtype,
@@ -71,13 +84,15 @@ def main():
         sync.append(_sync(load))
         split.append(_split(load))
         piped.append(_pipelined(load, args.pipeline))
+    peaks = _peak_gib(lambda: [_sync(load) for _ in range(3)]), _peak_gib(_pipelined, load, 3)
     build, encode, wait = (1e3 * float(np.median(col)) for col in zip(*split))
     ms = {name: 1e3 * float(np.median(t)) for name, t in (("sync", sync), ("pipelined", piped))}
     graphs = " ".join(f"{k}={os.environ[k]}" for k in ENV if k in os.environ) or "MLX defaults"
     print(f"{args.arch} b{args.batch} {args.dtype} [{graphs}]: sync {ms['sync']:.1f} ms "
           f"({args.batch / ms['sync'] * 1e3:.0f} img/s); host build {build:.1f} + encode {encode:.1f} ms, "
           f"then device wait {wait:.1f} ms; pipelined x{args.pipeline} {ms['pipelined']:.1f} ms/step "
-          f"({args.batch / ms['pipelined'] * 1e3:.0f} img/s)", flush=True)
+          f"({args.batch / ms['pipelined'] * 1e3:.0f} img/s); peak above resident: sync {peaks[0]:.2f} GiB, "
+          f"pipelined {peaks[1]:.2f} GiB", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
 
 from benchmarks.batches import random_batch
+from mlx_clip import cpu_streams
 from mlx_clip.config import CLIPConfig
 from mlx_clip.io import DTYPES, cast
 from mlx_clip.model import CLIP, init_weights
@@ -49,6 +50,16 @@ def _uncompiled(fn: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
+def _in_mode(fn: Callable[[], None], parallel: bool) -> Callable[[], None]:
+    # The product's choice (cpu_streams.batch_parallel): batches on every core for training and batch embedding, one
+    # request at a time with MKL's threads on each GEMM. Set before every run: workloads of both kinds share a process.
+    def run():
+        cpu_streams.batch_parallel(parallel)
+        fn()
+
+    return run
+
+
 def mlx_workload(config: CLIPConfig, task: str, batch: int, mode: str = "compiled", dtype: str = "float32",
                  seed: int = 0, words: tuple[int, int] | None = None) -> Workload:
     if task not in TASKS or mode not in MODES:
@@ -71,7 +82,7 @@ def mlx_workload(config: CLIPConfig, task: str, batch: int, mode: str = "compile
         def run():
             mx.eval(launch())
 
-        return Workload(run if mode == "compiled" else _uncompiled(run), batch, launch)
+        return Workload(_in_mode(run if mode == "compiled" else _uncompiled(run), batch > 1), batch, launch)
     encode = {
         "embed-image": lambda x, t: model.encode_image(x, normalize=True),
         "embed-text": lambda x, t: model.encode_text(t, normalize=True),
@@ -79,4 +90,4 @@ def mlx_workload(config: CLIPConfig, task: str, batch: int, mode: str = "compile
     }[task]
     if mode == "compiled":
         encode = mx.compile(encode, inputs=model.state)
-    return Workload(lambda: mx.eval(encode(images, ids)), batch)
+    return Workload(_in_mode(lambda: mx.eval(encode(images, ids)), batch > 1), batch)

@@ -57,3 +57,18 @@ def load() -> str | None:
         return path
     REASON = "; ".join(errors) or "no fast BLAS found (pip install mkl, or set MLXCLIP_BLAS)"
     return None
+
+
+def set_threads(n: int) -> bool:
+    """MKL's thread count for GEMMs issued from now on (all threads without their own setting); False when the
+    loaded BLAS is not MKL."""
+    if not LOADED or "mkl" not in os.path.basename(LOADED):
+        return False
+    ctypes.CDLL(LOADED).MKL_Set_Num_Threads(ctypes.c_int(n))
+    return True
+
+
+def get_threads() -> int | None:
+    if not LOADED or "mkl" not in os.path.basename(LOADED):
+        return None
+    return int(ctypes.CDLL(LOADED).MKL_Get_Max_Threads())

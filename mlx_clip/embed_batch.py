@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mlx_clip import cpu_streams
 from mlx_clip.data import Loader, LoaderConfig, SkipCounter, open_source
 from mlx_clip.io import resolve
 from mlx_clip.tokenizer import trim_padding
@@ -327,6 +328,11 @@ def _record_shard(manifest: dict, index: int, first: int, rows: list[Item], skip
 
 def embed_collection(args: EmbedArgs, progress: bool = True) -> dict:
     """Embed `args.data` into `args.out` (resuming a matching earlier run there). Returns a summary."""
+    with cpu_streams.batch_parallel_mode():  # a throughput job: each batch cut over the CPU's cores
+        return _embed_collection(args, progress)
+
+
+def _embed_collection(args: EmbedArgs, progress: bool) -> dict:
     from tqdm import tqdm
 
     from mlx_clip.io import load

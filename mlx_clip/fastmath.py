@@ -17,7 +17,7 @@ import warnings
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_clip import gpu_attention
+from mlx_clip import cpu_streams, gpu_attention
 
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -126,7 +126,7 @@ def _in_float32(fn):
     return lambda x: fn(x.astype(mx.float32)).astype(x.dtype)
 
 
-def _with_gradient(value_fn, grad_fn):
+def _with_gradient(stream, value_fn, grad_fn):
     """An activation whose forward and backward are each one compiled, fused elementwise kernel."""
     value, grad = mx.compile(_in_float32(value_fn)), mx.compile(_in_float32(grad_fn))
 
@@ -136,13 +136,18 @@ def _with_gradient(value_fn, grad_fn):
 
     @activation.vjp
     def activation_vjp(x, cotangent, output):  # one input: MLX passes the array itself, not a tuple
-        return cotangent * grad(x)
+        with mx.stream(stream):  # the forward's stream (cpu_streams.for_current_stream says why)
+            return cotangent * grad(x)
 
     return activation
 
 
-_fast_gelu = _with_gradient(_gelu_value, _gelu_grad)
-_fast_quick_gelu = _with_gradient(_quick_gelu_value, _quick_gelu_grad)
+def _fast_gelu(x: mx.array) -> mx.array:
+    return cpu_streams.for_current_stream(_with_gradient, _gelu_value, _gelu_grad)(x)
+
+
+def _fast_quick_gelu(x: mx.array) -> mx.array:
+    return cpu_streams.for_current_stream(_with_gradient, _quick_gelu_value, _quick_gelu_grad)(x)
 
 
 def _on_cpu() -> bool:
@@ -165,16 +170,23 @@ def quick_gelu(x: mx.array) -> mx.array:
 _softmax_exp = mx.compile(lambda x, m: exp((x - m).astype(mx.float32)))
 
 
-@mx.custom_function
 def softmax(x: mx.array) -> mx.array:
     """Softmax over the last axis (masked entries may be -inf: they come out 0 to float precision)."""
-    e = _softmax_exp(x, mx.stop_gradient(x.max(axis=-1, keepdims=True)))
-    return (e / e.sum(axis=-1, keepdims=True)).astype(x.dtype)
+    return cpu_streams.for_current_stream(_softmax)(x)
 
 
-@softmax.vjp
-def _softmax_vjp(x, cotangent, output):
-    return output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True))
+def _softmax(stream):
+    @mx.custom_function
+    def softmax(x):
+        e = _softmax_exp(x, mx.stop_gradient(x.max(axis=-1, keepdims=True)))
+        return (e / e.sum(axis=-1, keepdims=True)).astype(x.dtype)
+
+    @softmax.vjp
+    def softmax_vjp(x, cotangent, output):
+        with mx.stream(stream):  # the forward's stream (cpu_streams.for_current_stream says why)
+            return output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True))
+
+    return softmax
 
 
 def split_heads(x: mx.array, heads: int) -> mx.array:

@@ -13,10 +13,11 @@ so does the CPU with MLXCLIP_CPU_LAYER_NORM=0.
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from mlx_clip import cpu_streams
 
 
 def _row_mean(x: mx.array) -> mx.array:
@@ -52,8 +53,7 @@ def value_and_grads(x, w, b, cotangent, eps: float):
     return normed * w + b, dx, column_sum(cotangent * normed).astype(w.dtype), column_sum(cotangent).astype(b.dtype)
 
 
-@lru_cache(maxsize=None)
-def _cpu_layer_norm(eps: float):
+def _cpu_layer_norm(stream, eps: float):
     @mx.custom_function
     def layer_norm(x, w, b):
         mean, inv_std = _stats(x, eps)
@@ -61,7 +61,8 @@ def _cpu_layer_norm(eps: float):
 
     @layer_norm.vjp
     def layer_norm_vjp(primals, cotangent, output):
-        return value_and_grads(*primals, cotangent, eps)[1:]
+        with mx.stream(stream):  # the forward's stream (cpu_streams.for_current_stream says why)
+            return value_and_grads(*primals, cotangent, eps)[1:]
 
     return layer_norm
 
@@ -76,7 +77,7 @@ def applies() -> bool:
 
 def layer_norm(x: mx.array, w: mx.array, b: mx.array, eps: float) -> mx.array:
     """LayerNorm over the last axis with gain w and bias b (both (D,))."""
-    return _cpu_layer_norm(eps)(x, w, b) if applies() else mx.fast.layer_norm(x, w, b, eps)
+    return cpu_streams.for_current_stream(_cpu_layer_norm, eps)(x, w, b) if applies() else mx.fast.layer_norm(x, w, b, eps)
 
 
 class LayerNorm(nn.LayerNorm):

@@ -12,12 +12,10 @@ ordinary path: a frozen weight needs no gradient matmul).
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_clip import layer_norm as ln
+from mlx_clip import cpu_streams, layer_norm as ln
 
 
 _WEIGHT_AND_BIAS = {"weight", "bias"}
@@ -31,12 +29,11 @@ def applies(norm: nn.Module, fc1: nn.Module, fc2: nn.Module) -> bool:
 
 def mlp_block(norm: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear, activation, x: mx.array) -> mx.array:
     """fc2(activation(fc1(norm(x)))) for (..., D) inputs."""
-    fn = _block(activation, norm.eps)
+    fn = cpu_streams.for_current_stream(_block, activation, norm.eps)
     return fn(x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias)[0]
 
 
-@lru_cache(maxsize=None)
-def _block(activation, eps: float):
+def _block(stream, activation, eps: float):
     def layer_norm(x, w, b):
         return ln.layer_norm(x, w, b, eps)
 
@@ -47,19 +44,24 @@ def _block(activation, eps: float):
 
     @block.vjp
     def block_vjp(primals, cotangents, outputs):
-        x, ln_w, ln_b, w1, b1, w2, b2 = primals
-        g, h = cotangents[0], outputs[1]
-        rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (tokens of every batch row as one matrix)
-        a, (dh,) = _value_and_vjp(activation, [h], g @ w2)  # a = act(h) recomputed, and dh
-        if ln.applies():  # y recomputed, and the LayerNorm's gradients (layer_norm.py: fewer passes on the CPU)
-            y, dx, d_ln_w, d_ln_b = ln.value_and_grads(x, ln_w, ln_b, dh @ w1, eps)
-        else:
-            y, (dx, d_ln_w, d_ln_b) = _value_and_vjp(layer_norm, [x, ln_w, ln_b], dh @ w1)
-        dw2, db2 = rows(g).T @ rows(a), rows(g).sum(axis=0)
-        dw1, db1 = rows(dh).T @ rows(y), rows(dh).sum(axis=0)
-        return dx, d_ln_w, d_ln_b, dw1, db1.astype(b1.dtype), dw2, db2.astype(b2.dtype)
+        with mx.stream(stream):  # the forward's stream (cpu_streams.for_current_stream says why)
+            return _block_vjp(activation, eps, primals, cotangents, outputs)
 
     return block
+
+
+def _block_vjp(activation, eps: float, primals, cotangents, outputs):
+    x, ln_w, ln_b, w1, b1, w2, b2 = primals
+    g, h = cotangents[0], outputs[1]
+    rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (tokens of every batch row as one matrix)
+    a, (dh,) = _value_and_vjp(activation, [h], g @ w2)  # a = act(h) recomputed, and dh
+    if ln.applies():  # y recomputed, and the LayerNorm's gradients (layer_norm.py: fewer passes on the CPU)
+        y, dx, d_ln_w, d_ln_b = ln.value_and_grads(x, ln_w, ln_b, dh @ w1, eps)
+    else:
+        y, (dx, d_ln_w, d_ln_b) = _value_and_vjp(lambda *p: ln.layer_norm(*p, eps), [x, ln_w, ln_b], dh @ w1)
+    dw2, db2 = rows(g).T @ rows(a), rows(g).sum(axis=0)
+    dw1, db1 = rows(dh).T @ rows(y), rows(dh).sum(axis=0)
+    return dx, d_ln_w, d_ln_b, dw1, db1.astype(b1.dtype), dw2, db2.astype(b2.dtype)
 
 
 def _value_and_vjp(fn, primals: list, cotangent: mx.array):

@@ -11,7 +11,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_clip import fastmath, mlp_block
+from mlx_clip import cpu_streams, fastmath, mlp_block
 from mlx_clip.layer_norm import LayerNorm
 from mlx_clip.config import CLIPConfig, TextConfig, VisionConfig
 from mlx_clip.memory import checkpointed, sliced_attention
@@ -173,12 +173,12 @@ class CLIP(nn.Module):
 
     def encode_image(self, images: mx.array, normalize: bool = False) -> mx.array:
         """images: (B, H, W, 3) normalized pixels -> (B, projection_dim)."""
-        x = self.visual_projection(self.vision_model(images))
+        x = cpu_streams.split_batch(lambda part: self.visual_projection(self.vision_model(part)), images)
         return _l2_normalize(x) if normalize else x
 
     def encode_text(self, ids: mx.array, normalize: bool = False) -> mx.array:
         """ids: (B, L) int token ids -> (B, projection_dim)."""
-        x = self.text_projection(self.text_model(ids))
+        x = cpu_streams.split_batch(lambda part: self.text_projection(self.text_model(part)), ids)
         return _l2_normalize(x) if normalize else x
 
     def __call__(self, images: mx.array, ids: mx.array) -> tuple[mx.array, mx.array]:

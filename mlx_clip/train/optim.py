@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_clip.model import CLIP
 from mlx_clip.train import multi_tensor
-from mlx_clip.train.cpu_streams import Spread
+from mlx_clip.cpu_streams import Spread
 
 # Decoupled weight decay is not applied to these (as open_clip excludes gains/biases/logit_scale, plus lookup tables,
 # whose rows only move when their token appears and so should not be shrunk every step).

@@ -1,0 +1,91 @@
+"""Batch-parallel mode on the CPU (mlx_clip/cpu_streams.py): each tower's batch cut over CPU streams, MKL at one thread
+per GEMM. The cut model must still be open_clip's CLIP: embeddings and the contrastive loss's gradients for every
+parameter against open_clip's own autograd, compiled and not; the hand-written backward passes run on the stream of
+their forward; the mode restores MKL's threads."""
+
+import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_clip import _blas, cpu_streams, fastmath
+from mlx_clip.train.step import make_loss_fn
+
+torch = pytest.importorskip("torch")
+open_clip = pytest.importorskip("open_clip")
+
+from converters.open_clip import from_open_clip  # noqa: E402
+from test_parity import inputs, open_clip_pair, rel  # noqa: E402
+
+pytestmark = pytest.mark.skipif(len(cpu_streams.cpu_streams()) < 2 or _blas.get_threads() is None,
+                                reason="needs 2+ CPU cores and MKL (batch-parallel mode stays off otherwise)")
+
+
+def _torch_grads(ref, ours, images, ids):
+    ref.zero_grad()
+    img, txt, scale = ref(torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(ids))
+    loss = open_clip.loss.ClipLoss()(img, txt, scale)
+    loss.backward()
+    grads = {k: p.grad.numpy() for k, p in ref.named_parameters()}
+    # the gradients renamed and laid out as our parameters, by the same conversion the weights take
+    converted = from_open_clip({**{k: v.detach().numpy() for k, v in ref.state_dict().items()}, **grads})
+    return loss.item(), {k: np.array(v) for k, v in ours.sanitize({k: mx.array(v) for k, v in converted.items()}).items()}
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cut_batches_match_open_clip_embeddings_and_gradients(compiled):
+    cfg, ref, ours = open_clip_pair("tiny")
+    images, ids = inputs(cfg, batch=5)  # 5: unequal slices (2 + 3)
+    want_loss, want = _torch_grads(ref.train(), ours, images, ids)
+    with torch.no_grad():
+        want_img = ref.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    clip_loss = make_loss_fn("clip")
+    loss_fn = nn.value_and_grad(ours, lambda *batch: clip_loss(ours, *batch))
+    if compiled:
+        loss_fn = mx.compile(loss_fn, inputs=ours.state, outputs=ours.state)
+    with cpu_streams.batch_parallel_mode() as on:
+        assert on and _blas.get_threads() == 1
+        got_img = np.array(ours.encode_image(mx.array(images)))
+        loss, grads = loss_fn(mx.array(images), mx.array(ids.astype(np.int32)), mx.arange(5))
+        mx.eval(loss, grads)
+    assert rel(got_img, want_img) <= 1e-5
+    assert abs(loss.item() - want_loss) <= 1e-5 * abs(want_loss)
+    got = dict(tree_flatten(grads))
+    assert len(got) > 20
+    total = np.sqrt(sum(np.sum(w.astype(np.float64) ** 2) for w in want.values()))
+    for name, g in got.items():
+        if name.endswith("k_proj.bias"):  # exactly zero (softmax ignores a shift shared by all keys): round-off only
+            assert max(np.linalg.norm(g), np.linalg.norm(want[name])) <= 1e-6 * total, name
+        else:
+            assert rel(np.array(g), want[name]) <= 1e-4, name
+
+
+def test_mode_sets_and_restores_mkl_threads():
+    before = _blas.get_threads()
+    with cpu_streams.batch_parallel_mode() as on:
+        assert on and cpu_streams.ENABLED and _blas.get_threads() == 1
+        with cpu_streams.batch_parallel_mode(False) as inner:  # nested: latency work inside a throughput job
+            assert not inner and _blas.get_threads() == before
+        assert cpu_streams.ENABLED and _blas.get_threads() == 1
+    assert not cpu_streams.ENABLED and _blas.get_threads() == before
+
+
+def test_hand_written_backward_runs_on_its_forwards_stream():
+    """Each custom VJP is built per stream: the function used under a stream is the one built for it, and a GELU's
+    gradient taken under two streams equals the one taken on the default stream."""
+    a, b = cpu_streams.cpu_streams()[:2]
+    with mx.stream(a):
+        fa = cpu_streams.for_current_stream(fastmath._softmax)
+    with mx.stream(b):
+        fb = cpu_streams.for_current_stream(fastmath._softmax)
+    with mx.stream(a):
+        assert cpu_streams.for_current_stream(fastmath._softmax) is fa and fa is not fb
+    x = mx.random.normal((6, 40), key=mx.random.key(3))
+    grad = mx.grad(lambda t: (fastmath.gelu(t) * t).sum())
+    want = grad(x)
+    with mx.stream(a):
+        got = grad(x)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-6, atol=1e-7)
