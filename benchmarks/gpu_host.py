@@ -2,7 +2,10 @@
 
 - sync: each step evaluated before the next is built (what `mlxclip bench` times per step);
 - host: building the step's graph (the compiled call) and encoding its kernels (`mx.async_eval` returns once every
-  kernel is queued on the GPU stream), then the wait for the device to finish;
+  kernel is queued on the GPU stream), then the wait for the device to finish. MLX lets at most 10 command buffers
+  (~100 kernels each) be in flight and blocks the encoding thread until one completes, so "encode" includes waiting
+  for the device whenever a step has more than ~1,000 kernels: the encoding thread's CPU time (it blocks on a
+  condition variable there, it does not spin) is what tells host-bound from device-bound;
 - pipelined: as the training loop runs (mlx_clip/train/loop.py): step n+1 built and queued with `mx.async_eval`,
   then step n waited for, so the host's work for step n+1 overlaps the device's work for step n; and the peak memory
   of both ways (two steps in flight may hold more).
@@ -34,15 +37,18 @@ def _sync(load) -> float:
     return time.perf_counter() - start
 
 
-def _split(load) -> tuple[float, float, float]:
+def _split(load) -> tuple[float, float, float, float]:
+    """build, encode, wait (wall) and the encoding thread's CPU time while encoding (it blocks, not spins, on MLX's
+    in-flight limit: CPU time well under the encode time means the device set the pace)."""
     start = time.perf_counter()
     outputs = load.launch()
     built = time.perf_counter()
+    cpu = time.thread_time()
     mx.async_eval(outputs)
-    queued = time.perf_counter()
+    queued, cpu = time.perf_counter(), time.thread_time() - cpu
     mx.eval(outputs)
     done = time.perf_counter()
-    return built - start, queued - built, done - queued
+    return built - start, queued - built, done - queued, cpu
 
 
 def _pipelined(load, steps: int) -> float:
@@ -85,12 +91,13 @@ def main():
         split.append(_split(load))
         piped.append(_pipelined(load, args.pipeline))
     peaks = _peak_gib(lambda: [_sync(load) for _ in range(3)]), _peak_gib(_pipelined, load, 3)
-    build, encode, wait = (1e3 * float(np.median(col)) for col in zip(*split))
+    build, encode, wait, encode_cpu = (1e3 * float(np.median(col)) for col in zip(*split))
     ms = {name: 1e3 * float(np.median(t)) for name, t in (("sync", sync), ("pipelined", piped))}
     graphs = " ".join(f"{k}={os.environ[k]}" for k in ENV if k in os.environ) or "MLX defaults"
     print(f"{args.arch} b{args.batch} {args.dtype} [{graphs}]: sync {ms['sync']:.1f} ms "
-          f"({args.batch / ms['sync'] * 1e3:.0f} img/s); host build {build:.1f} + encode {encode:.1f} ms, "
-          f"then device wait {wait:.1f} ms; pipelined x{args.pipeline} {ms['pipelined']:.1f} ms/step "
+          f"({args.batch / ms['sync'] * 1e3:.0f} img/s); host build {build:.1f} + encode {encode:.1f} ms "
+          f"(thread CPU while encoding {encode_cpu:.1f} ms), then device wait {wait:.1f} ms; "
+          f"pipelined x{args.pipeline} {ms['pipelined']:.1f} ms/step "
           f"({args.batch / ms['pipelined'] * 1e3:.0f} img/s); peak above resident: sync {peaks[0]:.2f} GiB, "
           f"pipelined {peaks[1]:.2f} GiB", flush=True)
 
