@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from mlx_clip import cpu_streams
 from mlx_clip.data import Loader, LoaderConfig, decode_image, open_source
 from mlx_clip.tokenizer import trim_padding
 
@@ -264,13 +265,15 @@ def evaluate(model, data, task="zeroshot", classnames=None, templates=None, batc
         raise ValueError(f"task must be 'zeroshot' or 'retrieval', got {task!r}")
     source = open_source(data, **({} if task == "retrieval" else {"caption_key": None}))  # no captions needed
     if task == "retrieval":
-        return evaluate_retrieval(*load(model), source, batch_size)
+        with cpu_streams.batch_parallel_mode():
+            return evaluate_retrieval(*load(model), source, batch_size)
     names = load_classnames(classnames) if classnames else source.classnames
     if not names:
         raise ValueError(f"{data}: no class names known (no class folders or classes.txt beside it); "
                          "pass --classnames FILE")
     templates = load_templates(templates)
-    result = evaluate_zeroshot(*load(model), source, names, templates, batch_size)
+    with cpu_streams.batch_parallel_mode():  # a throughput job: each batch cut over the CPU's cores
+        result = evaluate_zeroshot(*load(model), source, names, templates, batch_size)
     return result | {"classnames": names}  # names the per_class entries
 
 
