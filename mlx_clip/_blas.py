@@ -69,6 +69,7 @@ def set_threads(n: int) -> bool:
 
 
 def get_threads() -> int | None:
+    """MKL's current thread count for GEMMs; None when the loaded BLAS is not MKL."""
     if not LOADED or "mkl" not in os.path.basename(LOADED):
         return None
     return int(ctypes.CDLL(LOADED).MKL_Get_Max_Threads())

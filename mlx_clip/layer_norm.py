@@ -77,7 +77,9 @@ def applies() -> bool:
 
 def layer_norm(x: mx.array, w: mx.array, b: mx.array, eps: float) -> mx.array:
     """LayerNorm over the last axis with gain w and bias b (both (D,))."""
-    return cpu_streams.for_current_stream(_cpu_layer_norm, eps)(x, w, b) if applies() else mx.fast.layer_norm(x, w, b, eps)
+    if applies():
+        return cpu_streams.for_current_stream(_cpu_layer_norm, eps)(x, w, b)
+    return mx.fast.layer_norm(x, w, b, eps)
 
 
 class LayerNorm(nn.LayerNorm):

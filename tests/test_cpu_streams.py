@@ -32,7 +32,8 @@ def _torch_grads(ref, ours, images, ids):
     grads = {k: p.grad.numpy() for k, p in ref.named_parameters()}
     # the gradients renamed and laid out as our parameters, by the same conversion the weights take
     converted = from_open_clip({**{k: v.detach().numpy() for k, v in ref.state_dict().items()}, **grads})
-    return loss.item(), {k: np.array(v) for k, v in ours.sanitize({k: mx.array(v) for k, v in converted.items()}).items()}
+    laid_out = ours.sanitize({k: mx.array(v) for k, v in converted.items()})
+    return loss.item(), {k: np.array(v) for k, v in laid_out.items()}
 
 
 @pytest.mark.parametrize("compiled", [False, True])
