@@ -6,9 +6,9 @@ skip accounting) in a `concurrent.futures` thread pool; Pillow releases the GIL 
 threads run in parallel. mlx-data's `prefetch` carried this parallelism before and was dropped: its thread pool's
 destructor sets the stop flag without holding the queue lock, so a worker between its wait predicate and its wait
 misses the wake-up and the destructor's `join` blocks forever (a loop that builds, drains and drops
-`dx.stream_python_iterable(...).prefetch(4, 2)` hangs in `ThreadPool::~ThreadPool`, in 3 of 5 tries within 1.5k-30k rounds; the test
-suite hung there about once in eight runs). Batching stays in Python because captions are strings and a skipped
-image must not shift the next batch.
+`dx.stream_python_iterable(...).prefetch(4, 2)` hung in `ThreadPool::~ThreadPool` in 3 of 5 tries, within 1.5k-30k
+rounds; the test suite hung there about once in eight runs). Batching stays in Python because captions are strings
+and a skipped image must not shift the next batch.
 """
 
 from __future__ import annotations
