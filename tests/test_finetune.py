@@ -529,3 +529,24 @@ def test_a_bad_mined_negative_option_is_a_clear_error(tiny_dir, data_dir, tmp_pa
                             "--bank-k", 0)
     assert code == 1 and err.startswith("error:") and "--bank-k" in err
     assert not out.exists()  # refused before any work
+
+
+def test_finetune_cuts_batches_over_cpu_cores_and_restores_mkl(tiny_dir, data_dir, tmp_path, monkeypatch):
+    """On a multi-core CPU a single-process fine-tune traces its towers in batch-parallel mode (mlx_clip/cpu_streams.py:
+    each batch cut into one slice per core, MKL at one thread) and leaves MKL's threads as it found them."""
+    from mlx_clip import _blas, cpu_streams
+
+    if len(cpu_streams.cpu_streams()) < 2 or _blas.get_threads() is None:
+        pytest.skip("batch-parallel mode needs 2+ CPU cores and MKL")
+    seen, split = [], cpu_streams.split_batch
+
+    def spy(fn, x):
+        seen.append((cpu_streams.ENABLED, x.shape[0], _blas.get_threads()))
+        return split(fn, x)
+
+    monkeypatch.setattr(cpu_streams, "split_batch", spy)
+    before = _blas.get_threads()
+    ft.finetune(_args(tiny_dir, data_dir, tmp_path / "run", steps=2, eval_every=0), quiet=True)
+    cut = [s for s in seen if s[1] == 16]  # the training step's towers (evaluation batches may differ)
+    assert cut and all(enabled and threads == 1 for enabled, _, threads in cut)
+    assert not cpu_streams.ENABLED and _blas.get_threads() == before
