@@ -1,5 +1,5 @@
-"""Spread work over the CPU's cores as independent MLX streams: the optimizer update always, and in batch-parallel
-mode each tower's batch, one slice per core.
+"""Spread work over the CPU's cores as independent MLX streams: the optimizer update always, and in batch-parallel mode
+each tower's batch, one slice per core.
 
 MLX runs every elementwise kernel and reduction of one stream on one thread; only BLAS is multi-threaded. Independent
 work placed on several CPU streams runs on several threads at once (measured 1.8x on an elementwise chain on 2 cores).
@@ -8,10 +8,11 @@ AdamW over 151 M ViT-B/32 parameters is such work: a pure memory pass (`Spread`)
 A tower's forward and backward are mostly GEMMs, which MKL already spreads over every core, plus single-threaded
 elementwise work (~40% on top of the GEMMs for ViT-B/32, about as much as the GEMMs for `small`). Batch-parallel mode
 (`batch_parallel`) gives each core a slice of the batch on its own stream and MKL one thread per GEMM: the GEMMs keep
-their throughput and the elementwise work runs on every core. Without the MKL change it is a loss: two streams of
-2-thread GEMMs oversubscribe the cores (MKL's idle threads spin). So the mode is for throughput work where every
-tower call has a batch to cut (training, batch embedding), switched on by those entry points; latency work (one image
-at a time) keeps MKL's threads on each GEMM. On a GPU these helpers hand back the default stream.
+their throughput and the elementwise work runs on every core. (Streams are capped at 4; a machine with more cores gives
+each stream's GEMMs cores / streams threads. Measured on 2 cores only.) Without the MKL change it is a loss: two streams
+of 2-thread GEMMs oversubscribe the cores (MKL's idle threads spin). So the mode is for throughput work where every
+tower call has a batch to cut (training, batch embedding), switched on by those entry points; latency work (one image at
+a time) keeps MKL's threads on each GEMM. On a GPU these helpers hand back the default stream.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def batch_parallel(on: bool = True) -> bool:
         return ENABLED
     if want:
         before = _blas.get_threads()
-        if before and _blas.set_threads(1):
+        # the cores shared out between the streams' GEMMs, none oversubscribed (1 thread each on 2 cores)
+        if before and _blas.set_threads(max(1, _cores() // len(cpu_streams()))):
             ENABLED, _MKL_THREADS = True, before
     else:
         _blas.set_threads(_MKL_THREADS)
