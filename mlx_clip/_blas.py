@@ -59,17 +59,21 @@ def load() -> str | None:
     return None
 
 
+def _mkl():
+    """The loaded library when it is MKL (its thread controls), else None."""
+    return ctypes.CDLL(LOADED) if LOADED and "mkl" in os.path.basename(LOADED) else None
+
+
 def set_threads(n: int) -> bool:
     """MKL's thread count for GEMMs issued from now on (all threads without their own setting); False when the
     loaded BLAS is not MKL."""
-    if not LOADED or "mkl" not in os.path.basename(LOADED):
-        return False
-    ctypes.CDLL(LOADED).MKL_Set_Num_Threads(ctypes.c_int(n))
-    return True
+    mkl = _mkl()
+    if mkl is not None:
+        mkl.MKL_Set_Num_Threads(ctypes.c_int(n))
+    return mkl is not None
 
 
 def get_threads() -> int | None:
     """MKL's current thread count for GEMMs; None when the loaded BLAS is not MKL."""
-    if not LOADED or "mkl" not in os.path.basename(LOADED):
-        return None
-    return int(ctypes.CDLL(LOADED).MKL_Get_Max_Threads())
+    mkl = _mkl()
+    return None if mkl is None else int(mkl.MKL_Get_Max_Threads())

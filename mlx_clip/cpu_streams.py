@@ -23,6 +23,7 @@ import os
 import mlx.core as mx
 
 from mlx_clip import _blas
+from mlx_clip.switches import env_switch
 
 _STREAMS: list | None = None
 
@@ -76,7 +77,7 @@ def for_current_stream(factory, *key):
 
 _MKL_THREADS = 0  # MKL's thread count before batch-parallel mode, restored when it ends
 ENABLED = False  # batch-parallel mode: read when a graph is traced (split_batch); set by batch_parallel
-ALLOWED = os.environ.get("MLXCLIP_CPU_SPLIT", "1").strip().lower() not in ("0", "false", "no", "off")
+ALLOWED = env_switch("MLXCLIP_CPU_SPLIT", True)
 
 
 def batch_parallel(on: bool = True) -> bool:

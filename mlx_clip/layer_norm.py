@@ -2,22 +2,21 @@
 
 MLX's CPU LayerNorm is a composition of ~8 ops: inside `mx.compile` the per-row `rsqrt(var + eps)` fuses into the
 elementwise kernel that broadcasts it, which then evaluates it once per *element* as a scalar libm call, and the row
-reductions run on one core. A (800, 768) LayerNorm (ViT-B/32, batch 16) took 2.7 ms, 16× an add of the same arrays;
-its backward (MLX's fallback, run op by op) ~20 passes. Here the row means are matrix-vector products (x @ 1/D, on
-the BLAS's threads), and the per-row scalars leave the fused kernels through a (rows, 1) @ (1, 1) product, which
-mx.compile does not fuse: 0.9 ms for the same LayerNorm, its backward 1.2-2x faster. The variance is taken around the mean (two passes), as
-torch does, so inputs with a large mean lose no precision. GPUs keep mx.fast.layer_norm (one fused kernel there), and
-so does the CPU with MLXCLIP_CPU_LAYER_NORM=0.
+reductions run on one core. A (800, 768) LayerNorm (ViT-B/32, batch 16) took 2.7 ms, 16× an add of the same arrays; its
+backward (MLX's fallback, run op by op) ~20 passes. Here the row means are matrix-vector products (x @ 1/D, on the
+BLAS's threads), and the per-row scalars leave the fused kernels through a (rows, 1) @ (1, 1) product, which mx.compile
+does not fuse: 0.9 ms for the same LayerNorm, its backward 1.2-2x faster. The variance is taken around the mean (two
+passes), as torch does, so inputs with a large mean lose no precision. GPUs keep mx.fast.layer_norm (one fused kernel
+there), and so does the CPU with MLXCLIP_CPU_LAYER_NORM=0.
 """
 
 from __future__ import annotations
-
-import os
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_clip import cpu_streams
+from mlx_clip.switches import env_switch
 
 
 def _row_mean(x: mx.array) -> mx.array:
@@ -67,7 +66,7 @@ def _cpu_layer_norm(stream, eps: float):
     return layer_norm
 
 
-ENABLED = os.environ.get("MLXCLIP_CPU_LAYER_NORM", "1").strip().lower() not in ("0", "false", "no", "off")
+ENABLED = env_switch("MLXCLIP_CPU_LAYER_NORM", True)
 
 
 def applies() -> bool:

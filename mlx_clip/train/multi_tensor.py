@@ -1,15 +1,15 @@
 """Multi-tensor AdamW and gradient sum of squares on CUDA: one kernel launch for up to 64 parameters (issue 7).
 
-A compiled ViT-B/32 train step on a GPU is bound by the host, not the device: building its graph and queueing its
-~6,600 operations takes ~70 ms while the H200 finishes ~2 ms after the last one is queued
-(`python -m benchmarks.gpu_host`). A third of those operations is the optimizer: per parameter a dot product for the
-gradient norm, the views around it and an update kernel, ~400 times. Here (as torch's foreach/fused AdamW) one launch
+A compiled ViT-B/32 train step on a GPU is bound by the host, not the device: building its graph and queueing its ~6,600
+operations takes ~70 ms while the H200 finishes ~2 ms after the last one is queued (`python -m benchmarks.gpu_host`). A
+third of those operations is the optimizer: per parameter a sum of squares for the gradient norm (a cuBLAS dot product
+until change 17), the views around it and an update kernel, ~400 times. Here (as torch's foreach/fused AdamW) one launch
 covers a chunk of parameters: the kernel's blocks walk a table of tiles (tensor, start, end), so each block works on one
 tensor and the switch that picks its pointers costs nothing.
 
-The arithmetic is `GroupedAdamW._adamw`'s, in fp32 for every dtype (the moments come out fp32, as they do there after the
-first step); the gradient-clip factor, the non-finite guard (gradient 0, moment weights 1, LR 0 on a skipped step) and
-each parameter's LR scale and weight decay are applied inside.
+The arithmetic is `GroupedAdamW._adamw`'s, in fp32 for every dtype (the moments come out fp32, as they do there after
+the first step); the gradient-clip factor, the non-finite guard (gradient 0, moment weights 1, LR 0 on a skipped step)
+and each parameter's LR scale and weight decay are applied inside.
 
 Opt-in (`MLXCLIP_MULTI_TENSOR=1`): on H200s, same process, the ViT-B/32 b256 step went 72.4 -> 68.3 ms on one machine
 (slow host) and 55.0 -> 57.3 ms on another (device-bound: the kernels read row-contiguous arrays, so the transposed
@@ -19,16 +19,17 @@ weight gradients MLX's matmul backward returns are copied first), with ~1 GiB mo
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import mlx.core as mx
+
+from mlx_clip.switches import env_switch
 
 MAX_TENSORS = 64  # per launch: 7 pointers each (p, g, m, v in; p, m, v out) stay under the classic 4 KB of arguments
 THREADS = 256
 TILE = THREADS * 16  # elements per thread block
 
-ENABLED = os.environ.get("MLXCLIP_MULTI_TENSOR", "0").strip().lower() in ("1", "true", "yes", "on")
+ENABLED = env_switch("MLXCLIP_MULTI_TENSOR", False)
 
 _HEADER = r"""
 #include <cuda_bf16.h>
