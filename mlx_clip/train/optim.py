@@ -110,7 +110,9 @@ class GroupedAdamW(optim.Adam):
         parameter, moment and the step count left as they were. Both happen inside each parameter's update, one pass
         over memory: as separate passes (scale the gradients, then `where` over parameters and state) they cost as
         much as AdamW itself on a CPU, where these loops are memory bound."""
-        self._gradient_scale, self._finite = gradient_scale, finite
+        # The flag as a float, made once and kept out of the fused update kernels (stop_gradient is not fused): a bool
+        # read inside them kept g++ from vectorising the CPU's AdamW loop (cpu_jit.py).
+        self._gradient_scale, self._finite = gradient_scale, mx.stop_gradient(finite.astype(mx.float32))
         try:
             counters = {k: self.state[k] for k in ("step", "learning_rate") if k in self.state}  # the schedule's too
             self.update(model, gradients)
@@ -158,17 +160,21 @@ class GroupedAdamW(optim.Adam):
         c1 = lr / (1 - b1**step)  # bias corrections from the true betas, also on a skipped step (no 1/0 there)
         c2 = mx.rsqrt(1 - b2**step)
         keep_m, keep_v = b1, b2  # the old moments' weights, (1 - those) the gradient's
-        if self._gradient_scale is not None:
-            gradient = gradient * self._gradient_scale.astype(gradient.dtype)
+        scale = self._gradient_scale
         if self._finite is not None:
-            # A skipped step writes the old values back through the same kernels: gradient 0 (so inf/nan cannot
-            # leak in), moment weights 1, LR 0. A `where(finite, new, old)` over p, m and v instead cost an extra
-            # pass over each and kept m and v out of the update's fused kernel: ~800 more kernels per ViT-B/32 step
-            # (the GPU step is partly bound by launching them; on the CPU these passes are memory bound).
-            ok = self._finite.astype(mx.float32)
-            gradient = mx.where(self._finite, gradient, mx.zeros_like(gradient))
+            # A skipped step writes the old values back through the same kernels: gradient 0, moment weights 1, LR 0.
+            # (A `where(finite, new, old)` over p, m and v instead cost an extra pass over each and kept m and v out
+            # of the update's fused kernel: ~800 more kernels per ViT-B/32 step.) The scale is 0 then, and the
+            # elementwise test zeroes what 0 * inf or 0 * nan leaves, so nothing non-finite leaks in; on a good
+            # step it changes nothing (a finite gradient times a clip factor <= 1 is finite).
+            ok = self._finite
+            scale = ok if scale is None else scale * ok
             keep_m, keep_v = 1 - (1 - b1) * ok, 1 - (1 - b2) * ok
             lr, c1 = lr * ok, c1 * ok
+        if scale is not None:
+            gradient = gradient * scale.astype(gradient.dtype)
+        if self._finite is not None:
+            gradient = mx.where(mx.abs(gradient) < math.inf, gradient, 0.0)
         m = keep_m * state["m"] + (1 - keep_m) * gradient
         v = keep_v * state["v"] + (1 - keep_v) * mx.square(gradient)
         update = c1 * m / (mx.sqrt(v) * c2 + self.eps)
