@@ -1,8 +1,9 @@
 """mlx-clip: CLIP in MLX — load, convert, fine-tune, evaluate and serve."""
 
-from mlx_clip import _blas
+from mlx_clip import _blas, cpu_jit
 
 _blas.load()  # must precede the first `import mlx.core` anywhere in the process
+cpu_jit.enable()  # before MLX builds its first CPU kernel: vectorised fused loops (cpu_jit.py says why)
 
 from mlx_clip import cpu_cache  # noqa: E402  (after the BLAS preload)
 

@@ -44,7 +44,7 @@ def torch_info() -> dict:
 def report(measure: bool = True) -> dict:
     import mlx.core as mx
 
-    from mlx_clip import cpu_cache, fastmath
+    from mlx_clip import cpu_cache, cpu_jit, fastmath
 
     info = {
         "python": platform.python_version(),
@@ -53,6 +53,7 @@ def report(measure: bool = True) -> dict:
         "device": str(mx.default_device()),
         "blas": _blas.LOADED or f"bundled ({_blas.REASON})",
         "cache_limit_bytes": cpu_cache.current_limit(),  # MLXCLIP_CPU_CACHE on CPU builds
+        "cpu_jit": cpu_jit.STATUS,  # MLXCLIP_CPU_JIT: flags for MLX's CPU kernel compiler
         "gpu_attention": fastmath.GPU_ATTENTION,  # MLXCLIP_GPU_ATTENTION
         "torch": torch_info(),
     }

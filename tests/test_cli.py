@@ -61,7 +61,7 @@ def test_list_archs():
 
 def test_doctor_json():
     info = json.loads(invoke("doctor", "--json", "--no-bench").output)
-    assert {"mlx", "device", "blas", "torch"} <= set(info)
+    assert {"mlx", "device", "blas", "cpu_jit", "torch"} <= set(info)
     assert info["mlx"] == mx.__version__
     assert info["torch"]["available"] is True and info["torch"]["version"] == torch.__version__
 
