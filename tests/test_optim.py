@@ -45,6 +45,38 @@ def test_grouped_adamw_matches_torch_adamw(lr_scale, wd, scheduled):
         np.testing.assert_allclose(np.array(params["w"]), p.detach().numpy(), rtol=1e-6, atol=1e-6, err_msg=f"step {i}")
 
 
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_guarded_update_clips_and_skips_like_torch(device, monkeypatch):
+    """The training step's update: gradients times a clip factor, and a step flagged non-finite (its gradients hold
+    nan and inf) leaves weights and moments as they were; vs torch AdamW on the clipped gradients, skipping that step.
+    The guard zeroes a bad step's gradient elementwise on the CPU and by the flag on a GPU: both ways run here."""
+    from mlx_clip.train import optim as optim_mod
+
+    if device == "gpu":  # the GPU branch of the guard, traced and run on the CPU
+        monkeypatch.setattr(optim_mod, "_on_cpu", lambda: False)
+    rng = np.random.default_rng(1)
+    w0 = rng.standard_normal((6, 5)).astype(np.float32)
+    grads = rng.standard_normal((5, 6, 5)).astype(np.float32)
+    grads[2, 1, 1], grads[2, 3, 0] = np.nan, np.inf
+    good, clip = [True, True, False, True, True], 0.3
+    opt = GroupedAdamW(1e-2, {"weight": (1.0, 0.1)}, betas=(0.9, 0.98), eps=1e-6)
+    model = nn.Linear(5, 6, bias=False)
+    model.update({"weight": mx.array(w0)})
+    opt.init(model.trainable_parameters())
+    p = torch.nn.Parameter(torch.tensor(w0))
+    ref = torch.optim.AdamW([p], lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+    for i, (g, ok) in enumerate(zip(grads, good)):
+        opt.guarded_update(model, {"weight": mx.array(g)}, mx.array(clip), mx.array(ok))
+        mx.eval(model.parameters(), opt.state)
+        if ok:
+            p.grad = torch.tensor(g * clip)
+            ref.step()
+        np.testing.assert_allclose(np.array(model.weight), p.detach().numpy(), rtol=1e-6, atol=1e-6, err_msg=f"{i}")
+        state = ref.state[p]
+        np.testing.assert_allclose(np.array(opt.state["weight"]["m"]), state["exp_avg"].numpy(), rtol=1e-6, atol=1e-7)
+        assert int(opt.state["step"]) == int(state["step"])
+
+
 def test_weight_decay_skips_biases_norms_embeddings_and_logit_scale(tiny_dir):
     model, _, _ = load(tiny_dir)
     hparams = param_hparams(model, 0.1)

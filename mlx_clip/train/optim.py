@@ -91,7 +91,7 @@ class GroupedAdamW(optim.Adam):
     def __init__(self, learning_rate, hparams: dict[str, tuple[float, float]], betas=(0.9, 0.98), eps=1e-6):
         super().__init__(learning_rate=learning_rate, betas=list(betas), eps=eps, bias_correction=True)
         self.hparams = hparams
-        self._gradient_scale, self._finite = None, None
+        self._gradient_scale, self._finite, self._ok = None, None, None
         self._spread = None
 
     def apply_gradients(self, gradients: dict, parameters: dict):
@@ -110,16 +110,17 @@ class GroupedAdamW(optim.Adam):
         parameter, moment and the step count left as they were. Both happen inside each parameter's update, one pass
         over memory: as separate passes (scale the gradients, then `where` over parameters and state) they cost as
         much as AdamW itself on a CPU, where these loops are memory bound."""
-        # The flag as a float, made once and kept out of the fused update kernels (stop_gradient is not fused): a bool
-        # read inside them kept g++ from vectorising the CPU's AdamW loop (cpu_jit.py).
-        self._gradient_scale, self._finite = gradient_scale, mx.stop_gradient(finite.astype(mx.float32))
+        ok = finite.astype(mx.float32)
+        if _on_cpu():  # made apart (stop_gradient is not fused): no bool in the kernels (_zeroed)
+            ok = mx.stop_gradient(ok)
+        self._gradient_scale, self._finite, self._ok = gradient_scale * ok, finite, ok
         try:
             counters = {k: self.state[k] for k in ("step", "learning_rate") if k in self.state}  # the schedule's too
             self.update(model, gradients)
             for name, old in counters.items():
                 self.state[name] = mx.where(finite, self.state[name], old)
         finally:
-            self._gradient_scale, self._finite = None, None
+            self._gradient_scale, self._finite, self._ok = None, None, None
 
     def _apply_multi_tensor(self, flat_gradients: list, parameters: dict) -> dict:
         """The guarded update of every parameter in a few CUDA launches (multi_tensor.py); the same state layout. Each
@@ -160,27 +161,36 @@ class GroupedAdamW(optim.Adam):
         c1 = lr / (1 - b1**step)  # bias corrections from the true betas, also on a skipped step (no 1/0 there)
         c2 = mx.rsqrt(1 - b2**step)
         keep_m, keep_v = b1, b2  # the old moments' weights, (1 - those) the gradient's
-        scale = self._gradient_scale
+        if self._gradient_scale is not None:
+            gradient = gradient * self._gradient_scale.astype(gradient.dtype)
         if self._finite is not None:
-            # A skipped step writes the old values back through the same kernels: gradient 0, moment weights 1, LR 0.
-            # (A `where(finite, new, old)` over p, m and v instead cost an extra pass over each and kept m and v out
-            # of the update's fused kernel: ~800 more kernels per ViT-B/32 step.) The scale is 0 then, and the
-            # elementwise test zeroes what 0 * inf or 0 * nan leaves, so nothing non-finite leaks in; on a good
-            # step it changes nothing (a finite gradient times a clip factor <= 1 is finite).
-            ok = self._finite
-            scale = ok if scale is None else scale * ok
+            # A skipped step writes the old values back through the same kernels: gradient 0 (so inf/nan cannot
+            # leak in), moment weights 1, LR 0. A `where(finite, new, old)` over p, m and v instead cost an extra
+            # pass over each and kept m and v out of the update's fused kernel: ~800 more kernels per ViT-B/32 step.
+            ok = self._ok
+            gradient = _zeroed(gradient, self._finite)
             keep_m, keep_v = 1 - (1 - b1) * ok, 1 - (1 - b2) * ok
             lr, c1 = lr * ok, c1 * ok
-        if scale is not None:
-            gradient = gradient * scale.astype(gradient.dtype)
-        if self._finite is not None:
-            gradient = mx.where(mx.abs(gradient) < math.inf, gradient, 0.0)
         m = keep_m * state["m"] + (1 - keep_m) * gradient
         v = keep_v * state["v"] + (1 - keep_v) * mx.square(gradient)
         update = c1 * m / (mx.sqrt(v) * c2 + self.eps)
         new = parameter * (1 - lr * state["wd"]).astype(parameter.dtype) - update.astype(parameter.dtype)
         state["m"], state["v"] = m, v
         return new
+
+
+def _zeroed(gradient: mx.array, finite: mx.array) -> mx.array:
+    """The (already scaled) gradient on a good step, 0 on a skipped one, whose scale is 0: what remains to clear is
+    0 * inf and 0 * nan. On the CPU by an elementwise test, so no bool enters the fused update (g++ leaves a loop that
+    reads one scalar: cpu_jit.py); on a good step it changes nothing, a finite gradient times a clip factor <= 1 being
+    finite. On a GPU by the step's flag: one graph node per parameter, not three (its step is bound by host work)."""
+    if _on_cpu():
+        return mx.where(mx.abs(gradient) < math.inf, gradient, 0.0)
+    return mx.where(finite, gradient, 0.0)
+
+
+def _on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
 
 
 def _state_at(state, dotted: str) -> dict:
