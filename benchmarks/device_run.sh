@@ -1,7 +1,9 @@
 #!/bin/bash
 # Issue 7 measurements on a lent CUDA machine (../shared/docs/GPU.md stages the wheels into /tmp/site first).
 # Usage there: bash benchmarks/device_run.sh STEP...   (steps below; each writes its output under $OUT)
-# tree-ab compares against ab_old/, made here first: mkdir ab_old && git archive BASE mlx_clip | tar -x -C ab_old
+# tree-ab compares against ab_old/, made here first: mkdir ab_old && git archive BASE mlx_clip benchmarks | tar -x -C ab_old
+# (each tree runs from its own directory: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH,
+# so an old tree named only in PYTHONPATH would be shadowed by this one, as it was before session 7)
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 BENCH="python3 -m benchmarks.bench --backend mlx,torch --task train --mode compiled --batch 256 --dtype bfloat16 --device cuda --runs 10 --warmup 3 --caption-tokens 5-30"
 for step in "$@"; do
@@ -14,7 +16,7 @@ for step in "$@"; do
     ab32) timeout 400 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --variants sdpa,fused 2>&1 | tee $OUT/ab32.txt ;;
     scale) for b in 64 128; do timeout 200 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --batch $b --variants sdpa,fused --rounds 6 2>&1 | tail -2; done | tee $OUT/scale.txt ;;
     ab16) timeout 400 python3 -m benchmarks.gpu_ab --arch ViT-B-16 --variants sdpa,fused,padded 2>&1 | tee $OUT/ab16.txt ;;
-    tree-ab) for r in 1 2 3; do for t in ab_old .; do echo "tree $t"; PYTHONPATH=/tmp/site:$PWD/$t:$PWD timeout 150 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --variants fused --rounds 8 2>&1 | tail -1; done; done | tee $OUT/tree-ab.txt ;;
+    tree-ab) for r in 1 2 3; do for t in ab_old .; do echo "tree $t"; (cd $t && PYTHONPATH=/tmp/site:$PWD timeout 150 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --variants fused --rounds 8 2>&1 | tail -1); done; done | tee $OUT/tree-ab.txt ;;
     host) for v in "" MLX_MAX_OPS_PER_BUFFER=300 "MLX_MAX_OPS_PER_BUFFER=1000 MLX_MAX_MB_PER_BUFFER=100000" "MLX_MAX_OPS_PER_BUFFER=4000 MLX_MAX_MB_PER_BUFFER=100000" MLX_USE_CUDA_GRAPHS=0; do env $v timeout 150 python3 -m benchmarks.gpu_host --arch ViT-B-32 2>&1 | tail -1; done | tee $OUT/host.txt ;;
     mt) timeout 400 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --variants default,optimizer=multi --torch 2>&1 | tee $OUT/mt-ab32.txt ;;
     pipe) for a in ViT-B-32 ViT-B-16; do timeout 200 python3 -m benchmarks.gpu_host --arch $a --rounds 4 2>&1 | tail -1; done | tee $OUT/pipe.txt ;;
