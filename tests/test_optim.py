@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 from open_clip_train.scheduler import const_lr, cosine_lr
 
 from converters.convert import init_model
+from mlx_clip import cpu_streams
 from mlx_clip.io import load
 from mlx_clip.train.optim import GroupedAdamW, freeze_towers, lr_schedule, param_hparams
 
@@ -182,3 +183,5 @@ def test_global_norm_matches_torch_clip_grad_norm(way, monkeypatch):
     want = float(torch.nn.utils.clip_grad_norm_(params, max_norm=1e9))
     tree = {"a": mx.array(grads[0]), "b": {"c": mx.array(grads[1]), "d": [mx.array(grads[2]), mx.array(grads[3])]}}
     assert float(step._global_norm(tree)) == pytest.approx(want, rel=1e-6)
+    with cpu_streams.batch_parallel_mode(True):  # the sums of squares then spread over the CPU streams
+        assert float(mx.compile(step._global_norm)(tree)) == pytest.approx(want, rel=1e-6)

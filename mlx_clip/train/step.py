@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
+from mlx_clip import cpu_streams
+from mlx_clip.cpu_streams import Spread
 from mlx_clip.losses import accumulated_value_and_grad, combined_loss, parse_loss_spec
 from mlx_clip.train import distributed as dist
 from mlx_clip.train import multi_tensor
@@ -178,4 +181,11 @@ def _global_norm(grads) -> mx.array:
     arrays = [g for _, g in tree_flatten(grads)]
     if multi_tensor.applies(arrays):  # CUDA: a few launches instead of one reduction (and its views) per array
         return mx.sqrt(multi_tensor.sum_of_squares(arrays))
-    return mx.sqrt(sum(_sum_of_squares(g) for g in arrays))
+    # In batch-parallel mode MKL runs one thread per call, so the dot products go to one CPU stream per core, as the
+    # update does (elsewhere MKL's own threads take each one; on a GPU there is one stream).
+    spread = Spread() if cpu_streams.ENABLED else None
+    squares = []
+    for g in arrays:
+        with spread.stream_for(g.size) if spread else contextlib.nullcontext():
+            squares.append(_sum_of_squares(g))
+    return mx.sqrt(sum(squares))
