@@ -98,7 +98,7 @@ def _install() -> str:
     temp = tempfile.gettempdir()
     if os.path.basename(temp).startswith(_DIR_PREFIX):  # a child of a process that did this already
         temp = os.path.dirname(temp)
-    root = os.path.join(temp, _DIR_PREFIX + tag)
+    root = os.path.join(temp, f"{_DIR_PREFIX}{os.getuid()}-{tag}")  # per user: MLX writes its kernels in there
     bin_dir = os.path.join(root, "bin")
     real = _real_compiler(bin_dir)
     if real is None:
@@ -106,8 +106,10 @@ def _install() -> str:
     try:
         os.makedirs(bin_dir, exist_ok=True)
         _write_executable(os.path.join(bin_dir, "g++"), wrapper_script(real, os.path.join(root, "mlx"), extra))
+        if not os.access(root, os.W_OK):
+            raise PermissionError("not writable")
     except OSError as e:
-        return f"off (cannot write {bin_dir}: {e})"
+        return f"off (cannot write {root}: {e})"
     entries = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and _DIR_PREFIX not in p]
     os.environ["PATH"] = os.pathsep.join([bin_dir, *entries])
     os.environ["TMPDIR"] = root  # read by MLX at each kernel build (and by child processes)
