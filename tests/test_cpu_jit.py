@@ -1,6 +1,7 @@
 """mlx_clip/cpu_jit.py: the g++ wrapper adds its flags to MLX's kernel builds only, enabling it is safe to repeat in
 child processes, and kernels built with the flags compute bit for bit what MLX's own build computes."""
 
+import glob
 import json
 import os
 import shutil
@@ -87,7 +88,7 @@ def test_switched_off_leaves_path_and_tmpdir_alone(tmp_path):
 # Compiled functions whose fused kernels the flags change (sqrt, where over float work, many inputs): GELU and its
 # gradient, softmax, LayerNorm and the guarded AdamW update of the training step, on one fixed input.
 _KERNELS = """
-import glob, os, sys
+import glob, os
 import numpy as np
 import mlx_clip
 import mlx.core as mx
@@ -115,7 +116,7 @@ for finite in (True, False, True):  # the skipped step's gradients hold a nan an
     mx.eval(model.parameters(), opt.state)
 out = [gelu(x), grad(x), soft(x), norm(x), model.weight, model.bias, opt.state["weight"]["m"],
        opt.state["weight"]["v"]]
-np.savez(sys.argv[1] if len(sys.argv) > 1 else os.environ["OUT"], *[np.array(o) for o in out])
+np.savez(os.environ["OUT"], *[np.array(o) for o in out])
 print(len(glob.glob(os.path.join(os.environ["TMPDIR"], "mlx", "*", "cpu", "*.so"))))
 """
 
@@ -129,7 +130,16 @@ def test_kernels_built_with_the_flags_compute_the_same_bits(tmp_path):
     assert int(_python(_KERNELS, ours_env)) > 0  # built into our directory (TMPDIR is ours in that process)
     ours_root = [p for p in os.listdir(ours_env["TMPDIR"]) if p.startswith("mlxclip-jit-")]
     assert len(ours_root) == 1
+    stock_libs = _libraries(stock_env["TMPDIR"])
+    ours_libs = _libraries(os.path.join(ours_env["TMPDIR"], ours_root[0]))
+    same_kernels = stock_libs.keys() & ours_libs.keys()
+    assert same_kernels and any(stock_libs[k] != ours_libs[k] for k in same_kernels)  # the flags reached g++
     stock, ours = np.load(stock_out), np.load(ours_out)
     for key in stock.files:
         assert np.isfinite(stock[key]).all(), key  # the skipped step let nothing non-finite in
         np.testing.assert_array_equal(stock[key], ours[key], err_msg=key)
+
+
+def _libraries(tmpdir):
+    """MLX's built kernels under TMPDIR: file name -> bytes."""
+    return {os.path.basename(p): open(p, "rb").read() for p in glob.glob(os.path.join(tmpdir, "mlx", "*", "cpu", "*.so"))}
