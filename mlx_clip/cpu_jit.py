@@ -50,11 +50,12 @@ def _cpu_has(feature: str) -> bool:
 
 
 def wrapper_script(real_compiler: str, kernel_dir: str, extra: tuple[str, ...]) -> str:
-    """A POSIX sh `g++` that appends `extra` when the command names a file under `kernel_dir`, else runs unchanged."""
+    """A POSIX sh `g++` that appends `extra` when the command names a file under `kernel_dir`, else runs unchanged.
+    A build that fails with the flags (a compiler that rejects one) is run again as MLX asked for it."""
     return (
         "#!/bin/sh\n"
         "# mlx-clip (mlx_clip/cpu_jit.py): flags for MLX's CPU kernel builds; other compiles pass through unchanged.\n"
-        f'case "$*" in\n  *"{kernel_dir}/"*) exec "{real_compiler}" "$@" {" ".join(extra)} ;;\nesac\n'
+        f'case "$*" in\n  *"{kernel_dir}/"*) "{real_compiler}" "$@" {" ".join(extra)} >/dev/null 2>&1 && exit 0 ;;\nesac\n'
         f'exec "{real_compiler}" "$@"\n'
     )
 

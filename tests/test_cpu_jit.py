@@ -43,6 +43,18 @@ def test_wrapper_adds_flags_to_mlx_kernel_builds_only(tmp_path):
     assert _run_wrapper(tmp_path, wrapper, other, log) == other  # anything else: exactly as called
 
 
+def test_a_compiler_that_rejects_the_flags_builds_as_mlx_asked(tmp_path):
+    log = tmp_path / "args.txt"
+    picky = tmp_path / "picky-g++"  # fails on any argument it does not know, as clang does on --param
+    picky.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = "--param=x" ] && exit 1; done\nprintf "%s\\n" "$@" > "{log}"\n')
+    picky.chmod(0o755)
+    kernels = tmp_path / "mlx"
+    wrapper = tmp_path / "g++"
+    wrapper.write_text(cpu_jit.wrapper_script(str(picky), str(kernels), ("--param=x",)))
+    build = ["-O3", f"{kernels}/k.cpp", "-o", f"{kernels}/k.so"]
+    assert _run_wrapper(tmp_path, wrapper, build, log) == build
+
+
 def _python(code, env):
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=600, env=env)
