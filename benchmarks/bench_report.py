@@ -59,6 +59,7 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
         f"# {title}",
         "",
         f"Machine: {machine['label']}; MLX BLAS: `{machine['mlx_blas']}`; "
+        f"MLX CPU kernel flags (`mlx_clip/cpu_jit.py`): {machine.get('mlx_cpu_jit', '—')}; "
         f"torch threads: {machine.get('torch_threads', '—')}.",
         "",
         "Median of the timed runs after warm-up (first run, which includes compilation, reported apart); spread = "

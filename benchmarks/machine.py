@@ -23,7 +23,7 @@ def machine_info(device: str) -> dict:
     """A dict for the JSON reports; `label` is the one line the markdown tables are headed with."""
     import mlx.core as mx
 
-    from mlx_clip import _blas
+    from mlx_clip import _blas, cpu_jit
 
     info = {
         "date": str(date.today()),
@@ -34,6 +34,7 @@ def machine_info(device: str) -> dict:
         "gpu": gpu_name(device),
         "mlx": mx.__version__,
         "mlx_blas": _blas.LOADED or f"bundled ({_blas.REASON})",
+        "mlx_cpu_jit": cpu_jit.STATUS.split(" (kernels in")[0],  # MLX's CPU kernel compiler flags (cpu_jit.py)
     }
     try:
         import open_clip

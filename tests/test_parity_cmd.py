@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.parity import parity
 from cli_util import invoke
-from mlx_clip import cli
+from mlx_clip import cli, cpu_jit
 from mlx_clip.config import get_config
 from mlx_clip.io import save
 from mlx_clip.model import CLIP, init_weights
@@ -170,6 +170,9 @@ def test_bench_json_lines(tmp_path, capsys):
     stem = tmp_path / "bench-cpu-tiny-float32-b4"
     assert len(stem.with_suffix(".jsonl").read_text().splitlines()) == 4
     assert "MLX / torch" in stem.with_suffix(".md").read_text() and stem.with_suffix(".png").exists()
+    # the machine line says how MLX's CPU kernels were built
+    assert f"MLX CPU kernel flags (`mlx_clip/cpu_jit.py`): {cpu_jit.STATUS.split(' (kernels in')[0]};" in \
+        stem.with_suffix(".md").read_text()
 
 
 def test_bench_runs_accumulate_in_one_table(tmp_path, capsys):
