@@ -34,7 +34,7 @@ def machine_info(device: str) -> dict:
         "gpu": gpu_name(device),
         "mlx": mx.__version__,
         "mlx_blas": _blas.LOADED or f"bundled ({_blas.REASON})",
-        "mlx_cpu_jit": cpu_jit.STATUS.split(" (kernels in")[0],  # MLX's CPU kernel compiler flags (cpu_jit.py)
+        "mlx_cpu_jit": cpu_jit.STATUS,  # MLX's CPU kernel compiler flags (cpu_jit.py)
     }
     try:
         import open_clip

@@ -32,8 +32,10 @@ _BASE_FLAGS = ("-fno-math-errno", "-fno-trapping-math", "--param=vect-max-versio
                "-ffp-contract=off")
 _DIR_PREFIX = "mlxclip-jit-"
 
-# What enable() did, for `mlxclip doctor`: the flags added, or why none are.
+# What enable() did, for `mlxclip doctor` and bench results: the flags added, or why none are; and where MLX's
+# kernels go while it is on.
 STATUS = "not attempted"
+KERNEL_DIR: str | None = None
 
 
 def flags() -> tuple[str, ...]:
@@ -58,13 +60,6 @@ def wrapper_script(real_compiler: str, kernel_dir: str, extra: tuple[str, ...]) 
         f'case "$*" in\n  *"{kernel_dir}/"*) "{real_compiler}" "$@" {" ".join(extra)} >/dev/null 2>&1 && exit 0 ;;\nesac\n'
         f'exec "{real_compiler}" "$@"\n'
     )
-
-
-def _real_compiler(skip_dir: str) -> str | None:
-    """g++ on PATH, not counting our own wrappers (a child process inherits the PATH we set)."""
-    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
-                           if p and _DIR_PREFIX not in p and os.path.abspath(p) != skip_dir)
-    return shutil.which("g++", path=path)
 
 
 def _write_executable(path: str, text: str) -> None:
@@ -94,24 +89,27 @@ def enable() -> str:
 
 
 def _install() -> str:
+    global KERNEL_DIR
     extra = flags()
     tag = hashlib.sha256(" ".join(extra).encode()).hexdigest()[:12]
     temp = tempfile.gettempdir()
     if os.path.basename(temp).startswith(_DIR_PREFIX):  # a child of a process that did this already
         temp = os.path.dirname(temp)
     root = os.path.join(temp, f"{_DIR_PREFIX}{os.getuid()}-{tag}")  # per user: MLX writes its kernels in there
-    bin_dir = os.path.join(root, "bin")
-    real = _real_compiler(bin_dir)
+    bin_dir, kernel_dir = os.path.join(root, "bin"), os.path.join(root, "mlx")
+    # PATH without our wrappers (a child process inherits the PATH set below): where the real g++ is found
+    entries = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and _DIR_PREFIX not in p]
+    real = shutil.which("g++", path=os.pathsep.join(entries))
     if real is None:
         return "off (no g++ on PATH: MLX cannot compile CPU kernels either)"
     try:
         os.makedirs(bin_dir, exist_ok=True)
-        _write_executable(os.path.join(bin_dir, "g++"), wrapper_script(real, os.path.join(root, "mlx"), extra))
+        _write_executable(os.path.join(bin_dir, "g++"), wrapper_script(real, kernel_dir, extra))
         if not os.access(root, os.W_OK):
             raise PermissionError("not writable")
     except OSError as e:
         return f"off (cannot write {root}: {e})"
-    entries = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and _DIR_PREFIX not in p]
     os.environ["PATH"] = os.pathsep.join([bin_dir, *entries])
     os.environ["TMPDIR"] = root  # read by MLX at each kernel build (and by child processes)
-    return f"on: {' '.join(extra)} (kernels in {root}/mlx)"
+    KERNEL_DIR = kernel_dir
+    return f"on: {' '.join(extra)}"

@@ -32,10 +32,15 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def on_cpu() -> bool:
+    """Whether the default device is the CPU; read when a graph is traced, so CPU-only code paths are chosen then."""
+    return mx.default_device() == mx.cpu
+
+
 def cpu_streams() -> list:
     """One CPU stream per core (at most 4), made once; [] when the default device is not the CPU."""
     global _STREAMS
-    if mx.default_device() != mx.cpu:
+    if not on_cpu():
         return []
     if _STREAMS is None:
         _STREAMS = [mx.new_stream(mx.cpu) for _ in range(max(1, min(_cores(), 4)))]
@@ -43,10 +48,11 @@ def cpu_streams() -> list:
 
 
 class Spread:
-    """Puts each job on the least-loaded CPU stream, load counted in elements (greedy, in call order)."""
+    """Puts each job on the least-loaded CPU stream, load counted in elements (greedy, in call order); with
+    `active` false (or one stream) every job stays on the current stream."""
 
-    def __init__(self):
-        self.streams = cpu_streams()
+    def __init__(self, active: bool = True):
+        self.streams = cpu_streams() if active else []
         self.load = [0] * len(self.streams)
 
     def stream_for(self, size: int):

@@ -54,6 +54,7 @@ def report(measure: bool = True) -> dict:
         "blas": _blas.LOADED or f"bundled ({_blas.REASON})",
         "cache_limit_bytes": cpu_cache.current_limit(),  # MLXCLIP_CPU_CACHE on CPU builds
         "cpu_jit": cpu_jit.STATUS,  # MLXCLIP_CPU_JIT: flags for MLX's CPU kernel compiler
+        "cpu_jit_kernels": cpu_jit.KERNEL_DIR,  # where MLX's CPU kernels are built and cached while it is on
         "gpu_attention": fastmath.GPU_ATTENTION,  # MLXCLIP_GPU_ATTENTION
         "torch": torch_info(),
     }

@@ -150,21 +150,17 @@ def _fast_quick_gelu(x: mx.array) -> mx.array:
     return cpu_streams.for_current_stream(_with_gradient, _quick_gelu_value, _quick_gelu_grad)(x)
 
 
-def _on_cpu() -> bool:
-    # Decided when a graph is traced. On a GPU, erf/exp are cheap hardware-assisted instructions and MLX's own ops are
-    # already fused by mx.compile; the polynomial kernels there only add JIT time (a ViT-B/32 train step took 83 s to
-    # compile with them on an H100), so they are used on the CPU only.
-    return mx.default_device() == mx.cpu
-
-
+# The polynomial kernels are for the CPU only (cpu_streams.on_cpu, decided when a graph is traced). On a GPU, erf/exp
+# are cheap hardware-assisted instructions and MLX's own ops are already fused by mx.compile; the polynomial kernels
+# there only add JIT time (a ViT-B/32 train step took 83 s to compile with them on an H100).
 def gelu(x: mx.array) -> mx.array:
     """Exact (erf) GELU, as open_clip's nn.GELU() and HF's "gelu"."""
-    return _fast_gelu(x) if _on_cpu() else nn.gelu(x)
+    return _fast_gelu(x) if cpu_streams.on_cpu() else nn.gelu(x)
 
 
 def quick_gelu(x: mx.array) -> mx.array:
     """x·sigmoid(1.702x), OpenAI CLIP's activation."""
-    return _fast_quick_gelu(x) if _on_cpu() else x * mx.sigmoid(1.702 * x)
+    return _fast_quick_gelu(x) if cpu_streams.on_cpu() else x * mx.sigmoid(1.702 * x)
 
 
 _softmax_exp = mx.compile(lambda x, m: exp((x - m).astype(mx.float32)))
@@ -217,7 +213,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
     On the CPU, as two batched matmuls around the fast softmax (MLX's fused SDPA has no CPU kernel: it composes the
     same matmuls around a libm-exp softmax, about 3× slower here). Elsewhere the fused kernel (cuDNN / Metal), or what
     MLXCLIP_GPU_ATTENTION picks (below)."""
-    if _on_cpu():
+    if cpu_streams.on_cpu():
         return _matmul_attention(q, k, v, scale, mask, softmax)
     return _gpu_attention(q, k, v, scale, mask)
 

@@ -27,7 +27,7 @@ def _fake_compiler(tmp_path):
     return fake, log
 
 
-def _run_wrapper(tmp_path, wrapper, args, log):
+def _run_wrapper(wrapper, args, log):
     subprocess.run(["sh", str(wrapper), *args], check=True)
     return log.read_text().splitlines()
 
@@ -38,9 +38,9 @@ def test_wrapper_adds_flags_to_mlx_kernel_builds_only(tmp_path):
     wrapper = tmp_path / "g++"
     wrapper.write_text(cpu_jit.wrapper_script(str(fake), str(kernels), ("-fno-math-errno", "-mavx2")))
     build = ["-std=c++17", "-O3", "-fPIC", "-shared", f"{kernels}/0.32.4/cpu/k name.cpp", "-o", f"{kernels}/k.so"]
-    assert _run_wrapper(tmp_path, wrapper, build, log) == build + ["-fno-math-errno", "-mavx2"]
+    assert _run_wrapper(wrapper, build, log) == build + ["-fno-math-errno", "-mavx2"]
     other = ["-O3", "-march=native", "-c", str(tmp_path / "torchinductor" / "x.cpp"), "-o", "x.o"]
-    assert _run_wrapper(tmp_path, wrapper, other, log) == other  # anything else: exactly as called
+    assert _run_wrapper(wrapper, other, log) == other  # anything else: exactly as called
 
 
 def test_a_compiler_that_rejects_the_flags_builds_as_mlx_asked(tmp_path):
@@ -52,7 +52,7 @@ def test_a_compiler_that_rejects_the_flags_builds_as_mlx_asked(tmp_path):
     wrapper = tmp_path / "g++"
     wrapper.write_text(cpu_jit.wrapper_script(str(picky), str(kernels), ("--param=x",)))
     build = ["-O3", f"{kernels}/k.cpp", "-o", f"{kernels}/k.so"]
-    assert _run_wrapper(tmp_path, wrapper, build, log) == build
+    assert _run_wrapper(wrapper, build, log) == build
 
 
 def _python(code, env):

@@ -54,7 +54,7 @@ def test_guarded_update_clips_and_skips_like_torch(device, monkeypatch):
     from mlx_clip.train import optim as optim_mod
 
     if device == "gpu":  # the GPU branch of the guard, traced and run on the CPU
-        monkeypatch.setattr(optim_mod, "_on_cpu", lambda: False)
+        monkeypatch.setattr(optim_mod, "on_cpu", lambda: False)
     rng = np.random.default_rng(1)
     w0 = rng.standard_normal((6, 5)).astype(np.float32)
     grads = rng.standard_normal((5, 6, 5)).astype(np.float32)

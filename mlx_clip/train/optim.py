@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_clip.model import CLIP
 from mlx_clip.train import multi_tensor
-from mlx_clip.cpu_streams import Spread
+from mlx_clip.cpu_streams import Spread, on_cpu
 
 # Decoupled weight decay is not applied to these (as open_clip excludes gains/biases/logit_scale, plus lookup tables,
 # whose rows only move when their token appears and so should not be shrunk every step).
@@ -111,7 +111,7 @@ class GroupedAdamW(optim.Adam):
         over memory: as separate passes (scale the gradients, then `where` over parameters and state) they cost as
         much as AdamW itself on a CPU, where these loops are memory bound."""
         ok = finite.astype(mx.float32)
-        if _on_cpu():  # made apart (stop_gradient is not fused): no bool in the kernels (_zeroed)
+        if on_cpu():  # made apart (stop_gradient is not fused): no bool in the kernels (_zeroed)
             ok = mx.stop_gradient(ok)
         self._gradient_scale, self._finite, self._ok = gradient_scale * ok, finite, ok
         try:
@@ -184,13 +184,9 @@ def _zeroed(gradient: mx.array, finite: mx.array) -> mx.array:
     0 * inf and 0 * nan. On the CPU by an elementwise test, so no bool enters the fused update (g++ leaves a loop that
     reads one scalar: cpu_jit.py); on a good step it changes nothing, a finite gradient times a clip factor <= 1 being
     finite. On a GPU by the step's flag: one graph node per parameter, not three (its step is bound by host work)."""
-    if _on_cpu():
+    if on_cpu():
         return mx.where(mx.abs(gradient) < math.inf, gradient, 0.0)
     return mx.where(finite, gradient, 0.0)
-
-
-def _on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
 
 
 def _state_at(state, dotted: str) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from functools import partial
 
 import mlx.core as mx
@@ -173,7 +172,7 @@ NORM_SQUARES = "auto"
 
 def _sum_of_squares(g: mx.array) -> mx.array:
     flat = g.reshape(-1).astype(mx.float32)
-    by_dot = NORM_SQUARES == "dot" or (NORM_SQUARES == "auto" and mx.default_device() == mx.cpu)
+    by_dot = NORM_SQUARES == "dot" or (NORM_SQUARES == "auto" and cpu_streams.on_cpu())
     return flat @ flat if by_dot else mx.sum(flat * flat)
 
 
@@ -183,9 +182,9 @@ def _global_norm(grads) -> mx.array:
         return mx.sqrt(multi_tensor.sum_of_squares(arrays))
     # In batch-parallel mode MKL runs one thread per call, so the dot products go to one CPU stream per core, as the
     # update does (elsewhere MKL's own threads take each one; on a GPU there is one stream).
-    spread = Spread() if cpu_streams.ENABLED else None
+    spread = Spread(active=cpu_streams.ENABLED)
     squares = []
     for g in arrays:
-        with spread.stream_for(g.size) if spread else contextlib.nullcontext():
+        with spread.stream_for(g.size):
             squares.append(_sum_of_squares(g))
     return mx.sqrt(sum(squares))
