@@ -119,8 +119,7 @@ def coop_text_features(clip, ctx: mx.array, ids: mx.array) -> mx.array:
     x = tm.embeddings.token_embedding(ids)  # (C, L, D)
     context = mx.broadcast_to(ctx[None].astype(x.dtype), (c, m, x.shape[-1]))
     x = mx.concatenate([x[:, :1], context, x[:, 1 + m:]], axis=1) + tm.embeddings.position_embedding.weight[: ids.shape[1]]
-    x = tm.final_layer_norm(tm.encoder(x, "causal"))
-    return _unit(clip.text_projection(x[mx.arange(c), tm._eot_positions(ids)]))
+    return _unit(clip.text_projection(tm.pool(x, ids)))
 
 
 class AdaptedCLIP(nn.Module):

@@ -43,6 +43,31 @@ class Attention(nn.Module):
             out = fastmath.token_attention(q, k, v, self.num_heads, self.scale, mask)
         return self.out_proj(out)
 
+    def pooled(self, x: mx.array, positions, mask=None) -> mx.array:
+        """The attention output at one position per row, (B, 1, D): keys and values from every token, the query,
+        attention and output projection for that position only. `positions`: an int or (B,) ints; `mask`: None or
+        "causal" (the position sees itself and the tokens before it)."""
+        q = self.q_proj(take_rows(x, positions))
+        k, v = self.k_proj(x), self.v_proj(x)
+        if mask is not None:
+            mask = _causal_row_mask(positions, x.shape[0], x.shape[1]).astype(q.dtype)
+        heads = (fastmath.split_heads(t, self.num_heads) for t in (q, k, v))
+        return self.out_proj(fastmath.merge_heads(fastmath.attention(*heads, scale=self.scale, mask=mask)))
+
+
+def take_rows(x: mx.array, positions) -> mx.array:
+    """x[b, positions[b]] as (B, 1, D); `positions` an int (the same token in every row) or (B,) ints."""
+    if isinstance(positions, int):
+        return x[:, positions : positions + 1]
+    return mx.take_along_axis(x, positions.reshape(-1, 1, 1), axis=1)
+
+
+def _causal_row_mask(positions, batch: int, length: int) -> mx.array:
+    """Additive (B, 1, 1, L) mask: 0 on the keys at or before each row's query position, -inf after it."""
+    limit = mx.broadcast_to(mx.array(positions), (batch,)) if isinstance(positions, int) else positions
+    seen = mx.arange(length)[None, :] <= limit[:, None]
+    return mx.where(seen, 0.0, -mx.inf).reshape(batch, 1, 1, length)
+
 
 class MLP(nn.Module):
     def __init__(self, dims: int, hidden: int, act: str):
@@ -66,7 +91,15 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def __call__(self, x: mx.array, mask=None) -> mx.array:
-        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return self._mlp(x + self.self_attn(self.layer_norm1(x), mask))
+
+    def pooled(self, x: mx.array, positions, mask=None) -> mx.array:
+        """The block's output at one position per row only, (B, D): what a tower's last block computes when only its
+        pooled token is read (the CLS token, the text's EOT)."""
+        out = self._mlp(take_rows(x, positions) + self.self_attn.pooled(self.layer_norm1(x), positions, mask))
+        return out[:, 0]
+
+    def _mlp(self, x: mx.array) -> mx.array:
         norm, fc1, fc2 = self.layer_norm2, self.mlp.fc1, self.mlp.fc2
         if mlp_block.applies(norm, fc1, fc2):  # same numbers, fewer activations kept for the backward pass
             return x + mlp_block.mlp_block(norm, fc1, fc2, self.mlp.activation, x)
@@ -79,12 +112,21 @@ class Encoder(nn.Module):
         self.layers = [EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
         self.grad_checkpoint = False  # recompute each block in the backward pass instead of keeping its activations
 
-    def __call__(self, x: mx.array, mask=None, hidden_states: list | None = None) -> mx.array:
-        for layer in self.layers:
+    def __call__(self, x: mx.array, mask=None, hidden_states: list | None = None, pool=None) -> mx.array:
+        """(B, L, D) -> (B, L, D); with `pool` (an int or (B,) positions) -> (B, D), the rows at those positions.
+
+        Pooling lets the last block run its query, attention output and MLP for the pooled rows alone (keys and values
+        still come from every token), which is exact and saves ~10/12 of that block's matmuls: ~7% of a 12-layer
+        tower's work, forward and backward. With `hidden_states` every block's full output is kept, so no shortcut."""
+        layers = self.layers
+        last = layers[-1] if pool is not None and hidden_states is None and layers else None
+        for layer in layers[:-1] if last is not None else layers:
             x = checkpointed(layer, x, mask) if self.grad_checkpoint else layer(x, mask)
             if hidden_states is not None:
                 hidden_states.append(x)
-        return x
+        if last is not None:
+            return last.pooled(x, pool, mask)
+        return x if pool is None else take_rows(x, pool)[:, 0]
 
 
 class VisionEmbeddings(nn.Module):
@@ -121,8 +163,7 @@ class VisionTransformer(nn.Module):
         x = self.pre_layrnorm(x)
         if hidden_states is not None:
             hidden_states.append(x)
-        x = self.encoder(x, None, hidden_states)
-        return self.post_layernorm(x[:, 0])
+        return self.post_layernorm(self.encoder(x, None, hidden_states, pool=0))
 
 
 class TextEmbeddings(nn.Module):
@@ -149,8 +190,11 @@ class TextTransformer(nn.Module):
         x = self.embeddings(ids)
         if hidden_states is not None:
             hidden_states.append(x)
-        x = self.final_layer_norm(self.encoder(x, "causal", hidden_states))
-        return x[mx.arange(ids.shape[0]), self._eot_positions(ids)]
+        return self.pool(x, ids, hidden_states)
+
+    def pool(self, x: mx.array, ids: mx.array, hidden_states: list | None = None) -> mx.array:
+        """Embedded tokens (B, L, D) of `ids` -> the final-normed features at each row's EOT, (B, D)."""
+        return self.final_layer_norm(self.encoder(x, "causal", hidden_states, pool=self._eot_positions(ids)))
 
     def _eot_positions(self, ids: mx.array) -> mx.array:
         if self.pool_type == "argmax":  # EOT is the largest id in CLIP's vocab

@@ -207,3 +207,33 @@ def test_trimmed_text_rows_match_transformers_eos_pooling():
         ref_txt = ref.get_text_features(input_ids=torch.from_numpy(ids))
         ref_txt = getattr(ref_txt, "pooler_output", ref_txt).numpy()
     assert rel(np.array(ours.encode_text(mx.array(trimmed))), ref_txt) <= TOL
+
+
+@pytest.mark.parametrize("arch", ["tiny", "small"])
+def test_loss_gradients_match_open_clip(arch):
+    """Gradients of the contrastive loss w.r.t. every weight against open_clip's autograd (its ClipLoss): the whole
+    backward pass, the hand-written parts included (MLP block, LayerNorm, CPU attention, the last blocks that run
+    their pooled token only). Gradients go through the same converter as weights (its layout changes are linear)."""
+    from mlx.utils import tree_flatten
+    import mlx.nn as nn
+    from mlx_clip.train.step import make_loss_fn
+
+    cfg, ref, ours = open_clip_pair(arch, seed=2)
+    images, ids = inputs(cfg, batch=4, seed=2)
+    img = ref.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2), normalize=True)
+    txt = ref.encode_text(torch.from_numpy(ids), normalize=True)
+    open_clip.loss.ClipLoss()(img, txt, ref.logit_scale.exp()).backward()
+    ref_grads = ours.sanitize(from_open_clip({k: p.grad.numpy() for k, p in ref.named_parameters()}))
+
+    labels = mx.arange(images.shape[0])
+    _, grads = nn.value_and_grad(ours, make_loss_fn("clip"))(ours, mx.array(images), mx.array(ids.astype(np.int32)), labels)
+    grads = dict(tree_flatten(grads))
+    assert set(grads) == set(ref_grads)
+    # A key bias adds the same score to every key of a query, which softmax ignores: its true gradient is 0, and
+    # both sides hold rounding noise there. Checked as small against the query bias's gradient instead.
+    keys = [k for k in grads if k.endswith("k_proj.bias")]
+    for k in keys:
+        assert np.linalg.norm(np.array(grads[k])) <= 1e-4 * np.linalg.norm(ref_grads[k.replace("k_proj", "q_proj")])
+    errors = {k: rel(np.array(grads[k]), ref_grads[k]) for k in grads if k not in keys}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= TOL, (worst, errors[worst])
