@@ -28,7 +28,7 @@ from mlx_clip.switches import env_switch
 _STREAMS: list | None = None
 
 
-def _cores() -> int:
+def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -43,7 +43,7 @@ def cpu_streams() -> list:
     if not on_cpu():
         return []
     if _STREAMS is None:
-        _STREAMS = [mx.new_stream(mx.cpu) for _ in range(max(1, min(_cores(), 4)))]
+        _STREAMS = [mx.new_stream(mx.cpu) for _ in range(max(1, min(cores(), 4)))]
     return _STREAMS
 
 
@@ -96,7 +96,7 @@ def batch_parallel(on: bool = True) -> bool:
     if want:
         before = _blas.get_threads()
         # the cores shared out between the streams' GEMMs, none oversubscribed (1 thread each on 2 cores)
-        if before and _blas.set_threads(max(1, _cores() // len(cpu_streams()))):
+        if before and _blas.set_threads(max(1, cores() // len(cpu_streams()))):
             ENABLED, _MKL_THREADS = True, before
     else:
         _blas.set_threads(_MKL_THREADS)

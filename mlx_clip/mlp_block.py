@@ -15,15 +15,16 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_clip import cpu_streams, layer_norm as ln
+from mlx_clip import cpu_streams, layer_norm as ln, linear
 
 
 _WEIGHT_AND_BIAS = {"weight", "bias"}
+_LINEARS = (nn.Linear, linear.Linear)
 
 
 def applies(norm: nn.Module, fc1: nn.Module, fc2: nn.Module) -> bool:
     # Checked on every forward call (each layer): one parameter walk per module, weight and bias present and trainable.
-    return (type(norm) in (nn.LayerNorm, ln.LayerNorm) and type(fc1) is nn.Linear and type(fc2) is nn.Linear
+    return (type(norm) in (nn.LayerNorm, ln.LayerNorm) and type(fc1) in _LINEARS and type(fc2) in _LINEARS
             and all(_WEIGHT_AND_BIAS <= m.trainable_parameters().keys() for m in (norm, fc1, fc2)))
 
 
@@ -39,8 +40,8 @@ def _block(stream, activation, eps: float):
 
     @mx.custom_function
     def block(x, ln_w, ln_b, w1, b1, w2, b2):
-        h = mx.addmm(b1, layer_norm(x, ln_w, ln_b), w1.T)
-        return mx.addmm(b2, activation(h), w2.T), h  # h is returned so the backward gets it without recomputing
+        h = linear.product(layer_norm(x, ln_w, ln_b), w1, b1)
+        return linear.product(activation(h), w2, b2), h  # h is returned so the backward gets it without recomputing
 
     @block.vjp
     def block_vjp(primals, cotangents, outputs):

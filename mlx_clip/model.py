@@ -13,6 +13,7 @@ import mlx.nn as nn
 
 from mlx_clip import cpu_streams, fastmath, mlp_block
 from mlx_clip.layer_norm import LayerNorm
+from mlx_clip.linear import Linear
 from mlx_clip.config import CLIPConfig, TextConfig, VisionConfig
 from mlx_clip.memory import checkpointed, sliced_attention
 from mlx_clip.resolution import drop_patches, resample_position_embedding
@@ -28,10 +29,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dims // num_heads) ** -0.5
-        self.q_proj = nn.Linear(dims, dims)
-        self.k_proj = nn.Linear(dims, dims)
-        self.v_proj = nn.Linear(dims, dims)
-        self.out_proj = nn.Linear(dims, dims)
+        self.q_proj = Linear(dims, dims)
+        self.k_proj = Linear(dims, dims)
+        self.v_proj = Linear(dims, dims)
+        self.out_proj = Linear(dims, dims)
         self.chunk = 0  # > 0: attention in chunks of this many tokens, same output with less memory (mlx_clip.memory)
 
     def __call__(self, x: mx.array, mask=None) -> mx.array:
@@ -73,8 +74,8 @@ class MLP(nn.Module):
     def __init__(self, dims: int, hidden: int, act: str):
         super().__init__()
         self.activation = ACTIVATIONS[act]
-        self.fc1 = nn.Linear(dims, hidden)
-        self.fc2 = nn.Linear(hidden, dims)
+        self.fc1 = Linear(dims, hidden)
+        self.fc2 = Linear(hidden, dims)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.fc2(self.activation(self.fc1(x)))
@@ -209,8 +210,8 @@ class CLIP(nn.Module):
         v, t = config.vision_config, config.text_config
         self.vision_model = VisionTransformer(v)
         self.text_model = TextTransformer(t)
-        self.visual_projection = nn.Linear(v.hidden_size, config.projection_dim, bias=v.projection_bias)
-        self.text_projection = nn.Linear(t.hidden_size, config.projection_dim, bias=t.projection_bias)
+        self.visual_projection = Linear(v.hidden_size, config.projection_dim, bias=v.projection_bias)
+        self.text_projection = Linear(t.hidden_size, config.projection_dim, bias=t.projection_bias)
         self.logit_scale = mx.array(config.logit_scale_init_value, dtype=mx.float32)  # log of the multiplier
         if config.logit_bias_init_value is not None:
             self.logit_bias = mx.array(config.logit_bias_init_value, dtype=mx.float32)

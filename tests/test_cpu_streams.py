@@ -21,7 +21,7 @@ from converters.open_clip import from_open_clip  # noqa: E402
 from test_parity import inputs, open_clip_pair, rel  # noqa: E402
 
 def _per_stream() -> int:
-    return max(1, cpu_streams._cores() // len(cpu_streams.cpu_streams()))  # 1 on this 2-core machine
+    return max(1, cpu_streams.cores() // len(cpu_streams.cpu_streams()))  # 1 on this 2-core machine
 
 
 pytestmark = pytest.mark.skipif(len(cpu_streams.cpu_streams()) < 2 or _blas.get_threads() is None,

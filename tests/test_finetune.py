@@ -548,6 +548,6 @@ def test_finetune_cuts_batches_over_cpu_cores_and_restores_mkl(tiny_dir, data_di
     before = _blas.get_threads()
     ft.finetune(_args(tiny_dir, data_dir, tmp_path / "run", steps=2, eval_every=0), quiet=True)
     cut = [s for s in seen if s[1] == 16]  # the training step's towers (evaluation batches may differ)
-    per_stream = max(1, cpu_streams._cores() // len(cpu_streams.cpu_streams()))
+    per_stream = max(1, cpu_streams.cores() // len(cpu_streams.cpu_streams()))
     assert cut and all(enabled and threads == per_stream for enabled, _, threads in cut)
     assert not cpu_streams.ENABLED and _blas.get_threads() == before

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from converters.safety import CheckpointError, validate_safetensors_header
 from mlx_clip.config import ConfigError
 from mlx_clip.io import atomic_dir, load, save
+from mlx_clip.linear import Linear
 from mlx_clip.model import CLIP
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -89,7 +90,7 @@ class LoRALinear(nn.Module):
         w = self.linear.weight
         delta = self.scale * (self.lora_b.astype(mx.float32) @ self.lora_a.astype(mx.float32))
         bias = "bias" in self.linear
-        out = nn.Linear(w.shape[1], w.shape[0], bias=bias)
+        out = Linear(w.shape[1], w.shape[0], bias=bias)
         out.weight = (w.astype(mx.float32) + delta).astype(w.dtype)
         if bias:
             out.bias = self.linear.bias

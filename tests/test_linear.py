@@ -1,0 +1,60 @@
+"""The dense layer's product (mlx_clip/linear.py): both orders give x @ W.T + b and its gradients (numpy reference),
+and the turned-round order is chosen only where it was measured to pay (few rows, CPU, MKL on every core)."""
+
+import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_clip import cpu_streams, linear
+
+
+@pytest.fixture(params=["turned", "plain"])
+def order(request, monkeypatch):
+    monkeypatch.setattr(linear, "FEW_ROWS", 10**9 if request.param == "turned" else 0)
+    return request.param
+
+
+@pytest.mark.parametrize("shape", [(5, 12), (2, 7, 12), (1, 1, 12)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_product_and_gradients_match_numpy(order, shape, bias):
+    rng = np.random.default_rng(len(shape) + bias)
+    x, w = rng.standard_normal(shape), rng.standard_normal((9, 12))
+    b = rng.standard_normal(9) if bias else None
+    g = rng.standard_normal((*shape[:-1], 9))  # cotangent of the output
+    assert linear._turn_round(mx.zeros(shape), mx.zeros((9, 12))) == (order == "turned" and cpu_streams.cores() > 1)
+
+    def f(x, w, *b):
+        return (linear.product(x, w, *b) * mx.array(g, mx.float32)).sum()
+
+    args = [mx.array(a, mx.float32) for a in (x, w, b) if a is not None]
+    out = linear.product(*args)
+    grads = mx.grad(f, argnums=list(range(len(args))))(*args)
+    ref = x @ w.T + (b if bias else 0)
+    rows_x, rows_g = x.reshape(-1, 12), g.reshape(-1, 9)
+    ref_grads = [g @ w, rows_g.T @ rows_x] + ([rows_g.sum(axis=0)] if bias else [])
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(np.array(out), ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_module_is_an_nn_linear_with_the_same_parameters(order):
+    layer = linear.Linear(12, 9)
+    plain = nn.Linear(12, 9)
+    plain.update(layer.parameters())
+    x = mx.random.normal((3, 4, 12), key=mx.random.key(0))
+    assert isinstance(layer, nn.Linear) and set(layer.parameters()) == {"weight", "bias"}
+    np.testing.assert_allclose(np.array(layer(x)), np.array(plain(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_turned_round_only_for_few_rows_outside_batch_parallel_mode():
+    w = mx.zeros((64, 32))
+    few, many = mx.zeros((1, linear.FEW_ROWS, 32)), mx.zeros((1, linear.FEW_ROWS + 1, 32))
+    multi_core = cpu_streams.cores() > 1
+    assert linear._turn_round(few, w) == multi_core
+    assert not linear._turn_round(many, w)
+    with cpu_streams.batch_parallel_mode(True) as on:  # MKL at one thread per call: both orders run alike
+        assert linear._turn_round(few, w) == (multi_core and not on)
