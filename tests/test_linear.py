@@ -11,6 +11,11 @@ import pytest
 from mlx_clip import cpu_streams, linear
 
 
+def _mkl_on_every_core() -> bool:
+    # where the turned-round order applies at all: a CPU of several cores (a GPU's GEMMs are not MKL's)
+    return cpu_streams.on_cpu() and cpu_streams.cores() > 1
+
+
 @pytest.fixture(params=["turned", "plain"])
 def order(request, monkeypatch):
     monkeypatch.setattr(linear, "FEW_ROWS", 10**9 if request.param == "turned" else 0)
@@ -24,7 +29,7 @@ def test_product_and_gradients_match_numpy(order, shape, bias):
     x, w = rng.standard_normal(shape), rng.standard_normal((9, 12))
     b = rng.standard_normal(9) if bias else None
     g = rng.standard_normal((*shape[:-1], 9))  # cotangent of the output
-    assert linear._turn_round(mx.zeros(shape), mx.zeros((9, 12))) == (order == "turned" and cpu_streams.cores() > 1)
+    assert linear._turn_round(mx.zeros(shape), mx.zeros((9, 12))) == (order == "turned" and _mkl_on_every_core())
 
     def f(x, w, *b):
         return (linear.product(x, w, *b) * mx.array(g, mx.float32)).sum()
@@ -53,7 +58,7 @@ def test_linear_module_is_an_nn_linear_with_the_same_parameters(order):
 def test_turned_round_only_for_few_rows_outside_batch_parallel_mode():
     w = mx.zeros((64, 32))
     few, many = mx.zeros((1, linear.FEW_ROWS, 32)), mx.zeros((1, linear.FEW_ROWS + 1, 32))
-    multi_core = cpu_streams.cores() > 1
+    multi_core = _mkl_on_every_core()
     assert linear._turn_round(few, w) == multi_core
     assert not linear._turn_round(many, w)
     with cpu_streams.batch_parallel_mode(True) as on:  # MKL at one thread per call: both orders run alike
