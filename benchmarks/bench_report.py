@@ -67,6 +67,10 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
         "the measuring process, same rule for both backends; CUDA: allocator peak). Each row is its own process; "
         "the load average of the machine before and after each row shows what else was running.",
         "",
+        "Same work, less of it computed: MLX's towers run their last block for the pooled token only (CLS, EOT: the "
+        "query, attention output and MLP of that row; keys and values from every token; exact, as the product does), "
+        "open_clip runs the whole block.",
+        "",
         f"Captions: {_captions(records)} word tokens each (SOT and EOT added, zero-padded to the context). Both "
         "backends get the same rows; torch (open_clip) runs the text tower on all of them, MLX cuts the padding after "
         "the batch's longest caption (rounded up to 16 tokens; exact, as attention is causal and the pooled token "
