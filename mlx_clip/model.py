@@ -48,6 +48,9 @@ class Attention(nn.Module):
         """The attention output at one position per row, (B, 1, D): keys and values from every token, the query,
         attention and output projection for that position only. `positions`: an int or (B,) ints; `mask`: None or
         "causal" (the position sees itself and the tokens before it)."""
+        # The towers' masks only: an array mask would need its pooled query rows cut out, which no caller needs.
+        if not (mask is None or isinstance(mask, str) and mask == "causal"):
+            raise ValueError(f"pooled attention takes mask None or 'causal', got {type(mask).__name__}")
         q = self.q_proj(take_rows(x, positions))
         k, v = self.k_proj(x), self.v_proj(x)
         if mask is not None:
