@@ -74,7 +74,8 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
         f"Captions: {_captions(records)} word tokens each (SOT and EOT added, zero-padded to the context). Both "
         "backends get the same rows; torch (open_clip) runs the text tower on all of them, MLX cuts the padding after "
         "the batch's longest caption (rounded up to 16 tokens; exact, as attention is causal and the pooled token "
-        "comes first) as the product does.",
+        "comes first) and, training on the CPU, packs the captions (each row's tokens up to its EOT one after another, "
+        "a token attending to its own row only: `tokenizer.pack_rows`), as the product does.",
         "",
         "| task | batch | backend | mode | items/s | best run items/s | ms / iteration (p50) | spread | runs "
         "| first run s | peak MiB | source | load avg before/after |",

@@ -21,6 +21,7 @@ from mlx_clip.io import DTYPES, cast
 from mlx_clip.model import CLIP, init_weights
 from mlx_clip.tokenizer import trim_padding
 from mlx_clip.train.args import TrainingArgs
+from mlx_clip.train.loop import text_rows_for
 from mlx_clip.train.optim import build_optimizer
 from mlx_clip.train.step import make_loss_fn, make_step
 
@@ -71,7 +72,10 @@ def mlx_workload(config: CLIPConfig, task: str, batch: int, mode: str = "compile
     # As the product feeds the model (training loop, eval, serve): padding after the longest caption is cut.
     ids, labels = mx.array(trim_padding(data["input_ids"])), mx.array(data["labels"])
     mx.eval(model.parameters(), images, ids, labels)
-    if task == "train":
+    if task == "train":  # the rows as the training loop feeds them (packed on the CPU: train.loop.text_rows_for)
+        with cpu_streams.batch_parallel_mode(batch > 1):
+            ids = text_rows_for(model, False, 1)(data["input_ids"])
+            mx.eval(ids)
         args = TrainingArgs(lr=1e-5)
         optimizer = build_optimizer(model, args, total_steps=1_000_000)
         step = make_step(model, optimizer, make_loss_fn("clip"), args.grad_clip)

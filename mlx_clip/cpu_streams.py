@@ -120,6 +120,24 @@ def split_batch(fn, x: mx.array) -> mx.array:
     return mx.concatenate(outs)
 
 
+def split_groups(fn, groups: dict) -> mx.array:
+    """fn(group) for each group of a dict of (G, ...) arrays (tokenizer.pack_rows), each group on its own CPU stream in
+    batch-parallel mode, the results concatenated in group order."""
+    count = next(iter(groups.values())).shape[0]
+    streams = cpu_streams() if ENABLED else []
+    outs = []
+    for i in range(count):
+        with mx.stream(streams[i]) if count <= len(streams) else contextlib.nullcontext():
+            outs.append(fn({k: v[i:i + 1] for k, v in groups.items()}))
+    return mx.concatenate(outs)
+
+
+def groups_for(batch: int) -> int:
+    """How many slices `split_batch` cuts a batch of `batch` rows into now (what `split_groups` should be given)."""
+    streams = cpu_streams() if ENABLED else []
+    return 1 if len(streams) < 2 or batch < 2 else min(len(streams), batch)
+
+
 @contextlib.contextmanager
 def batch_parallel_mode(on: bool = True):
     """batch_parallel(on) for the body, the previous mode (and MKL's threads) restored after it."""

@@ -30,7 +30,7 @@ def sliced_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=N
     MLX schedules independent branches of a graph side by side (breadth first, up to 20 wide), which would put every
     block's scores in memory at once; `mx.depends` chains the blocks so that they run one after another.
     """
-    if mask not in (None, "causal"):
+    if not (mask is None or isinstance(mask, str) and mask == "causal"):  # `in` would compare an array elementwise
         raise ValueError(f"sliced attention supports mask=None or 'causal', got {type(mask).__name__}")
     return _sliced(int(chunk), float(scale), mask == "causal")(q, k, v)[0]
 

@@ -45,25 +45,30 @@ class Attention(nn.Module):
         return self.out_proj(out)
 
     def pooled(self, x: mx.array, positions, mask=None) -> mx.array:
-        """The attention output at one position per row, (B, 1, D): keys and values from every token, the query,
-        attention and output projection for that position only. `positions`: an int or (B,) ints; `mask`: None or
-        "causal" (the position sees itself and the tokens before it)."""
-        # The towers' masks only: an array mask would need its pooled query rows cut out, which no caller needs.
-        if not (mask is None or isinstance(mask, str) and mask == "causal"):
-            raise ValueError(f"pooled attention takes mask None or 'causal', got {type(mask).__name__}")
+        """The attention output at the pooled positions only, (B, n, D): keys and values from every token, the query,
+        attention and output projection for those positions. `positions`: an int or (B,) ints (n = 1) or (B, n) ints;
+        `mask`: None, "causal" (a position sees itself and the tokens before it) or an additive array for the pooled
+        queries themselves, (B, 1, n, L)."""
         q = self.q_proj(take_rows(x, positions))
         k, v = self.k_proj(x), self.v_proj(x)
-        if mask is not None:
+        if isinstance(mask, str):
             mask = _causal_row_mask(positions, x.shape[0], x.shape[1]).astype(q.dtype)
+        elif mask is not None and mask.shape[-2] != q.shape[1]:  # a full (L, L) mask would need its rows cut out
+            raise ValueError(f"pooled attention needs the pooled queries' mask, (B, 1, {q.shape[1]}, L); got {mask.shape}")
         heads = (fastmath.split_heads(t, self.num_heads) for t in (q, k, v))
         return self.out_proj(fastmath.merge_heads(fastmath.attention(*heads, scale=self.scale, mask=mask)))
 
 
 def take_rows(x: mx.array, positions) -> mx.array:
-    """x[b, positions[b]] as (B, 1, D); `positions` an int (the same token in every row) or (B,) ints."""
+    """x[b, positions[b]] as (B, 1, D) for an int (the same token in every row) or (B,) ints; (B, n, D) for (B, n)."""
     if isinstance(positions, int):
         return x[:, positions : positions + 1]
-    return mx.take_along_axis(x, positions.reshape(-1, 1, 1), axis=1)
+    return mx.take_along_axis(x, positions.reshape(x.shape[0], -1, 1), axis=1)
+
+
+def _pooled_rows(out: mx.array, positions) -> mx.array:
+    """(B, n, D) rows of the pooled positions -> (B, D) where one position per row was asked for."""
+    return out if not isinstance(positions, int) and positions.ndim == 2 else out[:, 0]
 
 
 def _causal_row_mask(positions, batch: int, length: int) -> mx.array:
@@ -98,10 +103,10 @@ class EncoderLayer(nn.Module):
         return self._mlp(x + self.self_attn(self.layer_norm1(x), mask))
 
     def pooled(self, x: mx.array, positions, mask=None) -> mx.array:
-        """The block's output at one position per row only, (B, D): what a tower's last block computes when only its
-        pooled token is read (the CLS token, the text's EOT)."""
+        """The block's output at the pooled positions only, (B, D) (or (B, n, D) for (B, n) positions): what a tower's
+        last block computes when only its pooled token is read (the CLS token, the text's EOT)."""
         out = self._mlp(take_rows(x, positions) + self.self_attn.pooled(self.layer_norm1(x), positions, mask))
-        return out[:, 0]
+        return _pooled_rows(out, positions)
 
     def _mlp(self, x: mx.array) -> mx.array:
         norm, fc1, fc2 = self.layer_norm2, self.mlp.fc1, self.mlp.fc2
@@ -116,8 +121,10 @@ class Encoder(nn.Module):
         self.layers = [EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
         self.grad_checkpoint = False  # recompute each block in the backward pass instead of keeping its activations
 
-    def __call__(self, x: mx.array, mask=None, hidden_states: list | None = None, pool=None) -> mx.array:
-        """(B, L, D) -> (B, L, D); with `pool` (an int or (B,) positions) -> (B, D), the rows at those positions.
+    def __call__(self, x: mx.array, mask=None, hidden_states: list | None = None, pool=None,
+                 pool_mask: mx.array | None = None) -> mx.array:
+        """(B, L, D) -> (B, L, D); with `pool` (an int or (B,) positions) -> (B, D), the rows at those positions
+        ((B, n) positions -> (B, n, D)). An array `mask` comes with `pool_mask`, its rows for the pooled positions.
 
         Pooling lets the last block run its query, attention output and MLP for the pooled rows alone (keys and values
         still come from every token), which is exact and saves ~10/12 of that block's matmuls: ~7% of a 12-layer
@@ -129,8 +136,8 @@ class Encoder(nn.Module):
             if hidden_states is not None:
                 hidden_states.append(x)
         if last is not None:
-            return last.pooled(x, pool, mask)
-        return x if pool is None else take_rows(x, pool)[:, 0]
+            return last.pooled(x, pool, mask if pool_mask is None else pool_mask)
+        return x if pool is None else _pooled_rows(take_rows(x, pool), pool)
 
 
 class VisionEmbeddings(nn.Module):
@@ -200,6 +207,22 @@ class TextTransformer(nn.Module):
         """Embedded tokens (B, L, D) of `ids` -> the final-normed features at each row's EOT, (B, D)."""
         return self.final_layer_norm(self.encoder(x, "causal", hidden_states, pool=self._eot_positions(ids)))
 
+    def packed(self, part: dict) -> mx.array:
+        """Final-normed features at each row's EOT from one packed sequence of rows (tokenizer.pack_rows, one group:
+        each array (1, T), eot (1, n)) -> (n, D). Each token attends to its own row's tokens up to itself."""
+        seg, eot = part["segments"], part["eot"]
+        x = self.embeddings.token_embedding(part["ids"]) + self.embeddings.position_embedding(part["positions"])
+        order = mx.arange(seg.shape[-1])
+        full = _additive((seg[:, :, None] == seg[:, None, :]) & (order[None, None, :] <= order[None, :, None]))
+        seg_eot = mx.take_along_axis(seg, eot, axis=1)
+        pooled = _additive((seg[:, None, :] == seg_eot[:, :, None]) & (order[None, None, :] <= eot[:, :, None]))
+        out = self.encoder(x, full.astype(x.dtype), pool=eot, pool_mask=pooled.astype(x.dtype))  # (1, n, D)
+        return self.final_layer_norm(out[0])
+
+    def eot_positions(self, ids) -> mx.array:
+        """Each row's pooled (EOT) position, (B,)."""
+        return self._eot_positions(mx.array(ids))
+
     def _eot_positions(self, ids: mx.array) -> mx.array:
         if self.pool_type == "argmax":  # EOT is the largest id in CLIP's vocab
             return mx.argmax(ids, axis=-1)
@@ -224,9 +247,14 @@ class CLIP(nn.Module):
         x = cpu_streams.split_batch(lambda part: self.visual_projection(self.vision_model(part)), images)
         return _l2_normalize(x) if normalize else x
 
-    def encode_text(self, ids: mx.array, normalize: bool = False) -> mx.array:
-        """ids: (B, L) int token ids -> (B, projection_dim)."""
-        x = cpu_streams.split_batch(lambda part: self.text_projection(self.text_model(part)), ids)
+    def encode_text(self, ids, normalize: bool = False) -> mx.array:
+        """ids: (B, L) int token ids, or those rows packed (tokenizer.pack_rows, as mx arrays) -> (B, projection_dim)."""
+        if isinstance(ids, dict):  # one packed group per CPU stream in batch-parallel mode, then the rows' order
+            groups = {k: v for k, v in ids.items() if k != "rows"}
+            x = cpu_streams.split_groups(lambda part: self.text_projection(self.text_model.packed(part)), groups)
+            x = mx.take(x, ids["rows"], axis=0)
+        else:
+            x = cpu_streams.split_batch(lambda part: self.text_projection(self.text_model(part)), ids)
         return _l2_normalize(x) if normalize else x
 
     def __call__(self, images: mx.array, ids: mx.array) -> tuple[mx.array, mx.array]:
@@ -255,6 +283,11 @@ def _is_oihw(shape, channels: int) -> bool:
     # Torch conv weights are (O, C, kh, kw), MLX (O, kh, kw, C); the channel axis tells them apart
     # (ambiguous only for a patch size equal to the channel count, which no CLIP uses).
     return len(shape) == 4 and shape[1] == channels and shape[3] != channels
+
+
+def _additive(allowed: mx.array) -> mx.array:
+    """A boolean (B, Q, K) attention pattern as an additive (B, 1, Q, K) mask."""
+    return mx.where(allowed, 0.0, -mx.inf)[:, None]
 
 
 def _l2_normalize(x: mx.array) -> mx.array:

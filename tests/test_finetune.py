@@ -551,3 +551,45 @@ def test_finetune_cuts_batches_over_cpu_cores_and_restores_mkl(tiny_dir, data_di
     per_stream = max(1, cpu_streams.cores() // len(cpu_streams.cpu_streams()))
     assert cut and all(enabled and threads == per_stream for enabled, _, threads in cut)
     assert not cpu_streams.ENABLED and _blas.get_threads() == before
+
+
+def test_text_rows_are_packed_on_the_cpu_unless_a_loss_needs_the_rows(monkeypatch):
+    """The loop packs caption rows (tokenizer.pack_rows) on the CPU; losses that work on the rows themselves
+    (negclip's perturbed captions join them), gradient accumulation (cuts them into micro-batches), sliced attention
+    and MLXCLIP_PACK_TEXT=0 keep the trimmed rows. Rows that packing would not shorten stay trimmed too."""
+    from mlx_clip.config import get_config
+    from mlx_clip.model import CLIP
+
+    model = CLIP(get_config("tiny"))
+    rows = loop.text_rows_for(model, losses_need_rows=False, accum_freq=1)
+    assert rows is not loop.trimmed_rows
+    ragged = np.zeros((4, 77), np.int32)
+    for i, n in enumerate((3, 20, 7, 12)):
+        ragged[i, 0], ragged[i, 1:n + 1], ragged[i, n + 1] = 49406, 100 + i, 49407
+    packed = rows(ragged)
+    assert isinstance(packed, dict) and packed["ids"].size < 4 * 32  # 46 tokens instead of 4 rows of 32
+    full = np.full((4, 77), 5, np.int32)
+    full[:, -1] = 49407
+    assert isinstance(rows(full), mx.array)  # nothing to save: trimmed rows
+    assert loop.text_rows_for(model, losses_need_rows=True, accum_freq=1) is loop.trimmed_rows
+    assert loop.text_rows_for(model, losses_need_rows=False, accum_freq=2) is loop.trimmed_rows
+    model.text_model.encoder.layers[0].self_attn.chunk = 16  # sliced attention (--attention-chunk)
+    assert loop.text_rows_for(model, losses_need_rows=False, accum_freq=1) is loop.trimmed_rows
+    model.text_model.encoder.layers[0].self_attn.chunk = 0
+    monkeypatch.setattr(loop, "PACK_TEXT", False)
+    assert loop.text_rows_for(model, losses_need_rows=False, accum_freq=1) is loop.trimmed_rows
+
+
+def test_finetune_feeds_the_step_packed_caption_rows(tiny_dir, data_dir, tmp_path, monkeypatch):
+    """A CPU fine-tune's steps encode packed caption rows, one group per slice batch-parallel mode cuts the batch into."""
+    from mlx_clip import cpu_streams
+
+    seen, split = [], cpu_streams.split_groups
+
+    def spy(fn, groups):
+        seen.append((groups["ids"].shape[0], cpu_streams.groups_for(16)))
+        return split(fn, groups)
+
+    monkeypatch.setattr(cpu_streams, "split_groups", spy)
+    ft.finetune(_args(tiny_dir, data_dir, tmp_path / "run", steps=2, eval_every=0), quiet=True)
+    assert seen and all(groups == expected for groups, expected in seen)

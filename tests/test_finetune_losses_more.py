@@ -74,7 +74,7 @@ def run(setup, name, monkeypatch=None, **kw):
 
             def step(images, ids, inputs):
                 inputs = inputs if isinstance(inputs, dict) else {"labels": inputs}
-                steps[-1].update(images=np.array(images), ids=np.array(ids),
+                steps[-1].update(images=np.array(images), ids=tree_map(np.array, ids),  # rows, or packed rows
                                  inputs={k: np.array(v) for k, v in inputs.items()},
                                  params=tree_map(np.array, seen["model"].parameters()))
                 return step_fn(images, ids, inputs if len(inputs) > 1 else inputs["labels"])
@@ -93,7 +93,7 @@ def _features(setup, record, images=None, ids=None):
     model.update(tree_map(mx.array, record["params"]))
     images = record["images"] if images is None else images
     img = model.encode_image(mx.array(images), normalize=True)
-    txt = model.encode_text(mx.array(record["ids"] if ids is None else ids), normalize=True)
+    txt = model.encode_text(tree_map(mx.array, record["ids"] if ids is None else ids), normalize=True)
     return np.array(img, dtype=np.float64), np.array(txt, dtype=np.float64), math.exp(model.logit_scale.item())
 
 

@@ -209,11 +209,37 @@ def test_trimmed_text_rows_match_transformers_eos_pooling():
     assert rel(np.array(ours.encode_text(mx.array(trimmed))), ref_txt) <= TOL
 
 
-@pytest.mark.parametrize("arch", ["tiny", "small"])
-def test_loss_gradients_match_open_clip(arch):
+def _packed(ours, ids: np.ndarray, parts: int) -> dict:
+    """The rows packed as the training loop packs them (tokenizer.pack_rows), as mx arrays."""
+    from mlx_clip.tokenizer import pack_rows
+
+    packed = pack_rows(ids, np.array(ours.text_model.eot_positions(ids)), parts, multiple=16)
+    assert packed is not None and packed["ids"].size < ids.size  # the padding really went
+    return {k: mx.array(v) for k, v in packed.items()}
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+def test_packed_text_rows_match_open_clip_on_full_rows(parts):
+    """The training loop packs a batch's captions (each row's tokens up to its EOT, one row after another, a row's
+    tokens attending to their own row only), in batch-parallel mode one group per CPU stream; open_clip runs every
+    77-token row. The embeddings must not change."""
+    from mlx_clip import cpu_streams
+
+    cfg, ref, ours = open_clip_pair("tiny", seed=5)
+    ids = _short_caption_ids(cfg, (3, 17, 9, 30, 1, 12))
+    with torch.no_grad():
+        ref_txt = ref.encode_text(torch.from_numpy(ids)).numpy()
+    with cpu_streams.batch_parallel_mode(parts > 1):
+        out = np.array(ours.encode_text(_packed(ours, ids.astype(np.int32), parts)))
+    assert rel(out, ref_txt) <= TOL
+
+
+@pytest.mark.parametrize("arch,packed", [("tiny", False), ("small", False), ("small", True)])
+def test_loss_gradients_match_open_clip(arch, packed):
     """Gradients of the contrastive loss w.r.t. every weight against open_clip's autograd (its ClipLoss): the whole
     backward pass, the hand-written parts included (MLP block, LayerNorm, CPU attention, the last blocks that run
-    their pooled token only). Gradients go through the same converter as weights (its layout changes are linear)."""
+    their pooled token only), with the caption rows as given or packed as the training loop packs them. Gradients go
+    through the same converter as weights (its layout changes are linear)."""
     from mlx.utils import tree_flatten
     import mlx.nn as nn
     from mlx_clip.train.step import make_loss_fn
@@ -226,7 +252,8 @@ def test_loss_gradients_match_open_clip(arch):
     ref_grads = ours.sanitize(from_open_clip({k: p.grad.numpy() for k, p in ref.named_parameters()}))
 
     labels = mx.arange(images.shape[0])
-    _, grads = nn.value_and_grad(ours, make_loss_fn("clip"))(ours, mx.array(images), mx.array(ids.astype(np.int32)), labels)
+    rows = _packed(ours, ids.astype(np.int32), 1) if packed else mx.array(ids.astype(np.int32))
+    _, grads = nn.value_and_grad(ours, make_loss_fn("clip"))(ours, mx.array(images), rows, labels)
     grads = dict(tree_flatten(grads))
     assert set(grads) == set(ref_grads)
     # A key bias adds the same score to every key of a query, which softmax ignores: its true gradient is 0, and

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mlx_clip.tokenizer import (  # before mlx.core (fast BLAS preload)
-    GZ_VOCAB, Tokenizer, bytes_to_unicode, vocab_from_merges,
+    GZ_VOCAB, Tokenizer, bytes_to_unicode, pack_rows, vocab_from_merges,
 )
 
 import mlx.core as mx  # noqa: E402
@@ -379,3 +379,45 @@ def test_trim_padding_edge_rows():
     assert trim_padding(padded_with_eos).shape == (1, 77)
     with pytest.raises(ValueError, match="batch, length"):
         trim_padding(np.zeros(77, np.int32))
+
+
+def _ragged_rows(lengths, width, seed=0):
+    """Rows shaped as the tokenizer's: SOT, words, EOT at `lengths - 1`, zero padding; and those EOT positions."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), width), np.int32)
+    for row, n in enumerate(lengths):
+        ids[row, 0], ids[row, 1:n - 1], ids[row, n - 1] = 49406, rng.integers(1, 49405, n - 2), 49407
+    return ids, np.asarray(lengths) - 1
+
+
+@pytest.mark.parametrize("parts", [1, 2, 4])
+def test_pack_rows_keeps_every_token_once_in_its_own_segment(parts):
+    lengths = [7, 32, 19, 3, 25, 12, 30, 9]
+    ids, eot = _ragged_rows(lengths, 32)
+    packed = pack_rows(ids, eot, parts, multiple=16)
+    assert packed["ids"].shape[0] == parts and packed["ids"].shape[1] % 16 == 0
+    assert packed["ids"].shape[1] * parts < ids.size  # shorter than the padded rows
+    flat = {k: packed[k].reshape(-1) for k in ("ids", "positions", "segments")}
+    group_of = np.repeat(np.arange(parts), packed["ids"].shape[1])
+    per_group = len(lengths) // parts
+    assert sorted(packed["rows"].tolist()) == list(range(len(lengths)))  # where each row's features come out
+    for row, n in enumerate(lengths):
+        group, slot = divmod(int(packed["rows"][row]), per_group)
+        mine = (group_of == group) & (flat["segments"] == slot)
+        np.testing.assert_array_equal(flat["ids"][mine], ids[row, :n])  # the row's tokens, in order, through EOT
+        np.testing.assert_array_equal(flat["positions"][mine], np.arange(n))
+        assert packed["eot"][group, slot] == np.flatnonzero(packed["segments"][group] == slot)[-1]
+    assert (flat["ids"][flat["segments"] < 0] == 0).all()  # padding only after the rows
+    used = [(packed["segments"][g] >= 0).sum() for g in range(parts)]
+    assert max(used) - min(used) <= max(lengths)  # longest first, to the emptiest group: groups about equal
+
+
+def test_pack_rows_declines_what_it_cannot_shorten_or_split():
+    ids, eot = _ragged_rows([30, 31, 29, 32], 32)
+    assert pack_rows(ids, eot, 1, multiple=32) is None  # 122 tokens round up to the 128 of the padded rows
+    ids, eot = _ragged_rows([5, 6, 7], 32)
+    assert pack_rows(ids, eot, 2) is None  # 3 rows do not split into 2 equal groups
+    ids, eot = _ragged_rows([20] * 20, 77)
+    assert pack_rows(ids, eot, 1) is not None  # 400 tokens in one group
+    assert pack_rows(ids, eot, 1, max_length=256) is None  # past the longest group asked for: attention T x T
+    assert pack_rows(ids, eot, 2, max_length=256) is not None  # two groups of 200

@@ -22,7 +22,7 @@ from mlx_clip.losses import SIGLIP_INIT_LOGIT_BIAS, parse_loss_spec
 from mlx_clip.train.args import TrainingArgs
 from mlx_clip.train import distributed as dist
 from mlx_clip.train.checkpoint import load_checkpoint, load_loss_state, resolve_resume, save_checkpoint
-from mlx_clip.train.loop import LoopHooks, train
+from mlx_clip.train.loop import LoopHooks, text_rows_for, train
 from mlx_clip.train.loss_inputs import LossInputs, check_loss_options, loss_names, parse_views
 from mlx_clip.train.optim import build_optimizer, freeze_towers, lr_schedule
 from mlx_clip.train.report import write_report
@@ -172,7 +172,8 @@ def _finetune(args: TrainingArgs, quiet: bool) -> dict:
     started = time.perf_counter()
     last = train(step_fn, train_batches(loader.forever(), sizes, args, total, start), start, total, hooks,
                  args.log_every, args.eval_every, args.save_every, max_bad_steps=max_bad_steps(args.dtype),
-                 state_fn=lambda: [model.state, optimizer.state], seed=args.seed)
+                 state_fn=lambda: [model.state, optimizer.state], seed=args.seed,
+                 text_rows=text_rows_for(model, extra is not None, args.accum_freq))
     train_seconds = time.perf_counter() - started
     if extra and extra.schedule:  # the saved model carries the temperature the run ended at
         model.logit_scale = mx.array(math.log(extra.logit_scale_at(total + 1)), dtype=model.logit_scale.dtype)

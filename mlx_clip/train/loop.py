@@ -11,8 +11,14 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from mlx_clip.tokenizer import trim_padding
+from mlx_clip import cpu_streams
+from mlx_clip.switches import env_switch
+from mlx_clip.tokenizer import pack_rows, trim_padding
 from mlx_clip.train import distributed as dist
+
+# Text batches packed on the CPU (tokenizer.pack_rows; `packed_rows`): the text tower's dense layers run on real
+# tokens only. MLXCLIP_PACK_TEXT=0 keeps the padded rows.
+PACK_TEXT = env_switch("MLXCLIP_PACK_TEXT", True)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -35,6 +41,34 @@ class LoopHooks:
     after_step: Callable[[bool], None] | None = None
 
 
+def trimmed_rows(ids: np.ndarray) -> mx.array:
+    """Token rows as the step gets them: padding after the longest caption cut (exact: tokenizer.trim_padding); a few
+    shapes, so a few traces."""
+    return mx.array(trim_padding(ids))
+
+
+def packed_rows(model) -> Callable[[np.ndarray], mx.array | dict]:
+    """Token rows packed for `model`'s text tower (tokenizer.pack_rows), one group per slice batch-parallel mode cuts
+    the batch into, as a dict of arrays `CLIP.encode_text` takes; trimmed rows where packing does not apply. Each
+    packed length (a multiple of 32 tokens) is one trace of the compiled step."""
+    def rows(ids: np.ndarray):
+        trimmed = trim_padding(ids)
+        eot = np.array(model.text_model.eot_positions(trimmed))
+        packed = pack_rows(trimmed, eot, cpu_streams.groups_for(len(trimmed)))
+        return mx.array(trimmed) if packed is None else {k: mx.array(v) for k, v in packed.items()}
+
+    return rows
+
+
+def text_rows_for(model, losses_need_rows: bool, accum_freq: int):
+    """The training loop's token rows: packed on the CPU (MLXCLIP_PACK_TEXT), unless a loss input works on the rows
+    themselves (negclip's perturbed captions join them), gradient accumulation cuts them into micro-batches, or the
+    text tower's attention is sliced (`--attention-chunk`: causal or no mask only)."""
+    sliced = any(layer.self_attn.chunk for layer in model.text_model.encoder.layers)
+    pack = PACK_TEXT and cpu_streams.on_cpu() and not (losses_need_rows or sliced) and accum_freq == 1
+    return packed_rows(model) if pack else trimmed_rows
+
+
 def unique_missing_labels(labels: np.ndarray) -> np.ndarray:
     """Unlabelled pairs (-1) become distinct negative ids, so label-aware losses treat each as its own class."""
     missing = labels < 0
@@ -43,10 +77,12 @@ def unique_missing_labels(labels: np.ndarray) -> np.ndarray:
 
 def train(step_fn, batches: Iterator[dict], start_step: int, total_steps: int, hooks: LoopHooks,
           log_every: int = 10, eval_every: int = 0, save_every: int = 0, max_bad_steps: int = 3,
-          state_fn: Callable[[], list] = lambda: [], seed: int = 0) -> dict:
+          state_fn: Callable[[], list] = lambda: [], seed: int = 0,
+          text_rows: Callable[[np.ndarray], object] = trimmed_rows) -> dict:
     """Run `step_fn(images, ids, labels)` from `start_step` to `total_steps`; return the last train record.
 
-    `labels` is the batch's label array, or `hooks.step_inputs(step, batch, labels)` when that hook is set."""
+    `labels` is the batch's label array, or `hooks.step_inputs(step, batch, labels)` when that hook is set; `ids` is
+    `text_rows(batch["input_ids"])` (trimmed, or packed: `text_rows_for`)."""
     bad_in_a_row, record, window = 0, {}, []
     tick = time.perf_counter()
     mx.reset_peak_memory()  # each record's peak_memory_gb is the peak of its own log interval
@@ -54,8 +90,7 @@ def train(step_fn, batches: Iterator[dict], start_step: int, total_steps: int, h
         batch = next(batches)
         # Randomness inside the step (dropout) depends only on (seed, step): a resumed run draws the same numbers.
         mx.random.seed(dist.step_seed(seed, step))
-        # Padding after the longest caption is cut (exact: tokenizer.trim_padding); a few shapes, a few traces.
-        images, ids = mx.array(batch["images"]), mx.array(trim_padding(batch["input_ids"]))
+        images, ids = mx.array(batch["images"]), text_rows(batch["input_ids"])
         labels = mx.array(unique_missing_labels(batch["labels"]).astype(np.int32))
         inputs = hooks.step_inputs(step, batch, labels) if hooks.step_inputs else labels
         loss, norm, applied = step_fn(images, ids, inputs)
