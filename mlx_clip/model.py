@@ -207,11 +207,17 @@ class TextTransformer(nn.Module):
         """Embedded tokens (B, L, D) of `ids` -> the final-normed features at each row's EOT, (B, D)."""
         return self.final_layer_norm(self.encoder(x, "causal", hidden_states, pool=self._eot_positions(ids)))
 
+    def embed_packed(self, groups: dict) -> mx.array:
+        """Token plus position embeddings of packed rows (tokenizer.pack_rows), every group at once: (G, T, D). One
+        lookup for all groups makes one gradient of the 49,408-row token table in the backward pass, not one per group
+        plus their sum (each a pass over the whole table)."""
+        return self.embeddings.token_embedding(groups["ids"]) + self.embeddings.position_embedding(groups["positions"])
+
     def packed(self, part: dict) -> mx.array:
         """Final-normed features at each row's EOT from one packed sequence of rows (tokenizer.pack_rows, one group:
-        each array (1, T), eot (1, n)) -> (n, D). Each token attends to its own row's tokens up to itself."""
-        seg, eot = part["segments"], part["eot"]
-        x = self.embeddings.token_embedding(part["ids"]) + self.embeddings.position_embedding(part["positions"])
+        each array (1, T), eot (1, n), and its embeddings "embedded" (1, T, D): `embed_packed`) -> (n, D). Each token
+        attends to its own row's tokens up to itself."""
+        seg, eot, x = part["segments"], part["eot"], part["embedded"]
         order = mx.arange(seg.shape[-1])
         full = _additive((seg[:, :, None] == seg[:, None, :]) & (order[None, None, :] <= order[None, :, None]))
         seg_eot = mx.take_along_axis(seg, eot, axis=1)
@@ -251,6 +257,7 @@ class CLIP(nn.Module):
         """ids: (B, L) int token ids, or those rows packed (tokenizer.pack_rows, as mx arrays) -> (B, projection_dim)."""
         if isinstance(ids, dict):  # one packed group per CPU stream in batch-parallel mode, then the rows' order
             groups = {k: v for k, v in ids.items() if k != "rows"}
+            groups["embedded"] = self.text_model.embed_packed(groups)
             x = cpu_streams.split_groups(lambda part: self.text_projection(self.text_model.packed(part)), groups)
             x = mx.take(x, ids["rows"], axis=0)
         else:
