@@ -107,15 +107,13 @@ def batch_parallel(on: bool = True) -> bool:
 def split_batch(fn, x: mx.array) -> mx.array:
     """fn(x) with the batch cut into one slice per CPU stream, the slices run at once (their backward too: each
     op's gradient runs on the stream of the op). fn must treat samples independently."""
-    streams = cpu_streams() if ENABLED else []
-    n = x.shape[0]
-    if len(streams) < 2 or n < 2:  # a batch of one stays whole (MKL has one thread then: batch_parallel says why)
+    n, k = x.shape[0], groups_for(x.shape[0])
+    if k == 1:  # a batch of one stays whole (MKL has one thread then: batch_parallel says why)
         return fn(x)
-    k = min(len(streams), n)
     bounds = [n * i // k for i in range(k + 1)]
     outs = []
-    for i in range(k):
-        with mx.stream(streams[i]):
+    for i, stream in enumerate(cpu_streams()[:k]):
+        with mx.stream(stream):
             outs.append(fn(x[bounds[i]:bounds[i + 1]]))
     return mx.concatenate(outs)
 

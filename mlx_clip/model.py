@@ -47,14 +47,15 @@ class Attention(nn.Module):
     def pooled(self, x: mx.array, positions, mask=None) -> mx.array:
         """The attention output at the pooled positions only, (B, n, D): keys and values from every token, the query,
         attention and output projection for those positions. `positions`: an int or (B,) ints (n = 1) or (B, n) ints;
-        `mask`: None, "causal" (a position sees itself and the tokens before it) or an additive array for the pooled
-        queries themselves, (B, 1, n, L)."""
+        `mask`: None, "causal" (a position sees itself and the tokens before it) or the tower's additive (B, 1, L, L)
+        array, whose rows for the pooled positions are used."""
         q = self.q_proj(take_rows(x, positions))
         k, v = self.k_proj(x), self.v_proj(x)
         if isinstance(mask, str):
             mask = _causal_row_mask(positions, x.shape[0], x.shape[1]).astype(q.dtype)
-        elif mask is not None and mask.shape[-2] != q.shape[1]:  # a full (L, L) mask would need its rows cut out
-            raise ValueError(f"pooled attention needs the pooled queries' mask, (B, 1, {q.shape[1]}, L); got {mask.shape}")
+        elif mask is not None:
+            rows = mx.array(positions) if isinstance(positions, int) else positions
+            mask = mx.take_along_axis(mask, rows.reshape(-1, 1, q.shape[1], 1), axis=2)
         heads = (fastmath.split_heads(t, self.num_heads) for t in (q, k, v))
         return self.out_proj(fastmath.merge_heads(fastmath.attention(*heads, scale=self.scale, mask=mask)))
 
@@ -72,10 +73,10 @@ def _pooled_rows(out: mx.array, positions) -> mx.array:
 
 
 def _causal_row_mask(positions, batch: int, length: int) -> mx.array:
-    """Additive (B, 1, 1, L) mask: 0 on the keys at or before each row's query position, -inf after it."""
+    """Additive (B, 1, n, L) mask: 0 on the keys at or before each pooled query's position, -inf after it."""
     limit = mx.broadcast_to(mx.array(positions), (batch,)) if isinstance(positions, int) else positions
-    seen = mx.arange(length)[None, :] <= limit[:, None]
-    return mx.where(seen, 0.0, -mx.inf).reshape(batch, 1, 1, length)
+    seen = mx.arange(length) <= limit[..., None]
+    return mx.where(seen, 0.0, -mx.inf).reshape(batch, 1, -1, length)
 
 
 class MLP(nn.Module):
@@ -121,10 +122,9 @@ class Encoder(nn.Module):
         self.layers = [EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
         self.grad_checkpoint = False  # recompute each block in the backward pass instead of keeping its activations
 
-    def __call__(self, x: mx.array, mask=None, hidden_states: list | None = None, pool=None,
-                 pool_mask: mx.array | None = None) -> mx.array:
+    def __call__(self, x: mx.array, mask=None, hidden_states: list | None = None, pool=None) -> mx.array:
         """(B, L, D) -> (B, L, D); with `pool` (an int or (B,) positions) -> (B, D), the rows at those positions
-        ((B, n) positions -> (B, n, D)). An array `mask` comes with `pool_mask`, its rows for the pooled positions.
+        ((B, n) positions -> (B, n, D)).
 
         Pooling lets the last block run its query, attention output and MLP for the pooled rows alone (keys and values
         still come from every token), which is exact and saves ~10/12 of that block's matmuls: ~7% of a 12-layer
@@ -136,7 +136,7 @@ class Encoder(nn.Module):
             if hidden_states is not None:
                 hidden_states.append(x)
         if last is not None:
-            return last.pooled(x, pool, mask if pool_mask is None else pool_mask)
+            return last.pooled(x, pool, mask)
         return x if pool is None else _pooled_rows(take_rows(x, pool), pool)
 
 
@@ -219,10 +219,9 @@ class TextTransformer(nn.Module):
         attends to its own row's tokens up to itself."""
         seg, eot, x = part["segments"], part["eot"], part["embedded"]
         order = mx.arange(seg.shape[-1])
-        full = _additive((seg[:, :, None] == seg[:, None, :]) & (order[None, None, :] <= order[None, :, None]))
-        seg_eot = mx.take_along_axis(seg, eot, axis=1)
-        pooled = _additive((seg[:, None, :] == seg_eot[:, :, None]) & (order[None, None, :] <= eot[:, :, None]))
-        out = self.encoder(x, full.astype(x.dtype), pool=eot, pool_mask=pooled.astype(x.dtype))  # (1, n, D)
+        seen = (seg[:, :, None] == seg[:, None, :]) & (order[None, :] <= order[:, None])  # own row, up to itself
+        mask = mx.where(seen, 0.0, -mx.inf)[:, None].astype(x.dtype)  # (1, 1, T, T)
+        out = self.encoder(x, mask, pool=eot)  # (1, n, D)
         return self.final_layer_norm(out[0])
 
     def eot_positions(self, ids) -> mx.array:
@@ -290,11 +289,6 @@ def _is_oihw(shape, channels: int) -> bool:
     # Torch conv weights are (O, C, kh, kw), MLX (O, kh, kw, C); the channel axis tells them apart
     # (ambiguous only for a patch size equal to the channel count, which no CLIP uses).
     return len(shape) == 4 and shape[1] == channels and shape[3] != channels
-
-
-def _additive(allowed: mx.array) -> mx.array:
-    """A boolean (B, Q, K) attention pattern as an additive (B, 1, Q, K) mask."""
-    return mx.where(allowed, 0.0, -mx.inf)[:, None]
 
 
 def _l2_normalize(x: mx.array) -> mx.array:
