@@ -8,6 +8,13 @@ tower, whose weights stream from memory at batch 1); the ViT-B/32 text tower for
 process. At 50 rows (one image) the two orders run alike (86.2 vs 86.0 ms for the image tower), so only up to
 FEW_ROWS rows are turned round. With one MKL thread per call (batch-parallel mode, `cpu_streams`) the two orders run
 alike, and a GPU's GEMMs are not MKL's: both keep `x @ W.T`. Tested against numpy in `tests/test_linear.py`.
+
+On the CPU the usual order also hands back the weight's gradient row-major (`ROW_MAJOR_GRADS`): MLX's autodiff of
+`x @ W.T` makes it as (xᵀ g)ᵀ, a transposed view, and every later pass over it (the slices' sum in batch-parallel
+mode, the clip norm, AdamW's fused update, whose weights and moments are row-major) then reads it column by column.
+The same GEMM written as gᵀ x gives it in the weight's layout: ViT-B-32 b16 train step, same process, alternating
+(`benchmarks/scratch/gradab.py`): 4,169 -> 3,931, 4,102 -> 4,037, 4,114 -> 3,974 ms. The MLP block's hand-written
+backward (`mlp_block`) already did so; this covers the attention projections and the towers' output projections.
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_clip import cpu_streams
+from mlx_clip.switches import env_switch
 
 FEW_ROWS = 32  # measured: 16 rows gain 10-20%, 50 rows neither gain nor lose
+ROW_MAJOR_GRADS = env_switch("MLXCLIP_ROW_MAJOR_GRADS", True)  # read when a graph is traced
 
 
 def product(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
@@ -29,7 +38,34 @@ def product(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.a
         # another memory layout than the usual order gives, and MKL rounds differently by layout (a fresh LoRA
         # adapter, whose update is 0, must leave the embeddings bit-identical: tests/test_lora.py).
         return mx.contiguous(y.T).reshape(*x.shape[:-1], weight.shape[0])
+    if ROW_MAJOR_GRADS and cpu_streams.on_cpu():
+        dense = cpu_streams.for_current_stream(_row_major_grads, bias is not None)
+        return dense(x, weight) if bias is None else dense(x, weight, bias)
+    return _plain(x, weight, bias)
+
+
+def _plain(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
     return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
+
+
+def _row_major_grads(stream, has_bias: bool):
+    """`x @ W.T (+ b)` whose backward gives dW = gᵀ x, row-major like W (module docstring). Built per CPU stream: a
+    hand-written VJP runs on the stream current when the backward is traced (cpu_streams.for_current_stream)."""
+
+    @mx.custom_function
+    def dense(x, weight, *bias):
+        return _plain(x, weight, bias[0] if bias else None)
+
+    @dense.vjp
+    def dense_vjp(primals, cotangent, output):
+        # Only the gradients asked for are evaluated (a frozen weight's GEMM is never run: MLX is lazy).
+        x, weight = primals[:2]
+        with mx.stream(stream):
+            rows = cotangent.reshape(-1, cotangent.shape[-1])
+            grads = (cotangent @ weight, rows.T @ x.reshape(-1, x.shape[-1]))
+            return grads + (rows.sum(axis=0).astype(primals[2].dtype),) if has_bias else grads
+
+    return dense
 
 
 def _turn_round(x: mx.array, weight: mx.array) -> bool:

@@ -16,10 +16,11 @@ def _mkl_on_every_core() -> bool:
     return cpu_streams.on_cpu() and cpu_streams.cores() > 1
 
 
-@pytest.fixture(params=["turned", "plain"])
+@pytest.fixture(params=["turned", "plain", "plain-autodiff"])
 def order(request, monkeypatch):
     monkeypatch.setattr(linear, "FEW_ROWS", 10**9 if request.param == "turned" else 0)
-    return request.param
+    monkeypatch.setattr(linear, "ROW_MAJOR_GRADS", request.param != "plain-autodiff")
+    return request.param.split("-")[0]
 
 
 @pytest.mark.parametrize("shape", [(5, 12), (2, 7, 12), (1, 1, 12)])
@@ -63,3 +64,51 @@ def test_turned_round_only_for_few_rows_outside_batch_parallel_mode():
     assert not linear._turn_round(many, w)
     with cpu_streams.batch_parallel_mode(True) as on:  # MKL at one thread per call: both orders run alike
         assert linear._turn_round(few, w) == (multi_core and not on)
+
+
+def _row_major(a: mx.array) -> bool:
+    # the buffer's strides as numpy would read them: a transposed view has the strides swapped
+    return memoryview(a).strides == np.zeros(a.shape, np.float32).strides
+
+
+@pytest.mark.skipif(not cpu_streams.on_cpu(), reason="the row-major weight gradient is the CPU's backward")
+@pytest.mark.parametrize("on", [True, False])
+def test_weight_gradient_comes_row_major_like_the_weight(monkeypatch, on):
+    monkeypatch.setattr(linear, "FEW_ROWS", 0)
+    monkeypatch.setattr(linear, "ROW_MAJOR_GRADS", on)
+    x, w, b = (mx.random.normal(s, key=mx.random.key(i)) for i, s in enumerate([(2, 40, 24), (48, 24), (48,)]))
+    dw = mx.grad(lambda w: (linear.product(x, w, b) ** 2).sum())(w)
+    mx.eval(dw)
+    # autodiff's (x^T g)^T is a transposed view; every later pass (clip norm, AdamW) would read it column by column
+    assert _row_major(dw) == on
+
+
+@pytest.mark.skipif(not cpu_streams.on_cpu(), reason="the row-major weight gradient is the CPU's backward")
+def test_every_gradient_of_a_batch_parallel_step_is_row_major():
+    from mlx.utils import tree_flatten
+
+    from mlx_clip.config import get_config
+    from mlx_clip.model import CLIP, init_weights
+    from mlx_clip.train.step import make_loss_fn
+
+    model = init_weights(CLIP(get_config("tiny")), 0)
+    images = mx.random.normal((4, 32, 32, 3), key=mx.random.key(1))
+    ids = mx.random.randint(1, 100, (4, 12), key=mx.random.key(2))
+    with cpu_streams.batch_parallel_mode(True):
+        _, grads = nn.value_and_grad(model, make_loss_fn("clip"))(model, images, ids, mx.arange(4))
+        mx.eval(grads)
+    strided = [name for name, g in tree_flatten(grads) if not _row_major(g)]
+    assert not strided, strided
+
+
+def test_a_frozen_weight_costs_no_gradient_product():
+    # The hand-written backward returns dW for every call; MLX evaluates only what is asked for, so the gradient of
+    # the input alone is one product (g @ W), as with autodiff: a LoRA step runs no GEMM for the frozen base weight.
+    import io
+
+    x, w, b = (mx.random.normal(s, key=mx.random.key(i)) for i, s in enumerate([(40, 24), (48, 24), (48,)]))
+    dx = mx.grad(lambda x: (linear.product(x, w, b) * 2).sum())(x)
+    graph = io.StringIO()
+    mx.export_to_dot(graph, dx)
+    assert graph.getvalue().count('"Matmul"') + graph.getvalue().count('"AddMM"') == 1
+
