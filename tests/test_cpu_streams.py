@@ -94,3 +94,43 @@ def test_hand_written_backward_runs_on_its_forwards_stream():
     with mx.stream(a):
         got = grad(x)
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-6, atol=1e-7)
+
+
+def test_in_own_shape_gives_each_stream_its_own_shape_and_the_same_numbers():
+    # Equal broadcast constants on two streams would be merged by MLX's compiler into one node, read by the other
+    # stream's fused kernel as a strided input; a shape per stream keeps them apart. The numbers must not change.
+    x = mx.random.normal((3, 5), key=mx.random.key(0))
+    seen = {}
+
+    def fn(a, b):
+        seen[len(seen)] = a.shape
+        return a * 0.5 + b, a - b
+
+    streams = cpu_streams.cpu_streams()
+    outs = [cpu_streams.in_own_shape(s, fn, x, 2 * x) for s in [mx.default_stream(mx.cpu), *streams]]
+    assert seen[0] == x.shape  # a stream outside the CPU streams keeps the shape
+    assert len({seen[i] for i in range(1, len(seen))}) == len(streams)  # one shape per CPU stream
+    assert all(np.prod(seen[i]) == x.size for i in seen)
+    for first, second in outs:
+        assert first.shape == second.shape == x.shape
+        np.testing.assert_array_equal(np.array(first), np.array(x) * 0.5 + 2 * np.array(x))
+        np.testing.assert_array_equal(np.array(second), -np.array(x))
+
+
+def test_activation_gradient_on_two_streams_under_compile_equals_one_stream():
+    # the batch-parallel shape of a step: each half on its own stream, the whole graph compiled
+    x = mx.random.normal((64, 96), key=mx.random.key(1))
+    g = mx.random.normal((64, 96), key=mx.random.key(2))
+
+    def grad_of(act, parts):
+        outs = []
+        for i, stream in enumerate(parts):
+            with mx.stream(stream):
+                rows = slice(i * 64 // len(parts), (i + 1) * 64 // len(parts))
+                outs.append(mx.vjp(act, [x[rows]], [g[rows]])[1][0])
+        return mx.concatenate(outs)
+
+    for act in (fastmath.gelu, fastmath.quick_gelu, fastmath.softmax):
+        one = mx.compile(lambda: grad_of(act, [mx.default_stream(mx.cpu)]))()
+        two = mx.compile(lambda: grad_of(act, cpu_streams.cpu_streams()[:2]))()
+        np.testing.assert_allclose(np.array(two), np.array(one), rtol=1e-6, atol=1e-7)

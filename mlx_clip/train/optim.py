@@ -12,6 +12,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_clip import cpu_streams
 from mlx_clip.model import CLIP
 from mlx_clip.train import multi_tensor
 from mlx_clip.cpu_streams import Spread, on_cpu
@@ -155,6 +156,15 @@ class GroupedAdamW(optim.Adam):
             return self._adamw(gradient, parameter, state)
 
     def _adamw(self, gradient: mx.array, parameter: mx.array, state: dict):
+        # in a shape of this stream's own: equal-shaped parameters on two streams would otherwise share their
+        # broadcast constants and run the strided kernel (cpu_streams.in_own_shape says why)
+        stream = mx.default_stream(mx.default_device())
+        new, state["m"], state["v"] = cpu_streams.in_own_shape(
+            stream, lambda g, p, m, v: self._adamw_arrays(g, p, m, v, state), gradient, parameter, state["m"],
+            state["v"])
+        return new
+
+    def _adamw_arrays(self, gradient, parameter, m, v, state: dict):
         lr = self.learning_rate * state["lr_scale"]
         b1, b2 = self.betas
         step = self.step.astype(mx.float32)
@@ -171,12 +181,11 @@ class GroupedAdamW(optim.Adam):
             gradient = _zeroed(gradient, self._finite)
             keep_m, keep_v = 1 - (1 - b1) * ok, 1 - (1 - b2) * ok
             lr, c1 = lr * ok, c1 * ok
-        m = keep_m * state["m"] + (1 - keep_m) * gradient
-        v = keep_v * state["v"] + (1 - keep_v) * mx.square(gradient)
+        m = keep_m * m + (1 - keep_m) * gradient
+        v = keep_v * v + (1 - keep_v) * mx.square(gradient)
         update = c1 * m / (mx.sqrt(v) * c2 + self.eps)
         new = parameter * (1 - lr * state["wd"]).astype(parameter.dtype) - update.astype(parameter.dtype)
-        state["m"], state["v"] = m, v
-        return new
+        return new, m, v
 
 
 def _zeroed(gradient: mx.array, finite: mx.array) -> mx.array:
