@@ -62,7 +62,7 @@ def _row_major_grads(stream, has_bias: bool):
         x, weight = primals[:2]
         with mx.stream(stream):
             rows = cotangent.reshape(-1, cotangent.shape[-1])
-            grads = (cotangent @ weight, rows.T @ x.reshape(-1, x.shape[-1]))
+            grads = ((cotangent @ weight).astype(x.dtype), (rows.T @ x.reshape(-1, x.shape[-1])).astype(weight.dtype))
             return grads + (rows.sum(axis=0).astype(primals[2].dtype),) if has_bias else grads
 
     return dense

@@ -12,10 +12,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_clip import cpu_streams
+from mlx_clip.cpu_streams import Spread, in_own_shape, on_cpu
 from mlx_clip.model import CLIP
 from mlx_clip.train import multi_tensor
-from mlx_clip.cpu_streams import Spread, on_cpu
 
 # Decoupled weight decay is not applied to these (as open_clip excludes gains/biases/logit_scale, plus lookup tables,
 # whose rows only move when their token appears and so should not be shrunk every step).
@@ -159,12 +158,13 @@ class GroupedAdamW(optim.Adam):
         # in a shape of this stream's own: equal-shaped parameters on two streams would otherwise share their
         # broadcast constants and run the strided kernel (cpu_streams.in_own_shape says why)
         stream = mx.default_stream(mx.default_device())
-        new, state["m"], state["v"] = cpu_streams.in_own_shape(
+        new, state["m"], state["v"] = in_own_shape(
             stream, lambda g, p, m, v: self._adamw_arrays(g, p, m, v, state), gradient, parameter, state["m"],
             state["v"])
         return new
 
     def _adamw_arrays(self, gradient, parameter, m, v, state: dict):
+        """(new parameter, m, v): one guarded AdamW update, fused by compilation into one kernel per parameter."""
         lr = self.learning_rate * state["lr_scale"]
         b1, b2 = self.betas
         step = self.step.astype(mx.float32)
