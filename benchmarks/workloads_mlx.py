@@ -15,7 +15,7 @@ import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
 
 from benchmarks.batches import random_batch
-from mlx_clip import cpu_streams
+from mlx_clip import cpu_cache, cpu_streams
 from mlx_clip.config import CLIPConfig
 from mlx_clip.io import DTYPES, cast
 from mlx_clip.model import CLIP, init_weights
@@ -73,6 +73,9 @@ def mlx_workload(config: CLIPConfig, task: str, batch: int, mode: str = "compile
     ids, labels = mx.array(trim_padding(data["input_ids"])), mx.array(data["labels"])
     mx.eval(model.parameters(), images, ids, labels)
     if task == "train":  # the rows as the training loop feeds them (packed on the CPU: train.loop.text_rows_for)
+        limit = cpu_cache.training_limit()  # the buffer cache of a CPU training run (finetune's cpu_cache.for_training)
+        if limit is not None:
+            mx.set_cache_limit(limit)
         with cpu_streams.batch_parallel_mode(batch > 1):
             ids = text_rows_for(model, False, 1)(data["input_ids"])
             mx.eval(ids)

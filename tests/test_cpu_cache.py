@@ -64,3 +64,41 @@ def test_bad_size_names_the_variable(monkeypatch):
             assert cpu_cache.configure() == cpu_cache.MLX_CPU_DEFAULT
     finally:
         mx.set_cache_limit(previous)
+
+
+def test_a_training_run_raises_the_limit_and_puts_it_back(monkeypatch):
+    monkeypatch.delenv("MLXCLIP_CPU_CACHE", raising=False)
+    previous = mx.set_cache_limit(cpu_cache.MLX_CPU_DEFAULT)  # as MLX starts
+    try:
+        with cpu_cache.for_training():
+            assert cpu_cache.current_limit() == cpu_cache.TRAINING_LIMIT
+        assert cpu_cache.current_limit() == cpu_cache.MLX_CPU_DEFAULT
+        # the user's MLXCLIP_CPU_CACHE, or a limit the program chose, is left as it is
+        monkeypatch.setenv("MLXCLIP_CPU_CACHE", "0")
+        assert cpu_cache.training_limit() is None
+        monkeypatch.delenv("MLXCLIP_CPU_CACHE")
+        mx.set_cache_limit(12345)
+        with cpu_cache.for_training():
+            assert cpu_cache.current_limit() == 12345
+    finally:
+        mx.set_cache_limit(previous)
+
+
+def test_finetune_trains_with_the_training_limit(monkeypatch):
+    from mlx_clip.train import finetune as finetune_module
+
+    seen = {}
+
+    def spy(args, quiet):
+        seen["limit"] = cpu_cache.current_limit()
+        return {}
+
+    monkeypatch.delenv("MLXCLIP_CPU_CACHE", raising=False)
+    monkeypatch.setattr(finetune_module, "_finetune", spy)
+    previous = mx.set_cache_limit(cpu_cache.MLX_CPU_DEFAULT)
+    try:
+        finetune_module.finetune(None)
+        assert seen["limit"] == cpu_cache.TRAINING_LIMIT
+        assert cpu_cache.current_limit() == cpu_cache.MLX_CPU_DEFAULT
+    finally:
+        mx.set_cache_limit(previous)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_clip import cpu_streams
+from mlx_clip import cpu_cache, cpu_streams
 from mlx_clip.adapters import FEATURE_METHODS
 from mlx_clip.data.pipeline import Loader, LoaderConfig
 from mlx_clip.data.sources import open_source
@@ -97,7 +97,8 @@ def _progress(total: int, initial: int):
 def finetune(args: TrainingArgs, quiet: bool = False) -> dict:
     """Run a fine-tune as configured; returns the summary (also written to RUN_DIR/summary.md)."""
     # On the CPU every batch is cut over the cores (cpu_streams.py); ranks sharing a machine already use its cores.
-    with cpu_streams.batch_parallel_mode(dist.world_size() == 1):
+    # Freed buffers kept for the next step rather than faulted back in (cpu_cache.py).
+    with cpu_streams.batch_parallel_mode(dist.world_size() == 1), cpu_cache.for_training():
         return _finetune(args, quiet)
 
 
