@@ -6,7 +6,8 @@ traced with its switches set, then the variants are timed in alternation, so mac
 A variant is `default` (the process's settings) or settings joined by `+`: attention=sdpa|padded|matmul|fused
 (MLXCLIP_GPU_ATTENTION), optimizer=per-param|multi (MLXCLIP_MULTI_TENSOR, mlx_clip/train/multi_tensor.py),
 layernorm=ours|mlx (MLXCLIP_CPU_LAYER_NORM, mlx_clip/layer_norm.py), split=on|off (CPU batch-parallel mode,
-mlx_clip/cpu_streams.py), norm=auto|dot|reduce (step.NORM_SQUARES); a bare attention mode means attention=MODE.
+mlx_clip/cpu_streams.py), norm=auto|dot|reduce (step.NORM_SQUARES), grads=autodiff|rowmajor (the GPU weight gradients'
+layout, linear.ROW_MAJOR_GRADS_ON_GPU); a bare attention mode means attention=MODE.
 `--torch` adds torch.compile's step (CUDA, or the CPU when MLX runs there) to the rotation. Peak memory measured here
 depends on the order the variants were traced in (same-process allocations); compare memory across separate `mlxclip
 bench` runs.
@@ -21,7 +22,7 @@ import numpy as np
 
 from benchmarks.batches import parse_caption_tokens, CAPTION_HELP
 from benchmarks.workloads_mlx import TASKS, mlx_workload
-from mlx_clip import cpu_streams, fastmath, layer_norm
+from mlx_clip import cpu_streams, fastmath, layer_norm, linear
 from mlx_clip.config import get_config
 from mlx_clip.train import multi_tensor, step
 
@@ -32,6 +33,7 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "layernorm": (layer_norm, "ENABLED", {"ours": True, "mlx": False}),
     "split": (cpu_streams, "ALLOWED", {"on": True, "off": False}),  # CPU batch-parallel mode (when a task has one)
     "norm": (step, "NORM_SQUARES", {"auto": "auto", "dot": "dot", "reduce": "reduce"}),  # gradient sums of squares
+    "grads": (linear, "ROW_MAJOR_GRADS_ON_GPU", {"autodiff": False, "rowmajor": True}),  # GPU weight-gradient layout
 }
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr, _) in SETTINGS.items()}
 

@@ -27,6 +27,9 @@ from mlx_clip.switches import env_switch
 
 FEW_ROWS = 32  # measured: 16 rows gain 10-20%, 50 rows neither gain nor lose
 ROW_MAJOR_GRADS = env_switch("MLXCLIP_ROW_MAJOR_GRADS", True)  # read when a graph is traced
+# The same on a GPU (cuBLAS makes either layout at one cost): opt-in, as an H100 measured no gain in speed and peaks
+# that vary more between runs of one setting than between settings (benchmarks/results/gpu-rowmajor-h100-s10.md)
+ROW_MAJOR_GRADS_ON_GPU = env_switch("MLXCLIP_ROW_MAJOR_GRADS_GPU", False)
 
 
 def product(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
@@ -38,7 +41,7 @@ def product(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.a
         # another memory layout than the usual order gives, and MKL rounds differently by layout (a fresh LoRA
         # adapter, whose update is 0, must leave the embeddings bit-identical: tests/test_lora.py).
         return mx.contiguous(y.T).reshape(*x.shape[:-1], weight.shape[0])
-    if ROW_MAJOR_GRADS and cpu_streams.on_cpu():
+    if ROW_MAJOR_GRADS and (cpu_streams.on_cpu() or ROW_MAJOR_GRADS_ON_GPU):
         dense = cpu_streams.for_current_stream(_row_major_grads, bias is not None)
         return dense(x, weight) if bias is None else dense(x, weight, bias)
     return _plain(x, weight, bias)

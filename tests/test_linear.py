@@ -83,6 +83,23 @@ def test_weight_gradient_comes_row_major_like_the_weight(monkeypatch, on):
     assert _row_major(dw) == on
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(cpu_streams.on_cpu(), reason="the switch for a GPU's weight-gradient layout")
+@pytest.mark.parametrize("on", [True, False])
+def test_gpu_weight_gradient_layout_switch_keeps_the_numbers(monkeypatch, on):
+    monkeypatch.setattr(linear, "ROW_MAJOR_GRADS_ON_GPU", on)
+    rng = np.random.default_rng(3)
+    x, w, b, g = rng.standard_normal((2, 40, 24)), rng.standard_normal((48, 24)), rng.standard_normal(48), \
+        rng.standard_normal((2, 40, 48))
+    f = lambda x, w, b: (linear.product(x, w, b) * mx.array(g, mx.float32)).sum()  # noqa: E731
+    dx, dw, db = mx.grad(f, argnums=[0, 1, 2])(*(mx.array(a, mx.float32) for a in (x, w, b)))
+    mx.eval(dx, dw, db)
+    rows_x, rows_g = x.reshape(-1, 24), g.reshape(-1, 48)
+    for got, want in zip((dx, dw, db), (g @ w, rows_g.T @ rows_x, rows_g.sum(axis=0))):
+        np.testing.assert_allclose(np.array(got), want, rtol=1e-4, atol=1e-4)
+    assert _row_major(dw) == on
+
+
 @pytest.mark.skipif(not cpu_streams.on_cpu(), reason="the row-major weight gradient is the CPU's backward")
 def test_every_gradient_of_a_batch_parallel_step_is_row_major():
     from mlx.utils import tree_flatten
