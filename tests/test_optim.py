@@ -23,8 +23,18 @@ from mlx_clip.train.optim import GroupedAdamW, freeze_towers, lr_schedule, param
 def tiny_dir(tmp_path_factory):
     return init_model("tiny", 0, tmp_path_factory.mktemp("model") / "tiny")
 
+@pytest.fixture(params=["one-kernel", "in-place"])
+def update_path(request, monkeypatch):
+    """Both ways a parameter's update is built: one kernel writing p, m and v (small parameters) or single-output
+    kernels that write over their inputs (large ones); optim.FUSED_UPDATE_MAX picks."""
+    from mlx_clip.train import optim as optim_mod
+
+    monkeypatch.setattr(optim_mod, "FUSED_UPDATE_MAX", 10**12 if request.param == "one-kernel" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("lr_scale,wd,scheduled", [(1.0, 0.1, False), (0.25, 0.05, False), (1.0, 0.0, True)])
-def test_grouped_adamw_matches_torch_adamw(lr_scale, wd, scheduled):
+def test_grouped_adamw_matches_torch_adamw(lr_scale, wd, scheduled, update_path):
     rng = np.random.default_rng(0)
     w0 = rng.standard_normal((6, 5)).astype(np.float32)
     grads = rng.standard_normal((8, 6, 5)).astype(np.float32)
@@ -47,7 +57,7 @@ def test_grouped_adamw_matches_torch_adamw(lr_scale, wd, scheduled):
 
 
 @pytest.mark.parametrize("device", ["cpu", "gpu"])
-def test_guarded_update_clips_and_skips_like_torch(device, monkeypatch):
+def test_guarded_update_clips_and_skips_like_torch(device, monkeypatch, update_path):
     """The training step's update: gradients times a clip factor, and a step flagged non-finite (its gradients hold
     nan and inf) leaves weights and moments as they were; vs torch AdamW on the clipped gradients, skipping that step.
     The guard zeroes a bad step's gradient elementwise on the CPU and by the flag on a GPU: both ways run here."""
@@ -76,6 +86,94 @@ def test_guarded_update_clips_and_skips_like_torch(device, monkeypatch):
         state = ref.state[p]
         np.testing.assert_allclose(np.array(opt.state["weight"]["m"]), state["exp_avg"].numpy(), rtol=1e-6, atol=1e-7)
         assert int(opt.state["step"]) == int(state["step"])
+
+
+class _TwoWeights(nn.Module):
+    def __init__(self, shape):
+        super().__init__()
+        self.a = nn.Linear(shape[1], shape[0], bias=False)
+        self.b = nn.Linear(shape[1], shape[0], bias=False)
+
+
+def _compiled_update(shape, names=("a.weight", "b.weight")):
+    """A compiled guarded AdamW update of two (rows, cols) weights, as the training step runs it (model and optimizer
+    state in and out of the compiled function)."""
+    from functools import partial
+
+    model = _TwoWeights(shape)
+    rng = np.random.default_rng(7)
+    model.update({k: {"weight": mx.array(rng.standard_normal(shape).astype(np.float32))} for k in "ab"})
+    opt = GroupedAdamW(1e-2, {names[0]: (1.0, 0.1), names[1]: (0.5, 0.0)}, betas=(0.9, 0.98), eps=1e-6)
+    opt.init(model.trainable_parameters())
+    state = [model.state, opt.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def update(ga, gb, scale, ok):
+        opt.guarded_update(model, {"a": {"weight": ga}, "b": {"weight": gb}}, scale, ok)
+
+    mx.eval(state)
+    return model, opt, state, update
+
+
+def test_small_parameter_update_is_one_kernel_on_two_streams_with_the_same_numbers(monkeypatch):
+    """Two equal-shaped small weights updated on the two CPU streams inside one compiled update: each is one fused
+    kernel (p, m and v its outputs), and the numbers equal the same update run eagerly on one stream."""
+    import re
+
+    from mlx_clip.train import optim as optim_mod
+
+    monkeypatch.setattr(optim_mod, "FUSED_UPDATE_MAX", 10**12)
+    rng = np.random.default_rng(2)
+    grads = [[mx.array(rng.standard_normal((16, 12)).astype(np.float32)) for _ in "ab"] for _ in range(3)]
+    results = []
+    for compiled in (True, False):
+        with cpu_streams.batch_parallel_mode(compiled):
+            model, opt, state, update = _compiled_update((16, 12))
+            run = update if compiled else (lambda ga, gb, s, ok: opt.guarded_update(  # noqa: E731
+                model, {"a": {"weight": ga}, "b": {"weight": gb}}, s, ok))
+            for ga, gb in grads:
+                run(ga, gb, mx.array(0.5), mx.array(True))
+                if compiled:  # the graph of the last update, before it runs
+                    mx.export_to_dot(str(_dot_path()), model.a.weight, model.b.weight,
+                                     opt.state["a"]["weight"]["m"], opt.state["b"]["weight"]["v"])
+                mx.eval(state)
+            results.append((np.array(model.a.weight), np.array(model.b.weight)))
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    labels = re.findall(r'label ?= ?"([^"]*)"', _dot_path().read_text())
+    updates = [label for label in labels if label.startswith("Compiled") and "Sqrt" in label]
+    assert len(updates) == 2  # one kernel per weight, making its p, m and v
+    assert not [label for label in labels if label.startswith("Compiled") and "Sqrt" not in label
+                and "Square" in label], "the moment updates were cut out of the parameter's kernel"
+
+
+def _dot_path():
+    import pathlib
+    import tempfile
+
+    return pathlib.Path(tempfile.gettempdir()) / "mlxclip-test-update.dot"
+
+
+@pytest.mark.skipif(not cpu_streams.on_cpu(), reason="the in-place update is the CPU's (GPU: one kernel)")
+def test_large_parameter_update_writes_over_its_inputs():
+    """A large weight's update allocates no second copy of the weight or its moments: its kernels write over the
+    gradient, the old weight and the old moments (MLX donates no input to a kernel of several outputs, so the
+    one-kernel form would allocate all three anew: optim.FUSED_UPDATE_MAX)."""
+    from mlx_clip.train import optim as optim_mod
+
+    shape = (1024, 1024)
+    assert shape[0] * shape[1] > optim_mod.FUSED_UPDATE_MAX
+    model, opt, state, update = _compiled_update(shape)
+    for i in range(3):
+        ga, gb = (mx.random.normal(shape, key=mx.random.key(2 * i + j)) for j in range(2))
+        mx.eval(ga, gb)
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        update(ga, gb, mx.array(0.5), mx.array(True))
+        del ga, gb
+        mx.eval(state)
+        extra = mx.get_peak_memory() - base
+    assert extra < 4 * shape[0] * shape[1] // 2, f"{extra} bytes beyond the inputs"  # less than half a weight
 
 
 def test_weight_decay_skips_biases_norms_embeddings_and_logit_scale(tiny_dir):

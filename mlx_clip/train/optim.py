@@ -84,6 +84,13 @@ def _base_name(name: str) -> str:
     return name.replace(".linear.", ".")
 
 
+# Parameters up to this many elements get AdamW as one kernel writing p, m and v; larger ones as single-output kernels
+# that write over their inputs. MLX donates no input to a kernel of several outputs (each output holds the input
+# list), so the one kernel allocates p, m and v anew while the old ones live: for 64 MB arrays 448 vs 256 MB peak
+# (benchmarks/perf-notes.md change 26). Small arrays cost little memory that way and save the launches and passes.
+FUSED_UPDATE_MAX = 1 << 18
+
+
 class GroupedAdamW(optim.Adam):
     """AdamW (torch semantics: bias-corrected, decoupled decay p *= 1 - lr*wd) with a per-parameter LR scale and weight
     decay kept in the optimizer state, so parameter groups need no Python branching inside the compiled step."""
@@ -92,18 +99,18 @@ class GroupedAdamW(optim.Adam):
         super().__init__(learning_rate=learning_rate, betas=list(betas), eps=eps, bias_correction=True)
         self.hparams = hparams
         self._gradient_scale, self._finite, self._ok = None, None, None
-        self._spread = None
+        self._spread, self._tags = None, {}
 
     def apply_gradients(self, gradients: dict, parameters: dict):
         if self._gradient_scale is not None:  # the guarded update (the train step's); plain `update` calls skip this
             flat = tree_flatten(gradients)
             if multi_tensor.applies([g for _, g in flat]):
                 return self._apply_multi_tensor(flat, parameters)
-        self._spread = Spread()  # each parameter's update on the least-loaded CPU stream (cpu_streams.py says why)
+        self._spread, self._tags = Spread(), {}  # each update on the least-loaded CPU stream (cpu_streams.py says why)
         try:
             return super().apply_gradients(gradients, parameters)
         finally:
-            self._spread = None
+            self._spread, self._tags = None, {}
 
     def guarded_update(self, model: nn.Module, gradients: dict, gradient_scale: mx.array, finite: mx.array) -> None:
         """`update` with the gradients multiplied by `gradient_scale` (clipping) and, where `finite` is false, every
@@ -155,46 +162,69 @@ class GroupedAdamW(optim.Adam):
             return self._adamw(gradient, parameter, state)
 
     def _adamw(self, gradient: mx.array, parameter: mx.array, state: dict):
-        # in a shape of this stream's own: equal-shaped parameters on two streams would otherwise share their
-        # broadcast constants and run the strided kernel (cpu_streams.in_own_shape says why)
         stream = mx.default_stream(mx.default_device())
+        if on_cpu() and parameter.size <= FUSED_UPDATE_MAX:
+            # one kernel writing p, m and v (MLX keeps a step output in the kernel that makes it), with this
+            # stream's own constants (_tag says why)
+            new, state["m"], state["v"] = self._adamw_arrays(gradient, parameter, state["m"], state["v"], state,
+                                                             self._tag(stream))
+            return new
+        # In a shape of this stream's own: equal-shaped parameters on two streams would otherwise share their
+        # broadcast constants and run the strided kernel (cpu_streams.in_own_shape says why). Reshaping m and v
+        # back cuts them out of the parameter's kernel: on the CPU four single-output kernels, each writing over
+        # its input (elsewhere in_own_shape changes nothing and the update is one kernel).
         new, state["m"], state["v"] = in_own_shape(
             stream, lambda g, p, m, v: self._adamw_arrays(g, p, m, v, state), gradient, parameter, state["m"],
             state["v"])
         return new
 
-    def _adamw_arrays(self, gradient, parameter, m, v, state: dict):
-        """(new parameter, m, v): one guarded AdamW update, fused by compilation into one kernel per parameter."""
+    def _tag(self, stream) -> mx.array:
+        """1.0 as a 0-d array of `stream`'s own, made once per traced update. A fused update multiplies each of its
+        constants by it: MLX's compiler merges equal constants and equal broadcasts of them across streams, and a
+        kernel reading a broadcast made on another stream runs its strided variant (cpu_streams.in_own_shape). The
+        tags differ in how they are computed (k / k for the k-th stream), so the compiler cannot merge them."""
+        key = str(stream)
+        if key not in self._tags:
+            k = float(len(self._tags) + 1)
+            self._tags[key] = (self.step.astype(mx.float32) * 0.0 + k) / k
+        return self._tags[key]
+
+    def _adamw_arrays(self, gradient, parameter, m, v, state: dict, tag: mx.array | None = None):
+        """(new parameter, m, v): one guarded AdamW update (module docstring of `_adamw` for the kernels it
+        becomes); `tag` (see `_tag`) multiplies every constant when given."""
+        own = (lambda x: x * tag) if tag is not None else (lambda x: x)  # noqa: E731
         lr = self.learning_rate * state["lr_scale"]
         b1, b2 = self.betas
         step = self.step.astype(mx.float32)
         c1 = lr / (1 - b1**step)  # bias corrections from the true betas, also on a skipped step (no 1/0 there)
-        c2 = mx.rsqrt(1 - b2**step)
-        keep_m, keep_v = b1, b2  # the old moments' weights, (1 - those) the gradient's
+        c2 = own(mx.rsqrt(1 - b2**step))
+        keep_m, keep_v = own(b1), own(b2)  # the old moments' weights, (1 - those) the gradient's
         if self._gradient_scale is not None:
-            gradient = gradient * self._gradient_scale.astype(gradient.dtype)
+            gradient = gradient * own(self._gradient_scale).astype(gradient.dtype)
         if self._finite is not None:
             # A skipped step writes the old values back through the same kernels: gradient 0 (so inf/nan cannot
             # leak in), moment weights 1, LR 0. A `where(finite, new, old)` over p, m and v instead cost an extra
             # pass over each and kept m and v out of the update's fused kernel: ~800 more kernels per ViT-B/32 step.
             ok = self._ok
-            gradient = _zeroed(gradient, self._finite)
-            keep_m, keep_v = 1 - (1 - b1) * ok, 1 - (1 - b2) * ok
+            gradient = _zeroed(gradient, self._finite, own)
+            keep_m, keep_v = 1 - own((1 - b1) * ok), 1 - own((1 - b2) * ok)
             lr, c1 = lr * ok, c1 * ok
         m = keep_m * m + (1 - keep_m) * gradient
         v = keep_v * v + (1 - keep_v) * mx.square(gradient)
-        update = c1 * m / (mx.sqrt(v) * c2 + self.eps)
+        update = c1 * m / (mx.sqrt(v) * c2 + own(self.eps))
         new = parameter * (1 - lr * state["wd"]).astype(parameter.dtype) - update.astype(parameter.dtype)
         return new, m, v
 
 
-def _zeroed(gradient: mx.array, finite: mx.array) -> mx.array:
+def _zeroed(gradient: mx.array, finite: mx.array, own=lambda x: x) -> mx.array:
     """The (already scaled) gradient on a good step, 0 on a skipped one, whose scale is 0: what remains to clear is
     0 * inf and 0 * nan. On the CPU by an elementwise test, so no bool enters the fused update (g++ leaves a loop that
     reads one scalar: cpu_jit.py); on a good step it changes nothing, a finite gradient times a clip factor <= 1 being
     finite. On a GPU by the step's flag: one graph node per parameter, not three (its step is bound by host work)."""
     if on_cpu():
-        return mx.where(mx.abs(gradient) < math.inf, gradient, 0.0)
+        zero = own(0.0)
+        return mx.where(mx.abs(gradient) < own(math.inf), gradient,
+                        zero.astype(gradient.dtype) if isinstance(zero, mx.array) else zero)
     return mx.where(finite, gradient, 0.0)
 
 
