@@ -190,8 +190,8 @@ class GroupedAdamW(optim.Adam):
         return self._tags[key]
 
     def _adamw_arrays(self, gradient, parameter, m, v, state: dict, tag: mx.array | None = None):
-        """(new parameter, m, v): one guarded AdamW update (module docstring of `_adamw` for the kernels it
-        becomes); `tag` (see `_tag`) multiplies every constant when given."""
+        """(new parameter, m, v): one guarded AdamW update (`_adamw` says which kernels it becomes); `tag` (see
+        `_tag`) multiplies every constant when given."""
         own = (lambda x: x * tag) if tag is not None else (lambda x: x)  # noqa: E731
         lr = self.learning_rate * state["lr_scale"]
         b1, b2 = self.betas
