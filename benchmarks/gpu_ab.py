@@ -6,7 +6,7 @@ traced with its switches set, then the variants are timed in alternation, so mac
 A variant is `default` (the process's settings) or settings joined by `+`: attention=sdpa|padded|matmul|fused
 (MLXCLIP_GPU_ATTENTION), optimizer=per-param|multi (MLXCLIP_MULTI_TENSOR, mlx_clip/train/multi_tensor.py),
 layernorm=ours|mlx (MLXCLIP_CPU_LAYER_NORM, mlx_clip/layer_norm.py), split=on|off (CPU batch-parallel mode,
-mlx_clip/cpu_streams.py), norm=auto|dot|reduce (step.NORM_SQUARES), grads=autodiff|rowmajor (the GPU weight gradients'
+mlx_clip/cpu_streams.py), norm=auto|dot|reduce|concat (step.NORM_SQUARES), grads=autodiff|rowmajor (the GPU weight gradients'
 layout, linear.ROW_MAJOR_GRADS_ON_GPU); a bare attention mode means attention=MODE.
 `--torch` adds torch.compile's step (CUDA, or the CPU when MLX runs there) to the rotation. Peak memory measured here
 depends on the order the variants were traced in (same-process allocations); compare memory across separate `mlxclip
@@ -32,7 +32,7 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "optimizer": (multi_tensor, "ENABLED", {"per-param": False, "multi": True}),
     "layernorm": (layer_norm, "ENABLED", {"ours": True, "mlx": False}),
     "split": (cpu_streams, "ALLOWED", {"on": True, "off": False}),  # CPU batch-parallel mode (when a task has one)
-    "norm": (step, "NORM_SQUARES", {"auto": "auto", "dot": "dot", "reduce": "reduce"}),  # gradient sums of squares
+    "norm": (step, "NORM_SQUARES", {"auto": "auto", "dot": "dot", "reduce": "reduce", "concat": "concat"}),  # clip norm
     "grads": (linear, "ROW_MAJOR_GRADS_ON_GPU", {"autodiff": False, "rowmajor": True}),  # GPU weight-gradient layout
 }
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr, _) in SETTINGS.items()}

@@ -265,13 +265,14 @@ def test_freeze_towers_trains_exactly_the_expected_names(tiny_dir, lock_image, l
 # ---- options: YAML < flags, errors, --help --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("way", ["dot", "reduce", "auto"])
+@pytest.mark.parametrize("way", ["dot", "reduce", "auto", "concat"])
 def test_global_norm_matches_torch_clip_grad_norm(way, monkeypatch):
     """The step's gradient norm (what clipping divides by), each way its sums of squares can be taken (dot on the
     CPU, reduce on a GPU), against torch's clip_grad_norm_ total norm of the same float32 gradients."""
     from mlx_clip.train import step
 
     monkeypatch.setattr(step, "NORM_SQUARES", way)
+    monkeypatch.setattr(step, "NORM_CHUNK", 3)  # "concat": a full chunk and a partial one
     rng = np.random.default_rng(5)
     shapes = [(7, 5), (5,), (3, 4, 6), (1,)]
     grads = [(rng.standard_normal(s) * 10.0 ** rng.integers(-3, 3)).astype(np.float32) for s in shapes]

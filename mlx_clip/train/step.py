@@ -166,8 +166,12 @@ def _assign(target, source) -> None:
 # How each gradient's sum of squares is taken: "dot" (one BLAS dot product: one kernel and one read, where
 # square-then-sum is two kernels and a squared copy; BLAS spreads it over the CPU's cores) or "reduce" (square, then
 # MLX's sum). "auto": dot on the CPU, reduce on a GPU, where each cuBLAS call costs ~28 us of host work (stream
-# capture, heuristics, workspace; measured with py-spy on an H200) against a few us for MLX's own kernels.
+# capture, heuristics, workspace; measured with py-spy on an H200) against a few us for MLX's own kernels. "concat"
+# (opt-in, for host-bound GPUs; not yet measured on one): the flattened gradients joined NORM_CHUNK at a time and each
+# join squared and summed, ~4 graph nodes per 64 parameters where the other ways make ~4 per parameter (the ViT-B/32
+# step's norm is ~1,600 of its 6,782 nodes), for one extra copy of the gradients.
 NORM_SQUARES = "auto"
+NORM_CHUNK = 64
 
 
 def _sum_of_squares(g: mx.array) -> mx.array:
@@ -180,6 +184,10 @@ def _global_norm(grads) -> mx.array:
     arrays = [g for _, g in tree_flatten(grads)]
     if multi_tensor.applies(arrays):  # CUDA: a few launches instead of one reduction (and its views) per array
         return mx.sqrt(multi_tensor.sum_of_squares(arrays))
+    if NORM_SQUARES == "concat":
+        joined = (mx.concatenate([g.reshape(-1) for g in arrays[i:i + NORM_CHUNK]]).astype(mx.float32)
+                  for i in range(0, len(arrays), NORM_CHUNK))
+        return mx.sqrt(sum(mx.sum(x * x) for x in joined))
     # In batch-parallel mode MKL runs one thread per call, so the dot products go to one CPU stream per core, as the
     # update does (elsewhere MKL's own threads take each one; on a GPU there is one stream).
     spread = Spread(active=cpu_streams.ENABLED)
