@@ -61,7 +61,8 @@ def census(arch: str, batch: int) -> collections.Counter:
 def step_ms(arch: str, batch: int, steps: int) -> float:
     """Median ms of `steps` train steps after two warm-up steps."""
     load = _workload(arch, batch)
-    load.run(), load.run()
+    load.run()
+    load.run()
     times = []
     for _ in range(steps):
         start = time.perf_counter()

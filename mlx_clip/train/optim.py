@@ -222,9 +222,8 @@ def _zeroed(gradient: mx.array, finite: mx.array, own=lambda x: x) -> mx.array:
     reads one scalar: cpu_jit.py); on a good step it changes nothing, a finite gradient times a clip factor <= 1 being
     finite. On a GPU by the step's flag: one graph node per parameter, not three (its step is bound by host work)."""
     if on_cpu():
-        zero = own(0.0)
-        return mx.where(mx.abs(gradient) < own(math.inf), gradient,
-                        zero.astype(gradient.dtype) if isinstance(zero, mx.array) else zero)
+        zero = own(mx.array(0.0, gradient.dtype)).astype(gradient.dtype)
+        return mx.where(mx.abs(gradient) < own(math.inf), gradient, zero)
     return mx.where(finite, gradient, 0.0)
 
 
