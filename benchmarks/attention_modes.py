@@ -54,7 +54,7 @@ def main():
     for shape, mask in SHAPES:
         (_, base), t0, p0 = run(shape, mask, "sdpa")
         line = f"{shape} {mask}: sdpa {t0:.2f} ms {p0:.0f} MiB"
-        for mode in ("matmul", "padded", "fused"):
+        for mode in ("matmul", "padded", "fused", "aligned"):
             (_, grads), t1, p1 = run(shape, mask, mode)
             err = max(max_rel(a, b) for a, b in zip(base, grads))
             line += f" | {mode} {t1:.2f} ms {p1:.0f} MiB err {err:.1e}"

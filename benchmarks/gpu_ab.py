@@ -3,7 +3,7 @@ traced with its switches set, then the variants are timed in alternation, so mac
 
     python -m benchmarks.gpu_ab --arch ViT-B-32 --batch 256 --variants sdpa,fused
     python -m benchmarks.gpu_ab --arch ViT-B-32 --task embed-image --batch 16 --dtype float32 --variants default,layernorm=mlx
-A variant is `default` (the process's settings) or settings joined by `+`: attention=sdpa|padded|matmul|fused
+A variant is `default` (the process's settings) or settings joined by `+`: attention=sdpa|padded|matmul|fused|aligned
 (MLXCLIP_GPU_ATTENTION), optimizer=per-param|multi (MLXCLIP_MULTI_TENSOR, mlx_clip/train/multi_tensor.py),
 layernorm=ours|mlx (MLXCLIP_CPU_LAYER_NORM, mlx_clip/layer_norm.py), split=on|off (CPU batch-parallel mode,
 mlx_clip/cpu_streams.py), norm=auto|dot|reduce|concat (step.NORM_SQUARES), grads=autodiff|rowmajor (the GPU weight gradients'

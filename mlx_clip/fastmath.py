@@ -221,7 +221,7 @@ def token_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: fl
 
     On CUDA the fused short-sequence kernels of mlx_clip.gpu_attention take it when they apply (MLXCLIP_GPU_ATTENTION
     "fused"); they read the projections' layout directly. Otherwise the heads are split off and `attention` runs."""
-    if GPU_ATTENTION == "fused" and gpu_attention.supported(q, heads, scale, mask):
+    if GPU_ATTENTION in ("fused", "aligned") and gpu_attention.supported(q, heads, scale, mask):
         return gpu_attention.fused(heads, isinstance(mask, str))(q, k, v)
     return merge_heads(attention(*(split_heads(t, heads) for t in (q, k, v)), scale=scale, mask=mask))
 
@@ -254,22 +254,26 @@ def _matmul_attention(q, k, v, scale: float, mask, softmax_fn) -> mx.array:
 # longer sequences take sdpa); "sdpa" (mx.fast.scaled_dot_product_attention as is); "padded" (q, k, v padded to the
 # next multiple of 128 when that at most doubles the length, padded keys masked out, padded query rows computed and
 # dropped: ViT-B-16 train +9-15% img/s on the H100 but +20-27% peak memory); "matmul" (two batched matmuls around MLX's
-# softmax, differentiated by MLX: no fused kernel at all).
-GPU_ATTENTION_MODES = ("sdpa", "padded", "matmul", "fused")
+# softmax, differentiated by MLX: no fused kernel at all); "aligned" (as "fused", but longer sequences padded to the
+# next multiple of 8 (ALIGN_BLOCK), padded keys masked: the unfused backward's batched GEMMs then get 16-byte-aligned
+# rows instead of cuBLAS's align-1 kernels at 197 tokens).
+GPU_ATTENTION_MODES = ("sdpa", "padded", "matmul", "fused", "aligned")
 GPU_ATTENTION = os.environ.get("MLXCLIP_GPU_ATTENTION", "fused").strip().lower() or "fused"
 if GPU_ATTENTION not in GPU_ATTENTION_MODES:
     warnings.warn(f"MLXCLIP_GPU_ATTENTION={GPU_ATTENTION!r}: expected one of {', '.join(GPU_ATTENTION_MODES)}; "
                   "using fused", stacklevel=2)
     GPU_ATTENTION = "fused"
 SDPA_BLOCK = 128
+ALIGN_BLOCK = 8
 
 
 def _gpu_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
     if GPU_ATTENTION == "matmul":
         return _matmul_attention(q, k, v, scale, mask, lambda x: mx.softmax(x, axis=-1, precise=True))
     length = q.shape[2]
-    padded = -(-length // SDPA_BLOCK) * SDPA_BLOCK
-    if (GPU_ATTENTION != "padded" or padded == length or padded > 2 * length
+    block = {"padded": SDPA_BLOCK, "aligned": ALIGN_BLOCK}.get(GPU_ATTENTION, 0)
+    padded = -(-length // block) * block if block else length
+    if (padded == length or padded > 2 * length
             or q.dtype not in (mx.bfloat16, mx.float16) or not (mask is None or isinstance(mask, str))):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     widths = [(0, 0), (0, 0), (0, padded - length), (0, 0)]

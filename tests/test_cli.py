@@ -81,7 +81,7 @@ def test_unknown_gpu_attention_mode_is_named_and_ignored():
     env = {**os.environ, "MLXCLIP_GPU_ATTENTION": "flash"}
     proc = subprocess.run([sys.executable, "-m", "mlx_clip", "doctor", "--json", "--no-bench"], capture_output=True,
                           text=True, timeout=120, env=env)
-    assert proc.returncode == 0 and "MLXCLIP_GPU_ATTENTION='flash': expected one of sdpa, padded, matmul, fused" in proc.stderr
+    assert proc.returncode == 0 and "MLXCLIP_GPU_ATTENTION='flash': expected one of sdpa, padded, matmul, fused, aligned" in proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["gpu_attention"] == "fused"
 
 

@@ -119,12 +119,16 @@ def test_attention_gradients_match_fused_kernel():
         assert np.linalg.norm(a - b) / np.linalg.norm(b) <= 1e-5
 
 
-@pytest.mark.parametrize("length,causal,pads", [(77, True, True), (70, False, True), (50, False, False)],
-                         ids=["text-77-causal", "70-unmasked", "50-not-padded"])
-def test_padded_sdpa_matches_numpy_values_and_gradients(monkeypatch, length, causal, pads):
-    """The opt-in GPU path (MLXCLIP_GPU_ATTENTION=padded) pads to 128 tokens and masks the padded keys; run here through the same
-    MLX op so the arithmetic is checked on any device: values and gradients against float64 numpy."""
-    monkeypatch.setattr(fastmath, "GPU_ATTENTION", "padded")
+@pytest.mark.parametrize("mode,length,causal,runs_at",
+                         [("padded", 77, True, 128), ("padded", 70, False, 128), ("padded", 50, False, 50),
+                          ("aligned", 77, True, 80), ("aligned", 197, False, 200), ("aligned", 64, False, 64)],
+                         ids=["padded-77-causal", "padded-70", "padded-50-not-padded", "aligned-77-causal",
+                              "aligned-197", "aligned-64-not-padded"])
+def test_padded_sdpa_matches_numpy_values_and_gradients(monkeypatch, mode, length, causal, runs_at):
+    """The opt-in GPU paths that pad the sequence and mask the padded keys (MLXCLIP_GPU_ATTENTION=padded: to a multiple
+    of 128 for cuDNN's backward; =aligned: to a multiple of 8 for aligned GEMMs), run here through the same MLX op so
+    the arithmetic is checked on any device: values and gradients against float64 numpy / torch."""
+    monkeypatch.setattr(fastmath, "GPU_ATTENTION", mode)
     calls = []
     real = mx.fast.scaled_dot_product_attention
     monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append(q.shape[2]) or real(q, *a, **kw))
@@ -136,7 +140,7 @@ def test_padded_sdpa_matches_numpy_values_and_gradients(monkeypatch, length, cau
         return (fastmath._gpu_attention(q, k, v, 0.35, mask).astype(mx.float32) * mx.array(w, mx.float32)).sum()
 
     out = np.array(fastmath._gpu_attention(*map(mx.array, (q, k, v)), 0.35, mask).astype(mx.float32))
-    assert calls[-1] == (128 if pads else length)
+    assert out.shape == (2, 2, length, 8) and calls[-1] == runs_at
     q64, k64, v64 = (a.astype(np.float64) for a in (q, k, v))
     want = _attention(q64, k64, v64, 0.35, causal)
     assert np.linalg.norm(out - want) / np.linalg.norm(want) <= 2e-3  # float16 inputs and output
