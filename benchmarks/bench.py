@@ -19,6 +19,7 @@ from pathlib import Path
 from benchmarks.batches import CAPTION_HELP, parse_caption_tokens
 from benchmarks.bench_report import ratio_lines, write_report
 from benchmarks.workloads_mlx import MODES, TASKS
+from mlx_clip.memory import parse_bytes
 
 BACKENDS = ("mlx", "torch")
 LATENCY_TASKS = ("embed-image", "embed-text")  # also timed at batch 1: the latency of one request
@@ -74,19 +75,25 @@ def _say(message: str) -> None:
 
 def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text", batch: int = 32, device: str = "auto",
           out=None, as_json: bool = False, dtype: str = "float32", modes="eager,compiled", runs: int = 5,
-          warmup: int = 2, seed: int = 0, caption_tokens: str | None = None, rounds: int = 1) -> list[dict]:
+          warmup: int = 2, seed: int = 0, caption_tokens: str | None = None, rounds: int = 1,
+          memory_limit: str | None = None) -> list[dict]:
     """Measure and (with `out`) write the report files; returns the records. With `as_json`, stdout carries the
     JSON lines only (one per measurement); progress and ratios go to stderr.
 
     With `rounds` > 1 every measurement is repeated that many times, the backends taking turns (MLX, torch; then
     torch, MLX; ...), and each row reports the round with the median items/s (`round_items_per_s` lists them all):
     on a machine whose speed drifts by 10-40% over minutes (a shared VM), one process per side would put the drift
-    into the ratio."""
+    into the ratio.
+
+    `memory_limit` ("19GiB", "8GB", ...) sets MLX's memory limit in its measuring processes (`mx.set_memory_limit`,
+    as `mlxclip finetune --memory-budget` does): MLX then holds queued work back while its active memory is over it,
+    which lowers the peak that in-flight kernels' buffers add, at some speed; torch's side runs as it is."""
     backends, tasks = _split(backends, BACKENDS, "backend"), _split(tasks, TASKS, "task")
     modes = _split(modes, MODES, "mode")
     if batch < 1 or runs < 1 or rounds < 1:
         raise ValueError("batch, runs and rounds must be >= 1")
     parse_caption_tokens(caption_tokens)  # a bad spec fails here, not in every worker
+    limit = parse_bytes(memory_limit) if memory_limit else None
     device = resolve_device(device)
     from benchmarks.machine import machine_info
 
@@ -99,7 +106,8 @@ def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text",
             for backend in (backends if turn % 2 == 0 else backends[::-1]):
                 for mode in modes:
                     spec = dict(backend=backend, mode=mode, task=task, arch=arch, batch=size, device=device,
-                                dtype=dtype, runs=runs, warmup=warmup, seed=seed, caption_tokens=caption_tokens)
+                                dtype=dtype, runs=runs, warmup=warmup, seed=seed, caption_tokens=caption_tokens,
+                                memory_limit=limit)
                     got, error = run_one(spec)
                     if error:
                         failures.append(f"{task} batch {size} {backend} {mode}: {error}")
@@ -155,11 +163,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--caption-tokens", help=CAPTION_HELP)
     ap.add_argument("--rounds", type=int, default=1, help="repeat each measurement, the backends taking turns")
+    ap.add_argument("--memory-limit", help="MLX's memory limit in its measuring processes, e.g. 19GiB")
     ap.add_argument("--out")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     bench(a.arch, a.backend, a.task, a.batch, a.device, a.out, a.json, a.dtype, a.mode, a.runs, a.warmup,
-          caption_tokens=a.caption_tokens, rounds=a.rounds)
+          caption_tokens=a.caption_tokens, rounds=a.rounds, memory_limit=a.memory_limit)
     return 0
 
 

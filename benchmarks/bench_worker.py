@@ -82,6 +82,8 @@ def _builder(spec: dict):
         from benchmarks.workloads_mlx import mlx_workload
 
         mx.set_default_device(mx.cpu if spec["device"] == "cpu" else mx.gpu)
+        if spec.get("memory_limit"):  # MLX holds queued work back while its active memory is over the limit
+            mx.set_memory_limit(int(spec["memory_limit"]))
         return lambda batch: mlx_workload(config, spec["task"], batch, spec["mode"], spec["dtype"], spec["seed"],
                                           words)
     from benchmarks.workloads_torch import torch_workload
@@ -97,6 +99,7 @@ class _Memory:
 
     def __init__(self, spec: dict):
         self.backend, self.device = spec["backend"], spec["device"]
+        self.limit = spec.get("memory_limit") if self.backend == "mlx" else None
         self.rss_start = _rss_now()
 
     def reset(self) -> None:
@@ -130,6 +133,12 @@ class _Memory:
                            peak_mem_source="torch.cuda.max_memory_allocated")
         else:
             out.update(peak_mem_bytes=out["rss_growth_bytes"], peak_mem_source="rss growth")
+        if self.limit:
+            import mlx.core as mx
+
+            in_force = mx.set_memory_limit(int(self.limit))  # read back from MLX: the limit the run had
+            out.update(mlx_memory_limit_bytes=int(in_force),
+                       peak_mem_source=out["peak_mem_source"] + f" (limit {self.limit / 2**30:.1f} GiB)")
         return out
 
 

@@ -4,7 +4,7 @@ traced with its switches set, then the variants are timed in alternation, so mac
     python -m benchmarks.gpu_ab --arch ViT-B-32 --batch 256 --variants sdpa,fused
     python -m benchmarks.gpu_ab --arch ViT-B-32 --task embed-image --batch 16 --dtype float32 --variants default,layernorm=mlx
 A variant is `default` (the process's settings) or settings joined by `+`: attention=sdpa|padded|matmul|fused|aligned
-(MLXCLIP_GPU_ATTENTION), optimizer=per-param|multi (MLXCLIP_MULTI_TENSOR, mlx_clip/train/multi_tensor.py),
+(MLXCLIP_GPU_ATTENTION), memlimit=GiB (mx.set_memory_limit), optimizer=per-param|multi (MLXCLIP_MULTI_TENSOR, mlx_clip/train/multi_tensor.py),
 layernorm=ours|mlx (MLXCLIP_CPU_LAYER_NORM, mlx_clip/layer_norm.py), split=on|off (CPU batch-parallel mode,
 mlx_clip/cpu_streams.py), norm=auto|dot|reduce|concat (step.NORM_SQUARES), grads=autodiff|rowmajor (the GPU weight gradients'
 layout, linear.ROW_MAJOR_GRADS_ON_GPU); a bare attention mode means attention=MODE.
@@ -36,15 +36,21 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "grads": (linear, "ROW_MAJOR_GRADS_ON_GPU", {"autodiff": False, "rowmajor": True}),  # GPU weight-gradient layout
 }
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr, _) in SETTINGS.items()}
+_LIMIT = mx.set_memory_limit(1 << 50)  # MLX's own memory limit, put back below; memlimit=GiB sets another
+mx.set_memory_limit(_LIMIT)
 
 
 def _set(variant: str):
     for name, value in DEFAULTS.items():
         setattr(SETTINGS[name][0], SETTINGS[name][1], value)
+    mx.set_memory_limit(_LIMIT)
     for item in filter(None, variant.split("+")):
         if item == "default":
             continue
         name, _, value = item.rpartition("=")
+        if name == "memlimit":  # MLX holds back queued work while its active memory is over the limit
+            mx.set_memory_limit(int(float(value) * 2**30))
+            continue
         module, attr, values = SETTINGS.get(name or "attention", (None, None, ()))
         if value not in values:
             raise SystemExit(f"--variants: {item!r}: expected default or NAME=VALUE with NAME one of "

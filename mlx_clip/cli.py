@@ -393,12 +393,15 @@ def parity(arch, steps, device, out, batch, dtype, lr, warmup, seed, control):
 @click.option("--rounds", type=int, default=1, show_default=True,
               help="Repeat each measurement N times, the backends taking turns; report the median round (use on "
               "machines whose speed drifts, e.g. shared VMs).")
-def bench(arch, backend, task, mode, batch, device, dtype, runs, warmup, out, as_json, caption_tokens, rounds):
+@click.option("--memory-limit", help="MLX's memory limit while measuring (mx.set_memory_limit), e.g. 19GiB: MLX holds "
+              "queued work back to stay under it, lowering its peak at some speed. torch runs as it is.")
+def bench(arch, backend, task, mode, batch, device, dtype, runs, warmup, out, as_json, caption_tokens, rounds,
+          memory_limit):
     """Time MLX (eager, mx.compile) against torch (eager, torch.compile) on the same device, batch and dtype."""
     from benchmarks.bench import bench as run_bench
 
     run_bench(arch, backend, task, batch, device, out, as_json, dtype, mode, runs, warmup, caption_tokens=caption_tokens,
-              rounds=rounds)
+              rounds=rounds, memory_limit=memory_limit)
 
 
 def run():

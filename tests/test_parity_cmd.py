@@ -194,6 +194,23 @@ def test_bench_runs_accumulate_in_one_table(tmp_path, capsys):
         cli.main([*common[:-1], "9-3", "--task", "embed-text"], standalone_mode=False)
 
 
+def test_bench_memory_limit_reaches_the_mlx_worker(tmp_path, capsys):
+    """--memory-limit sets MLX's limit in the measuring process (read back from MLX there) and names it beside the
+    peak; a size that is not one is refused before anything runs."""
+    common = ["bench", "--arch", "tiny", "--backend", "mlx", "--mode", "eager", "--batch", "2", "--runs", "1",
+              "--warmup", "1", "--device", "cpu", "--task", "embed-image", "--json"]
+    cli.main([*common, "--memory-limit", "1.5GiB", "--out", str(tmp_path)], standalone_mode=False)
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert records and all(r["mlx_memory_limit_bytes"] == int(1.5 * 2**30) for r in records)
+    assert all(r["peak_mem_source"].endswith("(limit 1.5 GiB)") for r in records)
+    assert "(limit 1.5 GiB)" in (tmp_path / "bench-cpu-tiny-float32-b2.md").read_text()
+    cli.main(common, standalone_mode=False)  # no limit: MLX's own, nothing recorded
+    assert all("mlx_memory_limit_bytes" not in json.loads(line)
+               for line in capsys.readouterr().out.splitlines() if line.startswith("{"))
+    with pytest.raises(ValueError, match="memory size '19 gigs': expected a number with a unit"):
+        cli.main([*common, "--memory-limit", "19 gigs"], standalone_mode=False)
+
+
 def test_bench_rounds_take_turns_and_report_the_median_round(tmp_path, capsys, monkeypatch):
     """--rounds N runs every measurement N times, the backends alternating first, and keeps the median round."""
     import benchmarks.bench as bench_module
