@@ -11,6 +11,7 @@ import gc
 import re
 import sys
 import time
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Callable
 
@@ -171,6 +172,26 @@ def parse_bytes(text: str) -> int:
     if not m or m.group(2).upper() not in _UNITS:
         raise ValueError(f"memory size {text!r}: expected a number with a unit, e.g. 16GB, 800MB, 12GiB")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+@contextmanager
+def limited_memory(text: str, flag: str = "--memory-limit"):
+    """MLX's memory limit at `text` ('19GiB', '8GB', ...) inside the block, the previous one back after it; '' leaves
+    MLX's own. Over the limit MLX holds queued work back until running work frees memory: on a GPU, where each
+    kernel's inputs live until its command buffer completes, that bounds the buffers in flight, which otherwise set the
+    peak (benchmarks/perf-notes.md, session 11)."""
+    if not text:
+        yield
+        return
+    try:
+        limit = parse_bytes(text)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+    previous = mx.set_memory_limit(limit)
+    try:
+        yield
+    finally:
+        mx.set_memory_limit(previous)
 
 
 def find_batch_size(peak_at: Callable[[int], float | None], budget: float, start: int = 1, limit: int = 4096):

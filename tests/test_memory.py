@@ -297,3 +297,30 @@ def test_finetune_with_auto_batch_size(tmp_path):
     assert len(peaks) == 2 and max(peaks) <= 0.2
     pairs = len((data / "train.csv").read_text().splitlines()) - 1
     assert args.batch_size == pairs  # 0.2 GB holds far more than the training pairs, which cap the search
+
+
+def test_finetune_memory_limit_holds_for_the_run_then_goes_back(tmp_path, monkeypatch):
+    """--memory-limit is MLX's memory limit while the run trains (read from MLX inside the loop) and the previous one
+    after it; a size that is not one fails naming the flag before the run dir exists."""
+    from converters.convert import init_model
+    from mlx_clip.data.synth import synthesize
+    from mlx_clip.train import finetune as finetune_module
+
+    data = tmp_path / "data"
+    synthesize("industrial", data, n=8, seed=0, image_size=32)
+    model_dir = init_model("tiny", 0, tmp_path / "tiny")
+    flags = dict(model=str(model_dir), train_data=str(Path(data) / "train.csv"), out=str(tmp_path / "run"), steps=2,
+                 batch_size=4, lr=1e-3, log_every=1, workers=1, prefetch=1)
+    seen = []
+    real_train = finetune_module.train
+    monkeypatch.setattr(finetune_module, "train", lambda *a, **kw: seen.append(mx.get_memory_limit()) or real_train(*a, **kw))
+    before = mx.get_memory_limit()
+    finetune_module.finetune(resolve_args({**flags, "memory_limit": "1.5GiB"}), quiet=True)
+    assert seen == [int(1.5 * 2**30)] and mx.get_memory_limit() == before
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+    finetune_module.finetune(resolve_args({**flags, "out": str(tmp_path / "run2")}), quiet=True)
+    assert seen[1] == before  # no flag: MLX's own limit
+    with pytest.raises(ValueError, match="--memory-limit: memory size 'lots'"):
+        finetune_module.finetune(resolve_args({**flags, "memory_limit": "lots", "out": str(tmp_path / "run3")}),
+                                 quiet=True)
+    assert not (tmp_path / "run3").exists() and mx.get_memory_limit() == before

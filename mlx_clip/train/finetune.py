@@ -15,7 +15,7 @@ from mlx_clip.data.pipeline import Loader, LoaderConfig
 from mlx_clip.data.sources import open_source
 from mlx_clip.eval import evaluate_retrieval, evaluate_zeroshot, iter_eval_batches, load_classnames, load_templates
 from mlx_clip.io import load, save
-from mlx_clip.memory import apply_model_options, batch_limit, build_train_step, choose_batch_size
+from mlx_clip.memory import apply_model_options, batch_limit, build_train_step, choose_batch_size, limited_memory
 from mlx_clip.precision import max_bad_steps
 from mlx_clip.resolution import loader_preprocess, train_batches, training_resolutions
 from mlx_clip.losses import SIGLIP_INIT_LOGIT_BIAS, parse_loss_spec
@@ -98,7 +98,8 @@ def finetune(args: TrainingArgs, quiet: bool = False) -> dict:
     """Run a fine-tune as configured; returns the summary (also written to RUN_DIR/summary.md)."""
     # On the CPU every batch is cut over the cores (cpu_streams.py); ranks sharing a machine already use its cores.
     # Freed buffers kept for the next step rather than faulted back in (cpu_cache.py).
-    with cpu_streams.batch_parallel_mode(dist.world_size() == 1), cpu_cache.for_training():
+    with (limited_memory(args.memory_limit), cpu_streams.batch_parallel_mode(dist.world_size() == 1),
+          cpu_cache.for_training()):
         return _finetune(args, quiet)
 
 
