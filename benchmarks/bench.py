@@ -86,7 +86,7 @@ def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text",
     into the ratio.
 
     `memory_limit` ("19GiB", "8GB", ...) sets MLX's memory limit in its measuring processes (`mx.set_memory_limit`,
-    as `mlxclip finetune --memory-budget` does): MLX then holds queued work back while its active memory is over it,
+    as `mlxclip finetune --memory-limit` does): MLX then holds queued work back while its active memory is over it,
     which lowers the peak that in-flight kernels' buffers add, at some speed; torch's side runs as it is."""
     backends, tasks = _split(backends, BACKENDS, "backend"), _split(tasks, TASKS, "task")
     modes = _split(modes, MODES, "mode")

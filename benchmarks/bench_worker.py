@@ -136,8 +136,7 @@ class _Memory:
         if self.limit:
             import mlx.core as mx
 
-            in_force = mx.set_memory_limit(int(self.limit))  # read back from MLX: the limit the run had
-            out.update(mlx_memory_limit_bytes=int(in_force),
+            out.update(mlx_memory_limit_bytes=int(mx.get_memory_limit()),  # read back from MLX: the run's limit
                        peak_mem_source=out["peak_mem_source"] + f" (limit {self.limit / 2**30:.1f} GiB)")
         return out
 

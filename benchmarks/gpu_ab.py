@@ -36,8 +36,7 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "grads": (linear, "ROW_MAJOR_GRADS_ON_GPU", {"autodiff": False, "rowmajor": True}),  # GPU weight-gradient layout
 }
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr, _) in SETTINGS.items()}
-_LIMIT = mx.set_memory_limit(1 << 50)  # MLX's own memory limit, put back below; memlimit=GiB sets another
-mx.set_memory_limit(_LIMIT)
+_LIMIT = mx.get_memory_limit()  # MLX's own memory limit, put back for each variant; memlimit=GiB sets another
 
 
 def _set(variant: str):

@@ -11,6 +11,7 @@ import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
 
 from mlx_clip import cpu_cache
+from mlx_clip.train.args import TrainingArgs
 
 pytestmark = pytest.mark.skipif(not cpu_cache._cpu_only_build(), reason="GPU builds keep MLX's own cache policy")
 
@@ -97,7 +98,7 @@ def test_finetune_trains_with_the_training_limit(monkeypatch):
     monkeypatch.setattr(finetune_module, "_finetune", spy)
     previous = mx.set_cache_limit(cpu_cache.MLX_CPU_DEFAULT)
     try:
-        finetune_module.finetune(None)
+        finetune_module.finetune(TrainingArgs())  # the defaults: the wrapper reads the args (--memory-limit)
         assert seen["limit"] == cpu_cache.TRAINING_LIMIT
         assert cpu_cache.current_limit() == cpu_cache.MLX_CPU_DEFAULT
     finally:
