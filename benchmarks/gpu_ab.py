@@ -24,6 +24,7 @@ from benchmarks.batches import parse_caption_tokens, CAPTION_HELP
 from benchmarks.workloads_mlx import TASKS, mlx_workload
 from mlx_clip import cpu_streams, fastmath, layer_norm, linear
 from mlx_clip.config import get_config
+from mlx_clip.memory import parse_bytes
 from mlx_clip.train import multi_tensor, step
 
 
@@ -48,7 +49,7 @@ def _set(variant: str):
             continue
         name, _, value = item.rpartition("=")
         if name == "memlimit":  # MLX holds back queued work while its active memory is over the limit
-            mx.set_memory_limit(int(float(value) * 2**30))
+            mx.set_memory_limit(parse_bytes(f"{value}GiB"))
             continue
         module, attr, values = SETTINGS.get(name or "attention", (None, None, ()))
         if value not in values:

@@ -90,8 +90,9 @@ def in_own_shape(stream, fn, *arrays: mx.array):
     reads it as an input from another stream: a stride-0 array among its inputs, so the strided, unvectorised variant
     of the kernel runs. In batch-parallel mode the slices have equal shapes, so every polynomial kernel of both
     slices (GELU, softmax) and AdamW's update of equal-shaped (large: optim.FUSED_UPDATE_MAX) parameters on two
-    streams ran that way. A shape of its own per stream keeps those broadcasts apart. With fastmath's kernel boundaries, alternating processes: ViT-B-32 b16
-    train step 3,996 / 3,984 / 3,856 -> 3,775 / 3,795 / 3,705 ms, `small` b32 438 / 418 / 400 -> 393 / 352 / 376 ms."""
+    streams ran that way. A shape of its own per stream keeps those broadcasts apart. With fastmath's kernel
+    boundaries, alternating processes: ViT-B-32 b16 train step 3,996 / 3,984 / 3,856 -> 3,775 / 3,795 / 3,705 ms,
+    `small` b32 438 / 418 / 400 -> 393 / 352 / 376 ms."""
     streams = [str(s) for s in (_STREAMS or [])]
     k = streams.index(str(stream)) + 1 if str(stream) in streams else 0
     if k == 0:

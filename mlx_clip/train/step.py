@@ -167,9 +167,10 @@ def _assign(target, source) -> None:
 # square-then-sum is two kernels and a squared copy; BLAS spreads it over the CPU's cores) or "reduce" (square, then
 # MLX's sum). "auto": dot on the CPU, reduce on a GPU, where each cuBLAS call costs ~28 us of host work (stream
 # capture, heuristics, workspace; measured with py-spy on an H200) against a few us for MLX's own kernels. "concat"
-# (opt-in, for host-bound GPUs; not yet measured on one): the flattened gradients joined NORM_CHUNK at a time and each
-# join squared and summed, ~4 graph nodes per 64 parameters where the other ways make ~4 per parameter (the ViT-B/32
-# step's norm is ~1,600 of its 6,782 nodes), for one extra copy of the gradients.
+# (opt-in, for host-bound GPUs): the flattened gradients joined NORM_CHUNK at a time and each join squared and summed,
+# ~4 graph nodes per 64 parameters where the other ways make ~4 per parameter (the ViT-B/32 step's norm is ~1,600 of
+# its 6,782 nodes), for one extra copy of the gradients: on an H100 the ViT-B/32 step -3% for +2.9 GiB of peak
+# (benchmarks/results/gpu-aligned-h100-s11.md), so not the GPU default.
 NORM_SQUARES = "auto"
 NORM_CHUNK = 64
 
