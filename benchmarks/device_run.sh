@@ -23,7 +23,7 @@ for step in "$@"; do
     norm) timeout 500 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --variants norm=dot,norm=reduce --rounds 8 --torch 2>&1 | tee $OUT/norm-ab32.txt ;;
     concat) timeout 500 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --variants default,norm=concat,norm=concat+grads=rowmajor --rounds 8 2>&1 | tee $OUT/concat-ab32.txt ;;
     aligned) timeout 300 python3 -m benchmarks.gpu_ab --arch ViT-B-16 --variants default,attention=aligned --rounds 6 2>&1 | tee $OUT/ab16-aligned.txt ;;
-    limit) MLXCLIP_GPU_ATTENTION=aligned timeout 300 $BENCH --arch ViT-B-16 --memory-limit 19GiB --out $OUT/b16-aligned-limit19 2>&1 | tail -8
+    limit) MLXCLIP_GPU_ATTENTION=fused timeout 300 $BENCH --arch ViT-B-16 --memory-limit 19GiB --out $OUT/b16-fused-limit19 2>&1 | tail -8
            for l in 8GiB 9GiB; do timeout 150 ${BENCH/mlx,torch/mlx} --arch ViT-B-32 --memory-limit $l --out $OUT/b32-limit$l 2>&1 | grep items/s; done ;;
     host1) timeout 150 python3 -m benchmarks.gpu_host --arch ViT-B-32 2>&1 | tail -1 | tee -a $OUT/host.txt ;;
     prof) for b in mlx torch; do timeout 240 python3 -m benchmarks.gpu_profile --backend $b --arch ViT-B-32 2>&1 | tail -32; done | tee $OUT/profile.txt ;;

@@ -8,18 +8,31 @@ block owns one (batch, head): the whole ≤ 64 × 64 problem sits in shared memo
 also read and write the (B, L, heads · 64) layout of the projections directly, so the head split/merge transposes
 (a copy each, forward and backward) disappear.
 
-Scope: bf16, head width 64, L ≤ 64, no mask or causal, scale 1/8. Anything else goes to mx.fast's SDPA.
+Longer sequences (ViT-B/16's 197 image tokens, 77 untrimmed text tokens) take the tiled kernels, flash-attention
+style: a block owns 64 rows, holds the other side of its head in shared memory and walks it in 16 x 16 score tiles.
+The forward keeps each row's log-sum-exp (fp32, (B, L, H)); the backward recomputes the probabilities from it, in
+two kernels (dq over query rows; dk and dv over key rows) so no gradient needs atomics. MLX's unfused backward
+there kept the (B, H, L, L) probabilities, ran its batched products in cuBLAS's align-1 kernels (a 197-wide bf16 row
+is not 16-byte aligned) and took ~40 ms of a 160 ms ViT-B/16 step on an H100 (benchmarks/perf-notes.md).
+
+Scope: bf16, head width 64, L ≤ 256, no mask or causal, scale 1/8. Anything else goes to mx.fast's SDPA.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from functools import lru_cache
 
 import mlx.core as mx
 
 HEAD_DIM = 64
-MAX_TOKENS = 64
-_LDH, _LDF = 72, 68  # shared-memory row strides (bf16, fp32): 32-byte aligned WMMA tiles, rows staggered over banks
+MAX_TOKENS = 64  # the one-block kernels
+MAX_LONG_TOKENS = 256  # the tiled kernels
+# The tiled kernels' transposed operand loads: ldmatrix.trans (1), or four 16-bit shared-memory loads (0)
+LDMATRIX = os.environ.get("MLXCLIP_GPU_LDMATRIX", "1").strip() != "0"
+# shared-memory row strides (bf16, fp32): 32-byte aligned WMMA tiles, rows staggered over banks
+_LDH, _LDF = 72, 68
 _TILE_H = MAX_TOKENS * _LDH * 2  # one bf16 64 x 64 tile, bytes
 _TILE_F = MAX_TOKENS * _LDF * 4  # one fp32 64 x 64 tile, bytes
 _FORWARD_SMEM = 3 * _TILE_H + _TILE_F  # q (then p), k, v; scores then output
@@ -46,24 +59,34 @@ __device__ inline size_t row_offset(int b, int row, int h, int L, int H) {
   return ((size_t)(b * L + row) * H + h) * 64;
 }
 
-// Rows [0, L) of head h from a (B, L, H * 64) array into a (rows, LDH) tile; rows [L, rows) zero.
-__device__ inline void load_tile(const bf16* src, bf16* dst, int b, int h, int L, int H, int rows) {
+// Rows [first, first + rows) of head h from a (B, L, H * 64) array into a (rows, LDH) tile; rows >= L zero.
+__device__ inline void load_rows(const bf16* src, bf16* dst, int b, int h, int L, int H, int first, int rows) {
   for (int c = threadIdx.x; c < rows * 8; c += blockDim.x) {
     const int row = c >> 3, part = c & 7;
     uint4 value = make_uint4(0u, 0u, 0u, 0u);
-    if (row < L) value = reinterpret_cast<const uint4*>(src + row_offset(b, row, h, L, H))[part];
+    if (first + row < L) value = reinterpret_cast<const uint4*>(src + row_offset(b, first + row, h, L, H))[part];
     reinterpret_cast<uint4*>(dst + row * LDH)[part] = value;
   }
 }
 
-// 16 rows x 64 columns of fp32 staging (from row r0) times `factor`, rows < L only, into the (B, L, H * 64) output.
-__device__ inline void store_rows(const float* f, bf16* dst, int b, int h, int L, int H, int r0, float factor,
-                                  int lane) {
+__device__ inline void load_tile(const bf16* src, bf16* dst, int b, int h, int L, int H, int rows) {
+  load_rows(src, dst, b, h, L, H, 0, rows);
+}
+
+// A 16-row x 64-column fp32 stripe (LDF stride) times `factor`, as rows r0.. (those < L) of the (B, L, H * 64) output.
+__device__ inline void store_stripe(const float* f, bf16* dst, int b, int h, int L, int H, int r0, float factor,
+                                    int lane) {
   for (int r = 0; r < 16 && r0 + r < L; ++r) {
-    const float2 x = reinterpret_cast<const float2*>(f + (r0 + r) * LDF)[lane];
+    const float2 x = reinterpret_cast<const float2*>(f + r * LDF)[lane];
     reinterpret_cast<__nv_bfloat162*>(dst + row_offset(b, r0 + r, h, L, H))[lane] =
         __floats2bfloat162_rn(x.x * factor, x.y * factor);
   }
+}
+
+// The stripe of rows r0.. of a whole-sequence fp32 staging tile.
+__device__ inline void store_rows(const float* f, bf16* dst, int b, int h, int L, int H, int r0, float factor,
+                                  int lane) {
+  store_stripe(f + r0 * LDF, dst, b, h, L, H, r0, factor, lane);
 }
 
 __device__ inline float warp_max(float x) {
@@ -104,20 +127,23 @@ __device__ inline void softmax_rows(float* s, bf16* p, int r0, int L, int cols, 
 
 // The three warp-level products, each writing a 16-row stripe (rows r0..r0+15) of fp32 staging (LDF stride);
 // `nt` 16-wide tiles span the sequence. a, b are bf16 tiles with LDH stride.
+// out[0:16, 0:16] = a[0:16, 0:64] . b[0:16, 0:64]^T (LDF stride out)
+__device__ inline void tile_times_transposed(const bf16* a, const bf16* b, float* out) {
+  FragC acc;
+  wmma::fill_fragment(acc, 0.0f);
+  for (int d = 0; d < 4; ++d) {
+    FragA x;
+    FragBT y;
+    wmma::load_matrix_sync(x, a + 16 * d, LDH);
+    wmma::load_matrix_sync(y, b + 16 * d, LDH);
+    wmma::mma_sync(acc, x, y, acc);
+  }
+  wmma::store_matrix_sync(out, acc, LDF, wmma::mem_row_major);
+}
+
 // out[r0.., 0:16nt] = a[r0.., 0:64] . b[0:16nt, 0:64]^T          (scores q k^T, dp = dout v^T)
 __device__ inline void rows_times_transposed(const bf16* a, const bf16* b, float* out, int r0, int nt) {
-  for (int j = 0; j < nt; ++j) {
-    FragC acc;
-    wmma::fill_fragment(acc, 0.0f);
-    for (int d = 0; d < 4; ++d) {
-      FragA x;
-      FragBT y;
-      wmma::load_matrix_sync(x, a + r0 * LDH + 16 * d, LDH);
-      wmma::load_matrix_sync(y, b + 16 * j * LDH + 16 * d, LDH);
-      wmma::mma_sync(acc, x, y, acc);
-    }
-    wmma::store_matrix_sync(out + r0 * LDF + 16 * j, acc, LDF, wmma::mem_row_major);
-  }
+  for (int j = 0; j < nt; ++j) tile_times_transposed(a + r0 * LDH, b + 16 * j * LDH, out + r0 * LDF + 16 * j);
 }
 
 // out[r0.., 0:64] = a[r0.., 0:16nt] . b[0:16nt, 0:64]             (o = p v, dq = ds k)
@@ -149,6 +175,85 @@ __device__ inline void columns_times(const bf16* a, const bf16* b, float* out, i
       wmma::mma_sync(acc, x, y, acc);
     }
     wmma::store_matrix_sync(out + r0 * LDF + 16 * j, acc, LDF, wmma::mem_row_major);
+  }
+}
+// ---- The tiled kernels (MAX_TOKENS < L <= MAX_LONG_TOKENS): mma.sync m16n8k16 on registers ----
+// Fragment layouts from the PTX ISA (lane = 4 g + t): A (16 x 16, row-major) reg 0 = row g, columns 2t, 2t + 1;
+// reg 1 = row g + 8; reg 2 = row g, columns 2t + 8, 2t + 9; reg 3 = row g + 8, columns 2t + 8, 2t + 9.
+// B (16 x 8): reg 0 = rows 2t, 2t + 1 of column g; reg 1 = rows 2t + 8, 2t + 9. C (16 x 8, fp32): c0, c1 = row g,
+// columns 2t, 2t + 1; c2, c3 = row g + 8. Two C tiles side by side are one A tile: scores become probabilities
+// in registers and feed the next product without a trip through shared memory.
+typedef unsigned int u32;
+
+// Whether key `key` takes part in query `query`'s softmax (padding rows and columns do not).
+__device__ inline bool attends(int query, int key, int L, bool causal) {
+  return query < L && key < L && !(causal && key > query);
+}
+
+__device__ inline u32 pack(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<u32*>(&v);
+}
+
+// c (16 x 8, fp32) += a (16 x 16, bf16) . b (16 x 8, bf16)
+__device__ inline void mma(float* c, const u32* a, const u32* b) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// A fragments of rows [r0, r0 + 16) of head h of a (B, L, H * 64) array, straight from global memory: a[d] holds
+// columns [16d, 16d + 16). Rows >= L are zero.
+__device__ inline void load_a(const bf16* src, u32 (*a)[4], int b, int h, int L, int H, int r0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = r0 + g + 8 * half;
+    const u32* p = reinterpret_cast<const u32*>(src + row_offset(b, row < L ? row : 0, h, L, H));
+#pragma unroll
+    for (int d = 0; d < 4; ++d) {
+      a[d][half] = row < L ? p[8 * d + t] : 0u;
+      a[d][2 + half] = row < L ? p[8 * d + 4 + t] : 0u;
+    }
+  }
+}
+
+// B fragment with B[k][n] = m[n0 + n][k0 + k] from a row-major LDH tile (k . q^T style products).
+__device__ inline void load_b_rows(const bf16* m, int n0, int k0, int lane, u32* b) {
+  const u32* p = reinterpret_cast<const u32*>(m + (n0 + (lane >> 2)) * LDH + k0);
+  b[0] = p[lane & 3];
+  b[1] = p[4 + (lane & 3)];
+}
+
+// B fragment with B[k][n] = m[k0 + k][n0 + n] from a row-major LDH tile (p . v style products): ldmatrix's
+// transposing load, lanes 0-15 pointing at rows k0 .. k0 + 15 (LDSM), or four 16-bit loads.
+template <bool LDSM>
+__device__ inline void load_b_cols(const bf16* m, int k0, int n0, int lane, u32* b) {
+  if (LDSM) {
+    const u32 address = static_cast<u32>(__cvta_generic_to_shared(m + (k0 + (lane & 15)) * LDH + n0));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(b[0]), "=r"(b[1]) : "r"(address));
+  } else {
+    const unsigned short* p = reinterpret_cast<const unsigned short*>(m) + (k0 + 2 * (lane & 3)) * LDH + n0 + (lane >> 2);
+    b[0] = p[0] | (static_cast<u32>(p[LDH]) << 16);
+    b[1] = p[8 * LDH] | (static_cast<u32>(p[9 * LDH]) << 16);
+  }
+}
+
+// Rows r0 + g and r0 + g + 8 (those < L) of an output from 8 C tiles (64 columns), times factor[row half].
+__device__ inline void store_c(float (*acc)[4], bf16* dst, int b, int h, int L, int H, int r0, const float* factor,
+                               int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r0 + g + 8 * r;
+    if (row >= L) continue;
+    bf16* out = dst + row_offset(b, row, h, L, H) + 2 * t;
+#pragma unroll
+    for (int c = 0; c < 8; ++c)
+      *reinterpret_cast<__nv_bfloat162*>(out + 8 * c) =
+          __floats2bfloat162_rn(acc[c][2 * r] * factor[r], acc[c][2 * r + 1] * factor[r]);
   }
 }
 }  // namespace mlxclip_attention
@@ -234,42 +339,326 @@ _BACKWARD = r"""
 """
 
 
+# The tiled kernels. Grid (B * H, ceil(L / 64)): a block of 4 warps owns 64 rows (queries in the forward and dq
+# kernels, keys in the dk/dv kernel) and holds the other side of the head (all L rows) in shared memory; warp w owns
+# the block's rows [16w, 16w + 16), keeps their q / dout (or k / v) fragments in registers, and walks the other side
+# 16 rows at a time. Softmax statistics are log2-based: x = q.k SCALE LOG2E, lse = log2 sum_j 2^x_j, written by the
+# forward as a (B, L, H) fp32 output; the backward recomputes p = 2^(x - lse) per tile and takes
+# delta = rowsum(dout * o) (B, L, H) from the caller. LDSM_TRANS picks ldmatrix for the transposed operand loads.
+_LONG_FORWARD = r"""
+  using namespace mlxclip_attention;
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr int KR = 16 * NT;
+  const float neg_inf = __int_as_float(0xff800000);
+  bf16* ks = reinterpret_cast<bf16*>(smem);
+  bf16* vs = ks + KR * LDH;
+  const int b = blockIdx.x / H, h = blockIdx.x % H, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  load_rows(k, ks, b, h, L, H, 0, KR);
+  load_rows(v, vs, b, h, L, H, 0, KR);
+  __syncthreads();
+  const int r0 = 64 * blockIdx.y + 16 * warp;
+  if (r0 >= L) return;
+  u32 qa[4][4];
+  load_a(q, qa, b, h, L, H, r0, lane);
+  float acc[8][4] = {};  // o, 8 tiles of 8 columns
+  float m[2] = {neg_inf, neg_inf}, l[2] = {0.0f, 0.0f};  // rows g, g + 8; l is this lane's part of the sum
+  const int tiles = CAUSAL && r0 / 16 + 1 < NT ? r0 / 16 + 1 : NT;  // causal: later key tiles are all masked
+  for (int j = 0; j < tiles; ++j) {
+    float s[2][4] = {};
+#pragma unroll
+    for (int d = 0; d < 4; ++d)
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        u32 kb[2];
+        load_b_rows(ks, 16 * j + 8 * n, 16 * d, lane, kb);
+        mma(s[n], qa[d], kb);
+      }
+    float base[2] = {neg_inf, neg_inf}, rescale[2];
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool on = attends(r0 + g + 8 * (e >> 1), 16 * j + 8 * n + 2 * t + (e & 1), L, CAUSAL);
+        s[n][e] = on ? s[n][e] * (SCALE * LOG2E) : neg_inf;
+        base[e >> 1] = fmaxf(base[e >> 1], s[n][e]);
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {  // online softmax: the running max, and the factor for what was summed before it
+      base[r] = fmaxf(base[r], __shfl_xor_sync(0xffffffffu, base[r], 1));
+      base[r] = fmaxf(base[r], __shfl_xor_sync(0xffffffffu, base[r], 2));
+      const float next = fmaxf(m[r], base[r]);
+      base[r] = next == neg_inf ? 0.0f : next;  // a row with no key yet (padding) stays all zero, not NaN
+      rescale[r] = exp2f(m[r] - base[r]);
+      m[r] = next;
+      l[r] *= rescale[r];
+    }
+    u32 pa[4];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      const float p0 = exp2f(s[n][0] - base[0]), p1 = exp2f(s[n][1] - base[0]);
+      const float p2 = exp2f(s[n][2] - base[1]), p3 = exp2f(s[n][3] - base[1]);
+      l[0] += p0 + p1;
+      l[1] += p2 + p3;
+      pa[2 * n] = pack(p0, p1);
+      pa[2 * n + 1] = pack(p2, p3);
+    }
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      acc[c][0] *= rescale[0];
+      acc[c][1] *= rescale[0];
+      acc[c][2] *= rescale[1];
+      acc[c][3] *= rescale[1];
+      u32 vb[2];
+      load_b_cols<LDSM_TRANS>(vs, 16 * j, 8 * c, lane, vb);
+      mma(acc[c], pa, vb);
+    }
+  }
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    inv[r] = 1.0f / l[r];
+    const int row = r0 + g + 8 * r;
+    if (t == 0 && row < L) lse[(b * L + row) * H + h] = m[r] + log2f(l[r]);
+  }
+  store_c(acc, o, b, h, L, H, r0, inv, lane);
+"""
+
+# dq = SCALE sum over key tiles of ds k, with ds = p (dp - delta) and dp = dout v^T, recomputed per tile.
+_LONG_DQ = r"""
+  using namespace mlxclip_attention;
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr int KR = 16 * NT;
+  bf16* ks = reinterpret_cast<bf16*>(smem);
+  bf16* vs = ks + KR * LDH;
+  const int b = blockIdx.x / H, h = blockIdx.x % H, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  load_rows(k, ks, b, h, L, H, 0, KR);
+  load_rows(v, vs, b, h, L, H, 0, KR);
+  __syncthreads();
+  const int r0 = 64 * blockIdx.y + 16 * warp;
+  if (r0 >= L) return;
+  u32 qa[4][4], ga[4][4];
+  load_a(q, qa, b, h, L, H, r0, lane);
+  load_a(dout, ga, b, h, L, H, r0, lane);
+  float row_lse[2], row_delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r0 + g + 8 * r;
+    row_lse[r] = row < L ? lse[(b * L + row) * H + h] : 0.0f;
+    row_delta[r] = row < L ? delta[(b * L + row) * H + h] : 0.0f;
+  }
+  float acc[8][4] = {};
+  const int tiles = CAUSAL && r0 / 16 + 1 < NT ? r0 / 16 + 1 : NT;
+  for (int j = 0; j < tiles; ++j) {
+    float s[2][4] = {}, dp[2][4] = {};
+#pragma unroll
+    for (int d = 0; d < 4; ++d)
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        u32 kb[2], vb[2];
+        load_b_rows(ks, 16 * j + 8 * n, 16 * d, lane, kb);
+        load_b_rows(vs, 16 * j + 8 * n, 16 * d, lane, vb);
+        mma(s[n], qa[d], kb);
+        mma(dp[n], ga[d], vb);
+      }
+    u32 da[4];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      float ds[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool on = attends(r0 + g + 8 * (e >> 1), 16 * j + 8 * n + 2 * t + (e & 1), L, CAUSAL);
+        ds[e] = on ? exp2f(s[n][e] * (SCALE * LOG2E) - row_lse[e >> 1]) * (dp[n][e] - row_delta[e >> 1]) : 0.0f;
+      }
+      da[2 * n] = pack(ds[0], ds[1]);
+      da[2 * n + 1] = pack(ds[2], ds[3]);
+    }
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      u32 kb[2];
+      load_b_cols<LDSM_TRANS>(ks, 16 * j, 8 * c, lane, kb);
+      mma(acc[c], da, kb);
+    }
+  }
+  const float factor[2] = {SCALE, SCALE};
+  store_c(acc, dq, b, h, L, H, r0, factor, lane);
+"""
+
+# The transposed view: a warp owns 16 keys and walks the query tiles; p^T and ds^T tiles come out of k q^T and
+# v dout^T, and dv = sum p^T dout, dk = SCALE sum ds^T q. lse and delta for every query sit in shared memory.
+_LONG_DKDV = r"""
+  using namespace mlxclip_attention;
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr int KR = 16 * NT;
+  bf16* qs = reinterpret_cast<bf16*>(smem);
+  bf16* gs = qs + KR * LDH;  // dout
+  float* lse_s = reinterpret_cast<float*>(gs + KR * LDH);
+  float* delta_s = lse_s + KR;
+  const int b = blockIdx.x / H, h = blockIdx.x % H, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  load_rows(q, qs, b, h, L, H, 0, KR);
+  load_rows(dout, gs, b, h, L, H, 0, KR);
+  for (int i = threadIdx.x; i < KR; i += blockDim.x) {
+    lse_s[i] = i < L ? lse[(b * L + i) * H + h] : 0.0f;
+    delta_s[i] = i < L ? delta[(b * L + i) * H + h] : 0.0f;
+  }
+  __syncthreads();
+  const int r0 = 64 * blockIdx.y + 16 * warp;
+  if (r0 >= L) return;
+  u32 ka[4][4], va[4][4];
+  load_a(k, ka, b, h, L, H, r0, lane);
+  load_a(v, va, b, h, L, H, r0, lane);
+  float dk_acc[8][4] = {}, dv_acc[8][4] = {};
+  for (int i = CAUSAL ? r0 / 16 : 0; i < NT; ++i) {  // causal: earlier queries never see these keys
+    float s[2][4] = {}, dp[2][4] = {};
+#pragma unroll
+    for (int d = 0; d < 4; ++d)
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        u32 qb[2], gb[2];
+        load_b_rows(qs, 16 * i + 8 * n, 16 * d, lane, qb);
+        load_b_rows(gs, 16 * i + 8 * n, 16 * d, lane, gb);
+        mma(s[n], ka[d], qb);
+        mma(dp[n], va[d], gb);
+      }
+    u32 pa[4], da[4];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      float p[4], ds[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int query = 16 * i + 8 * n + 2 * t + (e & 1);
+        const bool on = attends(query, r0 + g + 8 * (e >> 1), L, CAUSAL);
+        p[e] = on ? exp2f(s[n][e] * (SCALE * LOG2E) - lse_s[query]) : 0.0f;
+        ds[e] = p[e] * (dp[n][e] - delta_s[query]);
+      }
+      pa[2 * n] = pack(p[0], p[1]);
+      pa[2 * n + 1] = pack(p[2], p[3]);
+      da[2 * n] = pack(ds[0], ds[1]);
+      da[2 * n + 1] = pack(ds[2], ds[3]);
+    }
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      u32 gb[2], qb[2];
+      load_b_cols<LDSM_TRANS>(gs, 16 * i, 8 * c, lane, gb);
+      load_b_cols<LDSM_TRANS>(qs, 16 * i, 8 * c, lane, qb);
+      mma(dv_acc[c], pa, gb);
+      mma(dk_acc[c], da, qb);
+    }
+  }
+  const float scale[2] = {SCALE, SCALE}, one[2] = {1.0f, 1.0f};
+  store_c(dk_acc, dk, b, h, L, H, r0, scale, lane);
+  store_c(dv_acc, dv, b, h, L, H, r0, one, lane);
+"""
+
+
 def supported(q: mx.array, heads: int, scale: float, mask) -> bool:
-    """Whether the fused kernels take this call: a CUDA device, bf16 (B, L, heads * 64) inputs, L <= 64, no mask or
+    """Whether the fused kernels take this call: a CUDA device, bf16 (B, L, heads * 64) inputs, L <= 256, no mask or
     causal, the default 1/sqrt(64) scale."""
     return (mx.default_device() == mx.gpu and mx.cuda.is_available() and q.dtype == mx.bfloat16 and q.ndim == 3
-            and q.shape[1] <= MAX_TOKENS and q.shape[2] == heads * HEAD_DIM and abs(scale - HEAD_DIM ** -0.5) < 1e-9
-            and (mask is None or (isinstance(mask, str) and mask == "causal")))
+            and q.shape[1] <= MAX_LONG_TOKENS and q.shape[2] == heads * HEAD_DIM
+            and abs(scale - HEAD_DIM ** -0.5) < 1e-9 and (mask is None or (isinstance(mask, str) and mask == "causal")))
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel as mx.fast.cuda_kernel takes it (benchmarks/cuda_compile.py compiles the same specs with NVRTC)."""
+    name: str
+    source: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    shared_memory: int
+
+    def dtype(self, name: str) -> str:  # the softmax statistics are fp32, the rest bf16
+        return "float32" if name in ("lse", "delta") else "bfloat16"
+
+
+def kernel_specs(nt: int) -> list[KernelSpec]:
+    """The short kernels and, for sequences of nt 16-row tiles, the tiled ones (shared memory sized for nt)."""
+    rows = 16 * nt
+    return [
+        KernelSpec("mlxclip_attention_forward", _FORWARD, ("q", "k", "v"), ("o",), _FORWARD_SMEM),
+        KernelSpec("mlxclip_attention_backward", _BACKWARD, ("q", "k", "v", "dout"), ("dq", "dk", "dv"),
+                   _BACKWARD_SMEM),
+        KernelSpec(f"mlxclip_attention_long_forward_{nt}", _LONG_FORWARD, ("q", "k", "v"), ("o", "lse"),
+                   2 * rows * _LDH * 2),
+        KernelSpec(f"mlxclip_attention_long_dq_{nt}", _LONG_DQ, ("q", "k", "v", "dout", "lse", "delta"), ("dq",),
+                   2 * rows * _LDH * 2),
+        KernelSpec(f"mlxclip_attention_long_dkdv_{nt}", _LONG_DKDV, ("q", "k", "v", "dout", "lse", "delta"),
+                   ("dk", "dv"), 2 * rows * _LDH * 2 + 2 * rows * 4),
+    ]
 
 
 @lru_cache(maxsize=None)
-def _kernels():
-    forward = mx.fast.cuda_kernel(name="mlxclip_attention_forward", input_names=["q", "k", "v"], output_names=["o"],
-                                  source=_FORWARD, header=_HEADER, shared_memory=_FORWARD_SMEM)
-    backward = mx.fast.cuda_kernel(name="mlxclip_attention_backward", input_names=["q", "k", "v", "dout"],
-                                   output_names=["dq", "dk", "dv"], source=_BACKWARD, header=_HEADER,
-                                   shared_memory=_BACKWARD_SMEM)
-    return forward, backward
+def _kernels(nt: int):
+    return [mx.fast.cuda_kernel(name=spec.name, input_names=list(spec.inputs), output_names=list(spec.outputs),
+                                source=spec.source, header=_HEADER, shared_memory=spec.shared_memory)
+            for spec in kernel_specs(nt)]
 
 
-def _launch(kernel, inputs: list[mx.array], heads: int, causal: bool, outputs: int) -> list[mx.array]:
+def _launch(kernel, inputs: list[mx.array], heads: int, causal: bool, outputs: int, blocks: int = 0,
+            lse: bool = False) -> list[mx.array]:
+    """blocks: 0 for the one-block kernels, else the tiled kernels' blocks per (batch, head)."""
     batch, length, width = inputs[0].shape
-    return kernel(inputs=inputs, template=[("L", length), ("H", heads), ("NT", -(-length // 16)), ("CAUSAL", causal)],
-                  grid=(batch * heads * 128, 1, 1), threadgroup=(128, 1, 1),
-                  output_shapes=[(batch, length, width)] * outputs, output_dtypes=[inputs[0].dtype] * outputs)
+    shapes = [(batch, length, width)] * outputs + ([(batch, length, heads)] if lse else [])
+    template = [("L", length), ("H", heads), ("NT", -(-length // 16)), ("CAUSAL", causal)]
+    return kernel(inputs=inputs, template=template + ([("LDSM_TRANS", LDMATRIX)] if blocks else []),
+                  grid=(batch * heads * 128, max(blocks, 1), 1), threadgroup=(128, 1, 1), output_shapes=shapes,
+                  output_dtypes=[inputs[0].dtype] * outputs + ([mx.float32] if lse else []))
+
+
+def _short(heads: int, causal: bool):
+    """One block per (batch, head), the whole problem in shared memory (L <= MAX_TOKENS)."""
+
+    @mx.custom_function
+    def attention(q, k, v):
+        return _launch(_kernels(MAX_TOKENS // 16)[0], [q, k, v], heads, causal, 1)[0]
+
+    @attention.vjp
+    def attention_vjp(primals, cotangent, output):
+        q, k, v = primals
+        return tuple(_launch(_kernels(MAX_TOKENS // 16)[1], [q, k, v, cotangent.astype(q.dtype)], heads, causal, 3))
+
+    return attention
+
+
+def _tiled(heads: int, causal: bool):
+    """The tiled kernels (MAX_TOKENS < L <= MAX_LONG_TOKENS): returns (o, lse); the backward reads lse and delta."""
+
+    def kernels(q):
+        length = q.shape[1]
+        return _kernels(-(-length // 16))[2:], -(-length // 64)
+
+    @mx.custom_function
+    def attention(q, k, v):
+        (forward, _, _), blocks = kernels(q)
+        return tuple(_launch(forward, [q, k, v], heads, causal, 1, blocks, lse=True))
+
+    @attention.vjp
+    def attention_vjp(primals, cotangents, outputs):
+        q, k, v = primals
+        out, lse = outputs
+        dout = cotangents[0].astype(q.dtype)
+        batch, length, width = q.shape
+        delta = (dout.astype(mx.float32) * out.astype(mx.float32)).reshape(batch, length, heads, HEAD_DIM).sum(-1)
+        (_, dq_kernel, dkdv_kernel), blocks = kernels(q)
+        inputs = [q, k, v, dout, lse, delta]
+        (dq,) = _launch(dq_kernel, inputs, heads, causal, 1, blocks)
+        dk, dv = _launch(dkdv_kernel, inputs, heads, causal, 2, blocks)
+        return dq, dk, dv
+
+    return attention
 
 
 @lru_cache(maxsize=None)
 def fused(heads: int, causal: bool):
     """softmax(q kᵀ / 8 [+ causal mask]) v over `heads` heads of (B, L, heads * 64) bf16 arrays, as (B, L, heads * 64)."""
+    short, tiled = _short(heads, causal), _tiled(heads, causal)
 
-    @mx.custom_function
     def attention(q, k, v):
-        return _launch(_kernels()[0], [q, k, v], heads, causal, 1)[0]
-
-    @attention.vjp
-    def attention_vjp(primals, cotangent, output):
-        q, k, v = primals
-        return tuple(_launch(_kernels()[1], [q, k, v, cotangent.astype(q.dtype)], heads, causal, 3))
+        return short(q, k, v) if q.shape[1] <= MAX_TOKENS else tiled(q, k, v)[0]
 
     return attention

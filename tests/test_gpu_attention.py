@@ -33,8 +33,11 @@ def _rel(got, want) -> float:
     return float(np.linalg.norm(np.array(got.astype(mx.float32)) - want) / np.linalg.norm(want))
 
 
+# <= 64 tokens: the one-block kernels; above: the tiled ones (ViT-B/16's 197, untrimmed text's 77 causal, one past a
+# block, a whole number of 64-row blocks, the largest)
 @pytest.mark.parametrize("length,heads,causal", [(50, 12, False), (32, 8, True), (17, 2, True), (64, 3, False),
-                                                 (7, 2, False)])
+                                                 (7, 2, False), (197, 12, False), (77, 8, True), (65, 2, True),
+                                                 (128, 3, False), (130, 3, True), (256, 2, False)])
 def test_fused_matches_float64_values_and_gradients(length, heads, causal):
     rng = np.random.default_rng(length)
     q, k, v, w = (rng.standard_normal((3, length, heads * 64)).astype(np.float32) for _ in range(4))
@@ -53,14 +56,23 @@ def test_fused_matches_float64_values_and_gradients(length, heads, causal):
         assert _rel(got, ref) <= 2e-2  # bf16 gradients through bf16 ds
 
 
-def test_model_attention_takes_the_fused_kernel_and_agrees_with_sdpa(monkeypatch):
+def test_supported_lengths():
+    x = lambda length: mx.zeros((2, length, 128), dtype=mx.bfloat16)
+    assert gpu_attention.supported(x(256), 2, 0.125, None) and gpu_attention.supported(x(1), 2, 0.125, "causal")
+    assert not gpu_attention.supported(x(257), 2, 0.125, None)  # beyond the tiled kernels: sdpa
+    assert not gpu_attention.supported(x(197).astype(mx.float32), 2, 0.125, None)
+    assert not gpu_attention.supported(x(197), 2, 0.125, mx.zeros((197, 197)))
+
+
+@pytest.mark.parametrize("arch,tokens", [("ViT-B-32", 50), ("ViT-B-16", 197)])
+def test_model_attention_takes_the_fused_kernel_and_agrees_with_sdpa(monkeypatch, arch, tokens):
     """value_and_grad of the same layer with MLXCLIP_GPU_ATTENTION=fused and =sdpa gives the same numbers."""
     from mlx_clip.config import get_config
     from mlx_clip.io import cast
     from mlx_clip.model import EncoderLayer
 
-    layer = cast(EncoderLayer(get_config("ViT-B-32").vision_config), "bfloat16")
-    x = mx.random.normal((4, 50, 768), key=mx.random.key(1)).astype(mx.bfloat16)
+    layer = cast(EncoderLayer(get_config(arch).vision_config), "bfloat16")
+    x = mx.random.normal((4, tokens, 768), key=mx.random.key(1)).astype(mx.bfloat16)
     mx.eval(layer.parameters(), x)
     calls = []
     real = gpu_attention.fused

@@ -1,0 +1,99 @@
+"""Compile mlx_clip's CUDA kernels with NVRTC on a machine without a GPU, as `mx.fast.cuda_kernel` would on one.
+
+Why: the device loan is short and a compile error found there costs a round trip. NVRTC compiles without a driver,
+so the kernels' source (mlx_clip/gpu_attention.py) is checked here, in the default test run, for the H100's sm_90.
+The source is wrapped the way MLX's CUDA backend wraps it (mlx/backend/cuda/custom_kernel.cpp, `build_kernel`):
+inputs as `const T*` parameters, outputs as `T*`, template arguments as `constexpr` locals, all inside
+`namespace mlx::core::cu`. MLX's own default header is left out: the kernels use nothing from it.
+
+NVRTC and the CUDA headers come from the `nvidia-cuda-nvrtc` and `nvidia-cuda-runtime` wheels (pyproject's dev
+extra, Linux x86-64): `nvrtc_available()` says whether they are installed.
+
+    python -m benchmarks.cuda_compile      # compiles every attention kernel, prints the PTX sizes
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from pathlib import Path
+
+_CUDA_TYPES = {"bfloat16": "__nv_bfloat16", "float32": "float", "float16": "__half", "int32": "int32_t"}
+
+
+def _cuda_root() -> Path | None:
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for sub in sorted(Path(root).glob("cu*")):
+            if (sub / "include" / "cuda_bf16.h").exists() and list((sub / "lib").glob("libnvrtc.so*")):
+                return sub
+    return None
+
+
+def nvrtc_available() -> bool:
+    return _cuda_root() is not None
+
+
+def wrap(name: str, header: str, source: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]],
+         template: dict[str, int | bool]) -> str:
+    """The translation unit MLX builds for one kernel; inputs/outputs are (name, mlx dtype name) pairs."""
+    params = [f"    const {_CUDA_TYPES[t]}* {n}" for n, t in inputs] + [f"    {_CUDA_TYPES[t]}* {n}" for n, t in outputs]
+    constants = "".join(f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = "
+                        f"{str(v).lower() if isinstance(v, bool) else v};\n" for k, v in template.items())
+    return (f"{header}\nnamespace mlx::core::cu {{\n\n__global__ void {name}(\n" + ",\n".join(params) + ") {\n"
+            + constants + "\n" + source + "\n}\n\n} // namespace mlx::core::cu\n")
+
+
+def compile_ptx(unit: str, arch: str = "sm_90") -> tuple[bool, str, int]:
+    """(ok, log, PTX size in bytes) of NVRTC compiling `unit` for `arch`."""
+    root = _cuda_root()
+    if root is None:
+        raise RuntimeError("NVRTC not installed: pip install nvidia-cuda-nvrtc nvidia-cuda-runtime")
+    lib = ctypes.CDLL(str(sorted((root / "lib").glob("libnvrtc.so*"))[0]))
+    program = ctypes.c_void_p()
+    check = lambda status, what: status == 0 or (_ for _ in ()).throw(RuntimeError(f"{what}: NVRTC status {status}"))
+    check(lib.nvrtcCreateProgram(ctypes.byref(program), unit.encode(), b"kernel.cu", 0, None, None), "create")
+    options = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", f"-I{root / 'include'}".encode()]
+    status = lib.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(program, log)
+    ptx_size = 0
+    if status == 0:
+        lib.nvrtcGetPTXSize(program, ctypes.byref(size))
+        ptx_size = size.value
+    lib.nvrtcDestroyProgram(ctypes.byref(program))
+    return status == 0, log.value.decode(errors="replace"), ptx_size
+
+
+def kernel_units(lengths=(50, 77, 197, 256), heads=12) -> list[tuple[str, str]]:
+    """(name, translation unit) for every attention kernel at each length, causal and not."""
+    from mlx_clip import gpu_attention
+
+    units = {}
+    for length in lengths:
+        nt = -(-length // 16)
+        for spec in gpu_attention.kernel_specs(nt):
+            if ("long" in spec.name) != (length > gpu_attention.MAX_TOKENS):
+                continue
+            tiled = length > gpu_attention.MAX_TOKENS
+            for causal, ldmatrix in ((False, True), (True, True), (False, False))[:3 if tiled else 2]:
+                name = f"{spec.name}_L{length}_{'causal' if causal else 'full'}{'' if ldmatrix else '_noldsm'}"
+                template = {"L": length, "H": heads, "NT": nt, "CAUSAL": causal}
+                units[name] = wrap(name, gpu_attention._HEADER, spec.source,
+                                   [(n, spec.dtype(n)) for n in spec.inputs], [(n, spec.dtype(n)) for n in spec.outputs],
+                                   template | ({"LDSM_TRANS": ldmatrix} if tiled else {}))
+    return list(units.items())
+
+
+def main():
+    for name, unit in kernel_units():
+        ok, log, size = compile_ptx(unit)
+        print(f"{name}: {'ok' if ok else 'FAILED'} ({size:,} bytes of PTX)")
+        if log.strip():
+            print(log)
+
+
+if __name__ == "__main__":
+    main()

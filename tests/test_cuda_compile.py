@@ -1,0 +1,37 @@
+"""The CUDA attention kernels (mlx_clip/gpu_attention.py) compile for the H100 (sm_90) with NVRTC, here on a machine
+without a GPU, wrapped as MLX's CUDA backend wraps a custom kernel (benchmarks/cuda_compile.py): a syntax or type error
+in their source fails CI instead of a device loan. Numerics are tested on the card (tests/test_gpu_attention.py)."""
+
+import pytest
+
+from benchmarks import cuda_compile
+from mlx_clip import gpu_attention
+
+if not cuda_compile.nvrtc_available():
+    pytest.skip("NVRTC not installed (pyproject's dev extra installs it on Linux x86-64)", allow_module_level=True)
+
+UNITS = cuda_compile.kernel_units()
+
+
+@pytest.mark.parametrize("name,unit", UNITS, ids=[name for name, _ in UNITS])
+def test_kernel_compiles_for_sm90(name, unit):
+    ok, log, size = cuda_compile.compile_ptx(unit)
+    assert ok, f"{name}:\n{log}"
+    assert size > 1000
+    assert "warning" not in log.lower(), log
+
+
+def test_every_kernel_and_length_class_is_covered():
+    """Short kernels at <= 64 tokens, tiled ones above (with and without ldmatrix), causal and not: all five kernels."""
+    names = {name.rsplit("_L", 1)[0].rstrip("_0123456789") for name, _ in UNITS}
+    assert names == {spec.name.rstrip("_0123456789") for spec in gpu_attention.kernel_specs(4)}
+    assert any("_L256_" in name for name, _ in UNITS) and gpu_attention.MAX_LONG_TOKENS == 256
+
+
+def test_a_broken_kernel_fails_with_its_log():
+    spec = gpu_attention.kernel_specs(13)[2]
+    unit = cuda_compile.wrap("broken", gpu_attention._HEADER, spec.source.replace("load_a(q, qa", "load_a(qx, qa", 1),
+                             [(n, spec.dtype(n)) for n in spec.inputs], [(n, spec.dtype(n)) for n in spec.outputs],
+                             {"L": 197, "H": 12, "NT": 13, "CAUSAL": False, "LDSM_TRANS": True})
+    ok, log, _ = cuda_compile.compile_ptx(unit)
+    assert not ok and "qx" in log
