@@ -241,6 +241,24 @@ __device__ inline void load_b_cols(const bf16* m, int k0, int n0, int lane, u32*
   }
 }
 
+// rowsum(x * y) over 64 columns for rows g and g + 8 of two A-fragment sets, summed over the row's four lanes.
+__device__ inline void row_dots(u32 (*x)[4], u32 (*y)[4], float* out) {
+  out[0] = out[1] = 0.0f;
+#pragma unroll
+  for (int d = 0; d < 4; ++d)
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) {  // registers 0, 2: row g; 1, 3: row g + 8
+      const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x[d][reg]));
+      const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&y[d][reg]));
+      out[reg & 1] += a.x * b.x + a.y * b.y;
+    }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    out[r] += __shfl_xor_sync(0xffffffffu, out[r], 1);
+    out[r] += __shfl_xor_sync(0xffffffffu, out[r], 2);
+  }
+}
+
 // Rows r0 + g and r0 + g + 8 (those < L) of an output from 8 C tiles (64 columns), times factor[row half].
 __device__ inline void store_c(float (*acc)[4], bf16* dst, int b, int h, int L, int H, int r0, const float* factor,
                                int lane) {
@@ -343,8 +361,9 @@ _BACKWARD = r"""
 # kernels, keys in the dk/dv kernel) and holds the other side of the head (all L rows) in shared memory; warp w owns
 # the block's rows [16w, 16w + 16), keeps their q / dout (or k / v) fragments in registers, and walks the other side
 # 16 rows at a time. Softmax statistics are log2-based: x = q.k SCALE LOG2E, lse = log2 sum_j 2^x_j, written by the
-# forward as a (B, L, H) fp32 output; the backward recomputes p = 2^(x - lse) per tile and takes
-# delta = rowsum(dout * o) (B, L, H) from the caller. LDSM_TRANS picks ldmatrix for the transposed operand loads.
+# forward as a (B, L, H) fp32 output; the backward recomputes p = 2^(x - lse) per tile with
+# delta = rowsum(dout * o) (B, L, H). LDSM_TRANS picks ldmatrix for the transposed operand loads. The forward gives
+# each warp 32 query rows (blocks of 128), so every k and v fragment it loads feeds two products.
 _LONG_FORWARD = r"""
   using namespace mlxclip_attention;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -357,76 +376,90 @@ _LONG_FORWARD = r"""
   load_rows(k, ks, b, h, L, H, 0, KR);
   load_rows(v, vs, b, h, L, H, 0, KR);
   __syncthreads();
-  const int r0 = 64 * blockIdx.y + 16 * warp;
+  const int r0 = 128 * blockIdx.y + 32 * warp;  // two 16-row tiles per warp share each k and v fragment load
   if (r0 >= L) return;
-  u32 qa[4][4];
-  load_a(q, qa, b, h, L, H, r0, lane);
-  float acc[8][4] = {};  // o, 8 tiles of 8 columns
-  float m[2] = {neg_inf, neg_inf}, l[2] = {0.0f, 0.0f};  // rows g, g + 8; l is this lane's part of the sum
-  const int tiles = CAUSAL && r0 / 16 + 1 < NT ? r0 / 16 + 1 : NT;  // causal: later key tiles are all masked
+  u32 qa[2][4][4];
+  load_a(q, qa[0], b, h, L, H, r0, lane);
+  load_a(q, qa[1], b, h, L, H, r0 + 16, lane);
+  float acc[2][8][4] = {};  // o, per row tile 8 tiles of 8 columns
+  // rows g, g + 8 of each row tile; l is this lane's part of the sum
+  float m[2][2] = {{neg_inf, neg_inf}, {neg_inf, neg_inf}}, l[2][2] = {};
+  const int tiles = CAUSAL && r0 / 16 + 2 < NT ? r0 / 16 + 2 : NT;  // causal: later key tiles are all masked
   for (int j = 0; j < tiles; ++j) {
-    float s[2][4] = {};
+    float s[2][2][4] = {};
 #pragma unroll
     for (int d = 0; d < 4; ++d)
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
         u32 kb[2];
         load_b_rows(ks, 16 * j + 8 * n, 16 * d, lane, kb);
-        mma(s[n], qa[d], kb);
+        mma(s[0][n], qa[0][d], kb);
+        mma(s[1][n], qa[1][d], kb);
       }
-    float base[2] = {neg_inf, neg_inf}, rescale[2];
+    u32 pa[2][4];
+    float rescale[2][2];
 #pragma unroll
-    for (int n = 0; n < 2; ++n)
+    for (int mt = 0; mt < 2; ++mt) {
+      float base[2] = {neg_inf, neg_inf};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool on = attends(r0 + g + 8 * (e >> 1), 16 * j + 8 * n + 2 * t + (e & 1), L, CAUSAL);
-        s[n][e] = on ? s[n][e] * (SCALE * LOG2E) : neg_inf;
-        base[e >> 1] = fmaxf(base[e >> 1], s[n][e]);
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool on = attends(r0 + 16 * mt + g + 8 * (e >> 1), 16 * j + 8 * n + 2 * t + (e & 1), L, CAUSAL);
+          s[mt][n][e] = on ? s[mt][n][e] * (SCALE * LOG2E) : neg_inf;
+          base[e >> 1] = fmaxf(base[e >> 1], s[mt][n][e]);
+        }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {  // online softmax: the running max, and the factor for what was summed before
+        base[r] = fmaxf(base[r], __shfl_xor_sync(0xffffffffu, base[r], 1));
+        base[r] = fmaxf(base[r], __shfl_xor_sync(0xffffffffu, base[r], 2));
+        const float next = fmaxf(m[mt][r], base[r]);
+        base[r] = next == neg_inf ? 0.0f : next;  // a row with no key yet (padding) stays all zero, not NaN
+        rescale[mt][r] = exp2f(m[mt][r] - base[r]);
+        m[mt][r] = next;
+        l[mt][r] *= rescale[mt][r];
       }
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {  // online softmax: the running max, and the factor for what was summed before it
-      base[r] = fmaxf(base[r], __shfl_xor_sync(0xffffffffu, base[r], 1));
-      base[r] = fmaxf(base[r], __shfl_xor_sync(0xffffffffu, base[r], 2));
-      const float next = fmaxf(m[r], base[r]);
-      base[r] = next == neg_inf ? 0.0f : next;  // a row with no key yet (padding) stays all zero, not NaN
-      rescale[r] = exp2f(m[r] - base[r]);
-      m[r] = next;
-      l[r] *= rescale[r];
-    }
-    u32 pa[4];
-#pragma unroll
-    for (int n = 0; n < 2; ++n) {
-      const float p0 = exp2f(s[n][0] - base[0]), p1 = exp2f(s[n][1] - base[0]);
-      const float p2 = exp2f(s[n][2] - base[1]), p3 = exp2f(s[n][3] - base[1]);
-      l[0] += p0 + p1;
-      l[1] += p2 + p3;
-      pa[2 * n] = pack(p0, p1);
-      pa[2 * n + 1] = pack(p2, p3);
+      for (int n = 0; n < 2; ++n) {
+        const float p0 = exp2f(s[mt][n][0] - base[0]), p1 = exp2f(s[mt][n][1] - base[0]);
+        const float p2 = exp2f(s[mt][n][2] - base[1]), p3 = exp2f(s[mt][n][3] - base[1]);
+        l[mt][0] += p0 + p1;
+        l[mt][1] += p2 + p3;
+        pa[mt][2 * n] = pack(p0, p1);
+        pa[mt][2 * n + 1] = pack(p2, p3);
+      }
     }
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
-      acc[c][0] *= rescale[0];
-      acc[c][1] *= rescale[0];
-      acc[c][2] *= rescale[1];
-      acc[c][3] *= rescale[1];
       u32 vb[2];
       load_b_cols<LDSM_TRANS>(vs, 16 * j, 8 * c, lane, vb);
-      mma(acc[c], pa, vb);
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        acc[mt][c][0] *= rescale[mt][0];
+        acc[mt][c][1] *= rescale[mt][0];
+        acc[mt][c][2] *= rescale[mt][1];
+        acc[mt][c][3] *= rescale[mt][1];
+        mma(acc[mt][c], pa[mt], vb);
+      }
     }
   }
-  float inv[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    inv[r] = 1.0f / l[r];
-    const int row = r0 + g + 8 * r;
-    if (t == 0 && row < L) lse[(b * L + row) * H + h] = m[r] + log2f(l[r]);
+  for (int mt = 0; mt < 2; ++mt) {
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l[mt][r] += __shfl_xor_sync(0xffffffffu, l[mt][r], 1);
+      l[mt][r] += __shfl_xor_sync(0xffffffffu, l[mt][r], 2);
+      inv[r] = 1.0f / l[mt][r];
+      const int row = r0 + 16 * mt + g + 8 * r;
+      if (t == 0 && row < L) lse[(b * L + row) * H + h] = m[mt][r] + log2f(l[mt][r]);
+    }
+    store_c(acc[mt], o, b, h, L, H, r0 + 16 * mt, inv, lane);
   }
-  store_c(acc, o, b, h, L, H, r0, inv, lane);
 """
 
-# dq = SCALE sum over key tiles of ds k, with ds = p (dp - delta) and dp = dout v^T, recomputed per tile.
+# dq = SCALE sum over key tiles of ds k, with ds = p (dp - delta) and dp = dout v^T, recomputed per tile; the
+# kernel also writes delta = rowsum(dout * o) (B, L, H) for the dk/dv kernel.
 _LONG_DQ = r"""
   using namespace mlxclip_attention;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -441,14 +474,16 @@ _LONG_DQ = r"""
   const int r0 = 64 * blockIdx.y + 16 * warp;
   if (r0 >= L) return;
   u32 qa[4][4], ga[4][4];
-  load_a(q, qa, b, h, L, H, r0, lane);
-  load_a(dout, ga, b, h, L, H, r0, lane);
   float row_lse[2], row_delta[2];
+  load_a(o, qa, b, h, L, H, r0, lane);  // o only for delta = rowsum(dout * o), which the dk/dv kernel reads too
+  load_a(dout, ga, b, h, L, H, r0, lane);
+  row_dots(qa, ga, row_delta);
+  load_a(q, qa, b, h, L, H, r0, lane);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = r0 + g + 8 * r;
     row_lse[r] = row < L ? lse[(b * L + row) * H + h] : 0.0f;
-    row_delta[r] = row < L ? delta[(b * L + row) * H + h] : 0.0f;
+    if (t == 0 && row < L) delta[(b * L + row) * H + h] = row_delta[r];
   }
   float acc[8][4] = {};
   const int tiles = CAUSAL && r0 / 16 + 1 < NT ? r0 / 16 + 1 : NT;
@@ -585,7 +620,7 @@ def kernel_specs(nt: int) -> list[KernelSpec]:
                    _BACKWARD_SMEM),
         KernelSpec(f"mlxclip_attention_long_forward_{nt}", _LONG_FORWARD, ("q", "k", "v"), ("o", "lse"),
                    2 * rows * _LDH * 2),
-        KernelSpec(f"mlxclip_attention_long_dq_{nt}", _LONG_DQ, ("q", "k", "v", "dout", "lse", "delta"), ("dq",),
+        KernelSpec(f"mlxclip_attention_long_dq_{nt}", _LONG_DQ, ("q", "k", "v", "dout", "lse", "o"), ("dq", "delta"),
                    2 * rows * _LDH * 2),
         KernelSpec(f"mlxclip_attention_long_dkdv_{nt}", _LONG_DKDV, ("q", "k", "v", "dout", "lse", "delta"),
                    ("dk", "dv"), 2 * rows * _LDH * 2 + 2 * rows * 4),
@@ -600,14 +635,15 @@ def _kernels(nt: int):
 
 
 def _launch(kernel, inputs: list[mx.array], heads: int, causal: bool, outputs: int, blocks: int = 0,
-            lse: bool = False) -> list[mx.array]:
-    """blocks: 0 for the one-block kernels, else the tiled kernels' blocks per (batch, head)."""
+            stats: bool = False) -> list[mx.array]:
+    """`outputs` arrays shaped as q, then (with `stats`) one fp32 (B, L, heads) row statistic (lse, delta).
+    blocks: 0 for the one-block kernels, else the tiled kernels' blocks per (batch, head)."""
     batch, length, width = inputs[0].shape
-    shapes = [(batch, length, width)] * outputs + ([(batch, length, heads)] if lse else [])
+    shapes = [(batch, length, width)] * outputs + ([(batch, length, heads)] if stats else [])
     template = [("L", length), ("H", heads), ("NT", -(-length // 16)), ("CAUSAL", causal)]
     return kernel(inputs=inputs, template=template + ([("LDSM_TRANS", LDMATRIX)] if blocks else []),
                   grid=(batch * heads * 128, max(blocks, 1), 1), threadgroup=(128, 1, 1), output_shapes=shapes,
-                  output_dtypes=[inputs[0].dtype] * outputs + ([mx.float32] if lse else []))
+                  output_dtypes=[inputs[0].dtype] * outputs + ([mx.float32] if stats else []))
 
 
 def _short(heads: int, causal: bool):
@@ -626,28 +662,27 @@ def _short(heads: int, causal: bool):
 
 
 def _tiled(heads: int, causal: bool):
-    """The tiled kernels (MAX_TOKENS < L <= MAX_LONG_TOKENS): returns (o, lse); the backward reads lse and delta."""
+    """The tiled kernels (MAX_TOKENS < L <= MAX_LONG_TOKENS): returns (o, lse); the backward reads lse, and its dq
+    kernel writes delta for the dk/dv kernel."""
 
     def kernels(q):
-        length = q.shape[1]
-        return _kernels(-(-length // 16))[2:], -(-length // 64)
+        return _kernels(-(-q.shape[1] // 16))[2:]
+
+    def blocks(q, rows):  # blocks per (batch, head): the forward's hold 128 query rows, the backward's 64 rows
+        return -(-q.shape[1] // rows)
 
     @mx.custom_function
     def attention(q, k, v):
-        (forward, _, _), blocks = kernels(q)
-        return tuple(_launch(forward, [q, k, v], heads, causal, 1, blocks, lse=True))
+        return tuple(_launch(kernels(q)[0], [q, k, v], heads, causal, 1, blocks(q, 128), stats=True))
 
     @attention.vjp
     def attention_vjp(primals, cotangents, outputs):
         q, k, v = primals
         out, lse = outputs
         dout = cotangents[0].astype(q.dtype)
-        batch, length, width = q.shape
-        delta = (dout.astype(mx.float32) * out.astype(mx.float32)).reshape(batch, length, heads, HEAD_DIM).sum(-1)
-        (_, dq_kernel, dkdv_kernel), blocks = kernels(q)
-        inputs = [q, k, v, dout, lse, delta]
-        (dq,) = _launch(dq_kernel, inputs, heads, causal, 1, blocks)
-        dk, dv = _launch(dkdv_kernel, inputs, heads, causal, 2, blocks)
+        _, dq_kernel, dkdv_kernel = kernels(q)
+        dq, delta = _launch(dq_kernel, [q, k, v, dout, lse, out], heads, causal, 1, blocks(q, 64), stats=True)
+        dk, dv = _launch(dkdv_kernel, [q, k, v, dout, lse, delta], heads, causal, 2, blocks(q, 64))
         return dq, dk, dv
 
     return attention
