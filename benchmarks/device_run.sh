@@ -28,6 +28,7 @@ for step in "$@"; do
     host1) timeout 150 python3 -m benchmarks.gpu_host --arch ViT-B-32 2>&1 | tail -1 | tee -a $OUT/host.txt ;;
     prof) for b in mlx torch; do timeout 240 python3 -m benchmarks.gpu_profile --backend $b --arch ViT-B-32 2>&1 | tail -32; done | tee $OUT/profile.txt ;;
     prof-mt) MLXCLIP_MULTI_TENSOR=1 timeout 240 python3 -m benchmarks.gpu_profile --backend mlx --arch ViT-B-32 2>&1 | tail -32 | tee $OUT/profile-mt.txt ;;
+    attn-prof) for v in 1 0; do MLXCLIP_GPU_LDMATRIX=$v timeout 100 python3 -m benchmarks.attention_profile --shape 256,12,197 --modes fused,padded 2>&1 | grep -v -i warn; done | tee $OUT/attn-profile.txt ;;
     colsum-micro) timeout 120 python3 -m benchmarks.column_sum 2>&1 | tee $OUT/colsum-micro.txt ;;
     *) echo "unknown step $step" ;;
   esac

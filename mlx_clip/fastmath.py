@@ -249,14 +249,15 @@ def _matmul_attention(q, k, v, scale: float, mask, softmax_fn) -> mx.array:
 
 # GPU attention (issue 7, benchmarks/perf-notes.md). MLX's CUDA SDPA runs its backward through cuDNN only for sequence
 # lengths that are multiples of 128 (CLIP's 50 / 77 / 197 tokens and trimmed text are not), else an unfused path.
-# MLXCLIP_GPU_ATTENTION picks: "fused" (default: mlx_clip.gpu_attention's kernels for bf16 sequences of at most 64
-# tokens with head width 64 (ViT-B/32 images, trimmed text): attention fwd+bwd 2x faster, the ViT-B/32 step ~10%;
-# longer sequences take sdpa); "sdpa" (mx.fast.scaled_dot_product_attention as is); "padded" (q, k, v padded to the
+# MLXCLIP_GPU_ATTENTION picks: "fused" (default: mlx_clip.gpu_attention's kernels for bf16 sequences of at most 256
+# tokens with head width 64: one block per head up to 64 tokens (ViT-B/32 images, trimmed text; attention fwd+bwd 2x
+# faster, the ViT-B/32 step ~10%), tiled flash-style kernels above (ViT-B/16's 197 tokens: fwd+bwd 7.45 -> 2.39 ms on
+# an H200, the step -14 to -19%); longer sequences take sdpa); "sdpa" (mx.fast.scaled_dot_product_attention as is); "padded" (q, k, v padded to the
 # next multiple of 128 when that at most doubles the length, padded keys masked out, padded query rows computed and
 # dropped: ViT-B-16 train +9-15% img/s on the H100 but +20-27% peak memory); "matmul" (two batched matmuls around MLX's
-# softmax, differentiated by MLX: no fused kernel at all); "aligned" (as "fused", but longer sequences padded to the
-# next multiple of 8 (ALIGN_BLOCK), padded keys masked: the unfused backward's batched GEMMs then get 16-byte-aligned
-# rows instead of cuBLAS's align-1 kernels at 197 tokens).
+# softmax, differentiated by MLX: no fused kernel at all); "aligned" (as "fused", but sequences beyond the fused kernels
+# padded to the next multiple of 8 (ALIGN_BLOCK), padded keys masked: the unfused backward's batched GEMMs then get
+# 16-byte-aligned rows instead of cuBLAS's align-1 kernels; ViT-B/16 -6% on an H100 before the tiled kernels took 197).
 GPU_ATTENTION_MODES = ("sdpa", "padded", "matmul", "fused", "aligned")
 GPU_ATTENTION = os.environ.get("MLXCLIP_GPU_ATTENTION", "fused").strip().lower() or "fused"
 if GPU_ATTENTION not in GPU_ATTENTION_MODES:
