@@ -219,7 +219,7 @@ def merge_heads(x: mx.array) -> mx.array:
 def token_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float, mask=None) -> mx.array:
     """Attention over `heads` heads of (B, L, heads·Dh) projections, returned as (B, L, heads·Dh).
 
-    On CUDA the fused short-sequence kernels of mlx_clip.gpu_attention take it when they apply (MLXCLIP_GPU_ATTENTION
+    On CUDA the fused kernels of mlx_clip.gpu_attention (up to 256 tokens) take it when they apply (MLXCLIP_GPU_ATTENTION
     "fused"); they read the projections' layout directly. Otherwise the heads are split off and `attention` runs."""
     if GPU_ATTENTION in ("fused", "aligned") and gpu_attention.supported(q, heads, scale, mask):
         return gpu_attention.fused(heads, isinstance(mask, str))(q, k, v)

@@ -9,7 +9,8 @@ also read and write the (B, L, heads · 64) layout of the projections directly, 
 (a copy each, forward and backward) disappear.
 
 Longer sequences (ViT-B/16's 197 image tokens, 77 untrimmed text tokens) take the tiled kernels, flash-attention
-style: a block owns 64 rows, holds the other side of its head in shared memory and walks it in 16 x 16 score tiles.
+style: a block owns 64 rows (128 in the forward), holds the other side of its head in shared memory and walks it
+16 rows at a time, with scores and probabilities in registers (mma.sync fragments).
 The forward keeps each row's log-sum-exp (fp32, (B, L, H)); the backward recomputes the probabilities from it, in
 two kernels (dq over query rows; dk and dv over key rows) so no gradient needs atomics. MLX's unfused backward
 there kept the (B, H, L, L) probabilities, ran its batched products in cuBLAS's align-1 kernels (a 197-wide bf16 row
@@ -59,34 +60,24 @@ __device__ inline size_t row_offset(int b, int row, int h, int L, int H) {
   return ((size_t)(b * L + row) * H + h) * 64;
 }
 
-// Rows [first, first + rows) of head h from a (B, L, H * 64) array into a (rows, LDH) tile; rows >= L zero.
-__device__ inline void load_rows(const bf16* src, bf16* dst, int b, int h, int L, int H, int first, int rows) {
+// Rows [0, L) of head h from a (B, L, H * 64) array into a (rows, LDH) tile; rows [L, rows) zero.
+__device__ inline void load_tile(const bf16* src, bf16* dst, int b, int h, int L, int H, int rows) {
   for (int c = threadIdx.x; c < rows * 8; c += blockDim.x) {
     const int row = c >> 3, part = c & 7;
     uint4 value = make_uint4(0u, 0u, 0u, 0u);
-    if (first + row < L) value = reinterpret_cast<const uint4*>(src + row_offset(b, first + row, h, L, H))[part];
+    if (row < L) value = reinterpret_cast<const uint4*>(src + row_offset(b, row, h, L, H))[part];
     reinterpret_cast<uint4*>(dst + row * LDH)[part] = value;
   }
 }
 
-__device__ inline void load_tile(const bf16* src, bf16* dst, int b, int h, int L, int H, int rows) {
-  load_rows(src, dst, b, h, L, H, 0, rows);
-}
-
-// A 16-row x 64-column fp32 stripe (LDF stride) times `factor`, as rows r0.. (those < L) of the (B, L, H * 64) output.
-__device__ inline void store_stripe(const float* f, bf16* dst, int b, int h, int L, int H, int r0, float factor,
-                                    int lane) {
+// 16 rows x 64 columns of fp32 staging (from row r0) times `factor`, rows < L only, into the (B, L, H * 64) output.
+__device__ inline void store_rows(const float* f, bf16* dst, int b, int h, int L, int H, int r0, float factor,
+                                  int lane) {
   for (int r = 0; r < 16 && r0 + r < L; ++r) {
-    const float2 x = reinterpret_cast<const float2*>(f + r * LDF)[lane];
+    const float2 x = reinterpret_cast<const float2*>(f + (r0 + r) * LDF)[lane];
     reinterpret_cast<__nv_bfloat162*>(dst + row_offset(b, r0 + r, h, L, H))[lane] =
         __floats2bfloat162_rn(x.x * factor, x.y * factor);
   }
-}
-
-// The stripe of rows r0.. of a whole-sequence fp32 staging tile.
-__device__ inline void store_rows(const float* f, bf16* dst, int b, int h, int L, int H, int r0, float factor,
-                                  int lane) {
-  store_stripe(f + r0 * LDF, dst, b, h, L, H, r0, factor, lane);
 }
 
 __device__ inline float warp_max(float x) {
@@ -127,23 +118,20 @@ __device__ inline void softmax_rows(float* s, bf16* p, int r0, int L, int cols, 
 
 // The three warp-level products, each writing a 16-row stripe (rows r0..r0+15) of fp32 staging (LDF stride);
 // `nt` 16-wide tiles span the sequence. a, b are bf16 tiles with LDH stride.
-// out[0:16, 0:16] = a[0:16, 0:64] . b[0:16, 0:64]^T (LDF stride out)
-__device__ inline void tile_times_transposed(const bf16* a, const bf16* b, float* out) {
-  FragC acc;
-  wmma::fill_fragment(acc, 0.0f);
-  for (int d = 0; d < 4; ++d) {
-    FragA x;
-    FragBT y;
-    wmma::load_matrix_sync(x, a + 16 * d, LDH);
-    wmma::load_matrix_sync(y, b + 16 * d, LDH);
-    wmma::mma_sync(acc, x, y, acc);
-  }
-  wmma::store_matrix_sync(out, acc, LDF, wmma::mem_row_major);
-}
-
 // out[r0.., 0:16nt] = a[r0.., 0:64] . b[0:16nt, 0:64]^T          (scores q k^T, dp = dout v^T)
 __device__ inline void rows_times_transposed(const bf16* a, const bf16* b, float* out, int r0, int nt) {
-  for (int j = 0; j < nt; ++j) tile_times_transposed(a + r0 * LDH, b + 16 * j * LDH, out + r0 * LDF + 16 * j);
+  for (int j = 0; j < nt; ++j) {
+    FragC acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int d = 0; d < 4; ++d) {
+      FragA x;
+      FragBT y;
+      wmma::load_matrix_sync(x, a + r0 * LDH + 16 * d, LDH);
+      wmma::load_matrix_sync(y, b + 16 * j * LDH + 16 * d, LDH);
+      wmma::mma_sync(acc, x, y, acc);
+    }
+    wmma::store_matrix_sync(out + r0 * LDF + 16 * j, acc, LDF, wmma::mem_row_major);
+  }
 }
 
 // out[r0.., 0:64] = a[r0.., 0:16nt] . b[0:16nt, 0:64]             (o = p v, dq = ds k)
@@ -177,6 +165,7 @@ __device__ inline void columns_times(const bf16* a, const bf16* b, float* out, i
     wmma::store_matrix_sync(out + r0 * LDF + 16 * j, acc, LDF, wmma::mem_row_major);
   }
 }
+
 // ---- The tiled kernels (MAX_TOKENS < L <= MAX_LONG_TOKENS): mma.sync m16n8k16 on registers ----
 // Fragment layouts from the PTX ISA (lane = 4 g + t): A (16 x 16, row-major) reg 0 = row g, columns 2t, 2t + 1;
 // reg 1 = row g + 8; reg 2 = row g, columns 2t + 8, 2t + 9; reg 3 = row g + 8, columns 2t + 8, 2t + 9.
@@ -373,8 +362,8 @@ _LONG_FORWARD = r"""
   bf16* vs = ks + KR * LDH;
   const int b = blockIdx.x / H, h = blockIdx.x % H, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  load_rows(k, ks, b, h, L, H, 0, KR);
-  load_rows(v, vs, b, h, L, H, 0, KR);
+  load_tile(k, ks, b, h, L, H, KR);
+  load_tile(v, vs, b, h, L, H, KR);
   __syncthreads();
   const int r0 = 128 * blockIdx.y + 32 * warp;  // two 16-row tiles per warp share each k and v fragment load
   if (r0 >= L) return;
@@ -468,8 +457,8 @@ _LONG_DQ = r"""
   bf16* vs = ks + KR * LDH;
   const int b = blockIdx.x / H, h = blockIdx.x % H, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  load_rows(k, ks, b, h, L, H, 0, KR);
-  load_rows(v, vs, b, h, L, H, 0, KR);
+  load_tile(k, ks, b, h, L, H, KR);
+  load_tile(v, vs, b, h, L, H, KR);
   __syncthreads();
   const int r0 = 64 * blockIdx.y + 16 * warp;
   if (r0 >= L) return;
@@ -534,8 +523,8 @@ _LONG_DKDV = r"""
   float* delta_s = lse_s + KR;
   const int b = blockIdx.x / H, h = blockIdx.x % H, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  load_rows(q, qs, b, h, L, H, 0, KR);
-  load_rows(dout, gs, b, h, L, H, 0, KR);
+  load_tile(q, qs, b, h, L, H, KR);
+  load_tile(dout, gs, b, h, L, H, KR);
   for (int i = threadIdx.x; i < KR; i += blockDim.x) {
     lse_s[i] = i < L ? lse[(b * L + i) * H + h] : 0.0f;
     delta_s[i] = i < L ? delta[(b * L + i) * H + h] : 0.0f;
