@@ -215,6 +215,19 @@ __device__ inline void load_b_rows(const bf16* m, int n0, int k0, int lane, u32*
   b[1] = p[4 + (lane & 3)];
 }
 
+// s (two C tiles: 16 rows x 16 columns n0 .. n0 + 15) = a . m[n0 .. n0 + 15]^T over 64 columns, a in A fragments,
+// m a row-major LDH tile in shared memory (scores q k^T, dp = dout v^T, and their transposes).
+__device__ inline void scores(u32 (*a)[4], const bf16* m, int n0, int lane, float (*s)[4]) {
+#pragma unroll
+  for (int d = 0; d < 4; ++d)
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      u32 b[2];
+      load_b_rows(m, n0 + 8 * n, 16 * d, lane, b);
+      mma(s[n], a[d], b);
+    }
+}
+
 // B fragment with B[k][n] = m[k0 + k][n0 + n] from a row-major LDH tile (p . v style products): ldmatrix's
 // transposing load, lanes 0-15 pointing at rows k0 .. k0 + 15 (LDSM), or four 16-bit loads.
 template <bool LDSM>
@@ -478,16 +491,8 @@ _LONG_DQ = r"""
   const int tiles = CAUSAL && r0 / 16 + 1 < NT ? r0 / 16 + 1 : NT;
   for (int j = 0; j < tiles; ++j) {
     float s[2][4] = {}, dp[2][4] = {};
-#pragma unroll
-    for (int d = 0; d < 4; ++d)
-#pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        u32 kb[2], vb[2];
-        load_b_rows(ks, 16 * j + 8 * n, 16 * d, lane, kb);
-        load_b_rows(vs, 16 * j + 8 * n, 16 * d, lane, vb);
-        mma(s[n], qa[d], kb);
-        mma(dp[n], ga[d], vb);
-      }
+    scores(qa, ks, 16 * j, lane, s);
+    scores(ga, vs, 16 * j, lane, dp);
     u32 da[4];
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
@@ -537,17 +542,9 @@ _LONG_DKDV = r"""
   load_a(v, va, b, h, L, H, r0, lane);
   float dk_acc[8][4] = {}, dv_acc[8][4] = {};
   for (int i = CAUSAL ? r0 / 16 : 0; i < NT; ++i) {  // causal: earlier queries never see these keys
-    float s[2][4] = {}, dp[2][4] = {};
-#pragma unroll
-    for (int d = 0; d < 4; ++d)
-#pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        u32 qb[2], gb[2];
-        load_b_rows(qs, 16 * i + 8 * n, 16 * d, lane, qb);
-        load_b_rows(gs, 16 * i + 8 * n, 16 * d, lane, gb);
-        mma(s[n], ka[d], qb);
-        mma(dp[n], va[d], gb);
-      }
+    float s[2][4] = {}, dp[2][4] = {};  // s^T and dp^T: keys x queries
+    scores(ka, qs, 16 * i, lane, s);
+    scores(va, gs, 16 * i, lane, dp);
     u32 pa[4], da[4];
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
