@@ -215,16 +215,20 @@ __device__ inline void load_b_rows(const bf16* m, int n0, int k0, int lane, u32*
   b[1] = p[4 + (lane & 3)];
 }
 
-// s (two C tiles: 16 rows x 16 columns n0 .. n0 + 15) = a . m[n0 .. n0 + 15]^T over 64 columns, a in A fragments,
-// m a row-major LDH tile in shared memory (scores q k^T, dp = dout v^T, and their transposes).
-__device__ inline void scores(u32 (*a)[4], const bf16* m, int n0, int lane, float (*s)[4]) {
+// The backward's two score-shaped products per tile, each two C tiles (16 rows x 16 columns n0 .. n0 + 15) over 64
+// columns: s = a . m[n0 ..]^T and dp = c . mc[n0 ..]^T, a and c in A fragments, m and mc row-major LDH tiles in
+// shared memory (q k^T and dout v^T; k q^T and v dout^T for the transposed view).
+__device__ inline void two_scores(u32 (*a)[4], const bf16* m, u32 (*c)[4], const bf16* mc, int n0, int lane,
+                                  float (*s)[4], float (*dp)[4]) {
 #pragma unroll
   for (int d = 0; d < 4; ++d)
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
-      u32 b[2];
-      load_b_rows(m, n0 + 8 * n, 16 * d, lane, b);
-      mma(s[n], a[d], b);
+      u32 mb[2], cb[2];
+      load_b_rows(m, n0 + 8 * n, 16 * d, lane, mb);
+      load_b_rows(mc, n0 + 8 * n, 16 * d, lane, cb);
+      mma(s[n], a[d], mb);
+      mma(dp[n], c[d], cb);
     }
 }
 
@@ -366,11 +370,11 @@ _BACKWARD = r"""
 # forward as a (B, L, H) fp32 output; the backward recomputes p = 2^(x - lse) per tile with
 # delta = rowsum(dout * o) (B, L, H). LDSM_TRANS picks ldmatrix for the transposed operand loads. The forward gives
 # each warp 32 query rows (blocks of 128), so every k and v fragment it loads feeds two products.
-_LONG_FORWARD = r"""
+# The forward's and dq's start: the head's k and v rows (all L, zero-padded to 16 NT) in shared memory.
+_KV_SHARED = r"""
   using namespace mlxclip_attention;
   extern __shared__ __align__(128) unsigned char smem[];
   constexpr int KR = 16 * NT;
-  const float neg_inf = __int_as_float(0xff800000);
   bf16* ks = reinterpret_cast<bf16*>(smem);
   bf16* vs = ks + KR * LDH;
   const int b = blockIdx.x / H, h = blockIdx.x % H, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -378,6 +382,10 @@ _LONG_FORWARD = r"""
   load_tile(k, ks, b, h, L, H, KR);
   load_tile(v, vs, b, h, L, H, KR);
   __syncthreads();
+"""
+
+_LONG_FORWARD = _KV_SHARED + r"""
+  const float neg_inf = __int_as_float(0xff800000);
   const int r0 = 128 * blockIdx.y + 32 * warp;  // two 16-row tiles per warp share each k and v fragment load
   if (r0 >= L) return;
   u32 qa[2][4][4];
@@ -462,17 +470,7 @@ _LONG_FORWARD = r"""
 
 # dq = SCALE sum over key tiles of ds k, with ds = p (dp - delta) and dp = dout v^T, recomputed per tile; the
 # kernel also writes delta = rowsum(dout * o) (B, L, H) for the dk/dv kernel.
-_LONG_DQ = r"""
-  using namespace mlxclip_attention;
-  extern __shared__ __align__(128) unsigned char smem[];
-  constexpr int KR = 16 * NT;
-  bf16* ks = reinterpret_cast<bf16*>(smem);
-  bf16* vs = ks + KR * LDH;
-  const int b = blockIdx.x / H, h = blockIdx.x % H, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  load_tile(k, ks, b, h, L, H, KR);
-  load_tile(v, vs, b, h, L, H, KR);
-  __syncthreads();
+_LONG_DQ = _KV_SHARED + r"""
   const int r0 = 64 * blockIdx.y + 16 * warp;
   if (r0 >= L) return;
   u32 qa[4][4], ga[4][4];
@@ -491,8 +489,7 @@ _LONG_DQ = r"""
   const int tiles = CAUSAL && r0 / 16 + 1 < NT ? r0 / 16 + 1 : NT;
   for (int j = 0; j < tiles; ++j) {
     float s[2][4] = {}, dp[2][4] = {};
-    scores(qa, ks, 16 * j, lane, s);
-    scores(ga, vs, 16 * j, lane, dp);
+    two_scores(qa, ks, ga, vs, 16 * j, lane, s, dp);
     u32 da[4];
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
@@ -543,8 +540,7 @@ _LONG_DKDV = r"""
   float dk_acc[8][4] = {}, dv_acc[8][4] = {};
   for (int i = CAUSAL ? r0 / 16 : 0; i < NT; ++i) {  // causal: earlier queries never see these keys
     float s[2][4] = {}, dp[2][4] = {};  // s^T and dp^T: keys x queries
-    scores(ka, qs, 16 * i, lane, s);
-    scores(va, gs, 16 * i, lane, dp);
+    two_scores(ka, qs, va, gs, 16 * i, lane, s, dp);
     u32 pa[4], da[4];
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
