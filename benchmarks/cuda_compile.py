@@ -78,12 +78,18 @@ def kernel_units(lengths=(50, 77, 197, 256), heads=12) -> list[tuple[str, str]]:
             if ("long" in spec.name) != (length > gpu_attention.MAX_TOKENS):
                 continue
             tiled = length > gpu_attention.MAX_TOKENS
-            for causal, ldmatrix in ((False, True), (True, True), (False, False))[:3 if tiled else 2]:
-                name = f"{spec.name}_L{length}_{'causal' if causal else 'full'}{'' if ldmatrix else '_noldsm'}"
+            variants = [(False, True, 1), (True, True, 1), (False, False, 1)] if tiled else [(False, True, 1), (True, True, 1)]
+            if "_dq_" in spec.name:  # 32 query rows a warp (MLXCLIP_GPU_DQ_ROWS=32)
+                variants += [(False, True, 2), (True, True, 2)]
+            for causal, ldmatrix, tiles in variants:
+                name = (f"{spec.name}_L{length}_{'causal' if causal else 'full'}{'' if ldmatrix else '_noldsm'}"
+                        f"{'_mt2' if tiles == 2 else ''}")
                 template = {"L": length, "H": heads, "NT": nt, "CAUSAL": causal}
+                template |= {"LDSM_TRANS": ldmatrix} if tiled else {}
+                template |= {"MT": tiles} if "_dq_" in spec.name else {}
                 units[name] = wrap(name, gpu_attention._HEADER, spec.source,
                                    [(n, spec.dtype(n)) for n in spec.inputs], [(n, spec.dtype(n)) for n in spec.outputs],
-                                   template | ({"LDSM_TRANS": ldmatrix} if tiled else {}))
+                                   template)
     return list(units.items())
 
 

@@ -29,6 +29,9 @@ for step in "$@"; do
     prof) for b in mlx torch; do timeout 240 python3 -m benchmarks.gpu_profile --backend $b --arch ViT-B-32 2>&1 | tail -32; done | tee $OUT/profile.txt ;;
     prof-mt) MLXCLIP_MULTI_TENSOR=1 timeout 240 python3 -m benchmarks.gpu_profile --backend mlx --arch ViT-B-32 2>&1 | tail -32 | tee $OUT/profile-mt.txt ;;
     attn-prof) for v in 1 0; do MLXCLIP_GPU_LDMATRIX=$v timeout 100 python3 -m benchmarks.attention_profile --shape 256,12,197 --modes fused,padded 2>&1 | grep -v -i warn; done | tee $OUT/attn-profile.txt ;;
+    dq32) MLXCLIP_GPU_DQ_ROWS=32 MLX_ENABLE_TF32=0 timeout 200 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_attention.py 2>&1 | tail -5 | tee $OUT/dq32-tests.txt
+          for r in 16 32; do MLXCLIP_GPU_DQ_ROWS=$r timeout 60 python3 -m benchmarks.attention_profile --shape 256,12,197 --modes fused 2>&1 | grep -v -i warn | head -4; done | tee $OUT/dq32-profile.txt
+          timeout 300 python3 -m benchmarks.gpu_ab --arch ViT-B-16 --variants dqrows=16,dqrows=32 --rounds 6 2>&1 | tee $OUT/dq32-ab16.txt ;;
     colsum-micro) timeout 120 python3 -m benchmarks.column_sum 2>&1 | tee $OUT/colsum-micro.txt ;;
     *) echo "unknown step $step" ;;
   esac

@@ -22,6 +22,7 @@ Scope: bf16, head width 64, L ≤ 256, no mask or causal, scale 1/8. Anything el
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -32,6 +33,13 @@ MAX_TOKENS = 64  # the one-block kernels
 MAX_LONG_TOKENS = 256  # the tiled kernels
 # The tiled kernels' transposed operand loads: ldmatrix.trans (1), or four 16-bit shared-memory loads (0)
 LDMATRIX = os.environ.get("MLXCLIP_GPU_LDMATRIX", "1").strip() != "0"
+# Query rows per warp in the tiled dq kernel: 16, or 32 (each k and v fragment feeding two products, as the forward
+# does; 0.72 -> 0.39 ms there on an H200). 32 is compiled and tested here through NVRTC but not yet measured on a card.
+DQ_ROWS = {"16": 16, "32": 32}.get(os.environ.get("MLXCLIP_GPU_DQ_ROWS", "16").strip() or "16", 0)
+if not DQ_ROWS:
+    warnings.warn(f"MLXCLIP_GPU_DQ_ROWS={os.environ['MLXCLIP_GPU_DQ_ROWS']!r}: expected 16 or 32; using 16",
+                  stacklevel=2)
+    DQ_ROWS = 16
 # shared-memory row strides (bf16, fp32): 32-byte aligned WMMA tiles, rows staggered over banks
 _LDH, _LDF = 72, 68
 _TILE_H = MAX_TOKENS * _LDH * 2  # one bf16 64 x 64 tile, bytes
@@ -215,11 +223,13 @@ __device__ inline void load_b_rows(const bf16* m, int n0, int k0, int lane, u32*
   b[1] = p[4 + (lane & 3)];
 }
 
-// The backward's two score-shaped products per tile, each two C tiles (16 rows x 16 columns n0 .. n0 + 15) over 64
-// columns: s = a . m[n0 ..]^T and dp = c . mc[n0 ..]^T, a and c in A fragments, m and mc row-major LDH tiles in
-// shared memory (q k^T and dout v^T; k q^T and v dout^T for the transposed view).
-__device__ inline void two_scores(u32 (*a)[4], const bf16* m, u32 (*c)[4], const bf16* mc, int n0, int lane,
-                                  float (*s)[4], float (*dp)[4]) {
+// The backward's two score-shaped products per tile, for MT 16-row tiles of a warp, each two C tiles (16 rows x 16
+// columns n0 .. n0 + 15) over 64 columns: s = a . m[n0 ..]^T and dp = c . mc[n0 ..]^T, a and c in A fragments, m and
+// mc row-major LDH tiles in shared memory (q k^T and dout v^T; k q^T and v dout^T for the transposed view). Each
+// B fragment loaded feeds all MT row tiles.
+template <int MT>
+__device__ inline void two_scores(u32 (*a)[4][4], const bf16* m, u32 (*c)[4][4], const bf16* mc, int n0, int lane,
+                                  float (*s)[2][4], float (*dp)[2][4]) {
 #pragma unroll
   for (int d = 0; d < 4; ++d)
 #pragma unroll
@@ -227,8 +237,11 @@ __device__ inline void two_scores(u32 (*a)[4], const bf16* m, u32 (*c)[4], const
       u32 mb[2], cb[2];
       load_b_rows(m, n0 + 8 * n, 16 * d, lane, mb);
       load_b_rows(mc, n0 + 8 * n, 16 * d, lane, cb);
-      mma(s[n], a[d], mb);
-      mma(dp[n], c[d], cb);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma(s[mt][n], a[mt][d], mb);
+        mma(dp[mt][n], c[mt][d], cb);
+      }
     }
 }
 
@@ -471,46 +484,56 @@ _LONG_FORWARD = _KV_SHARED + r"""
 # dq = SCALE sum over key tiles of ds k, with ds = p (dp - delta) and dp = dout v^T, recomputed per tile; the
 # kernel also writes delta = rowsum(dout * o) (B, L, H) for the dk/dv kernel.
 _LONG_DQ = _KV_SHARED + r"""
-  const int r0 = 64 * blockIdx.y + 16 * warp;
+  const int r0 = 64 * MT * blockIdx.y + 16 * MT * warp;  // MT 16-row tiles a warp (DQ_ROWS)
   if (r0 >= L) return;
-  u32 qa[4][4], ga[4][4];
-  float row_lse[2], row_delta[2];
-  load_a(o, qa, b, h, L, H, r0, lane);  // o only for delta = rowsum(dout * o), which the dk/dv kernel reads too
-  load_a(dout, ga, b, h, L, H, r0, lane);
-  row_dots(qa, ga, row_delta);
-  load_a(q, qa, b, h, L, H, r0, lane);
+  u32 qa[MT][4][4], ga[MT][4][4];
+  float row_lse[MT][2], row_delta[MT][2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = r0 + g + 8 * r;
-    row_lse[r] = row < L ? lse[(b * L + row) * H + h] : 0.0f;
-    if (t == 0 && row < L) delta[(b * L + row) * H + h] = row_delta[r];
+  for (int mt = 0; mt < MT; ++mt) {
+    const int r1 = r0 + 16 * mt;
+    load_a(o, qa[mt], b, h, L, H, r1, lane);  // o only for delta = rowsum(dout * o), which the dk/dv kernel reads too
+    load_a(dout, ga[mt], b, h, L, H, r1, lane);
+    row_dots(qa[mt], ga[mt], row_delta[mt]);
+    load_a(q, qa[mt], b, h, L, H, r1, lane);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = r1 + g + 8 * r;
+      row_lse[mt][r] = row < L ? lse[(b * L + row) * H + h] : 0.0f;
+      if (t == 0 && row < L) delta[(b * L + row) * H + h] = row_delta[mt][r];
+    }
   }
-  float acc[8][4] = {};
-  const int tiles = CAUSAL && r0 / 16 + 1 < NT ? r0 / 16 + 1 : NT;
+  float acc[MT][8][4] = {};
+  const int tiles = CAUSAL && r0 / 16 + MT < NT ? r0 / 16 + MT : NT;
   for (int j = 0; j < tiles; ++j) {
-    float s[2][4] = {}, dp[2][4] = {};
-    two_scores(qa, ks, ga, vs, 16 * j, lane, s, dp);
-    u32 da[4];
+    float s[MT][2][4] = {}, dp[MT][2][4] = {};
+    two_scores<MT>(qa, ks, ga, vs, 16 * j, lane, s, dp);
+    u32 da[MT][4];
 #pragma unroll
-    for (int n = 0; n < 2; ++n) {
-      float ds[4];
+    for (int mt = 0; mt < MT; ++mt) {
+      const float *x_lse = row_lse[mt], *x_delta = row_delta[mt];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool on = attends(r0 + g + 8 * (e >> 1), 16 * j + 8 * n + 2 * t + (e & 1), L, CAUSAL);
-        ds[e] = on ? exp2f(s[n][e] * (SCALE * LOG2E) - row_lse[e >> 1]) * (dp[n][e] - row_delta[e >> 1]) : 0.0f;
+      for (int n = 0; n < 2; ++n) {
+        float ds[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool on = attends(r0 + 16 * mt + g + 8 * (e >> 1), 16 * j + 8 * n + 2 * t + (e & 1), L, CAUSAL);
+          ds[e] = on ? exp2f(s[mt][n][e] * (SCALE * LOG2E) - x_lse[e >> 1]) * (dp[mt][n][e] - x_delta[e >> 1]) : 0.0f;
+        }
+        da[mt][2 * n] = pack(ds[0], ds[1]);
+        da[mt][2 * n + 1] = pack(ds[2], ds[3]);
       }
-      da[2 * n] = pack(ds[0], ds[1]);
-      da[2 * n + 1] = pack(ds[2], ds[3]);
     }
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
       u32 kb[2];
       load_b_cols<LDSM_TRANS>(ks, 16 * j, 8 * c, lane, kb);
-      mma(acc[c], da, kb);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) mma(acc[mt][c], da[mt], kb);
     }
   }
   const float factor[2] = {SCALE, SCALE};
-  store_c(acc, dq, b, h, L, H, r0, factor, lane);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) store_c(acc[mt], dq, b, h, L, H, r0 + 16 * mt, factor, lane);
 """
 
 # The transposed view: a warp owns 16 keys and walks the query tiles; p^T and ds^T tiles come out of k q^T and
@@ -534,13 +557,13 @@ _LONG_DKDV = r"""
   __syncthreads();
   const int r0 = 64 * blockIdx.y + 16 * warp;
   if (r0 >= L) return;
-  u32 ka[4][4], va[4][4];
-  load_a(k, ka, b, h, L, H, r0, lane);
-  load_a(v, va, b, h, L, H, r0, lane);
+  u32 ka[1][4][4], va[1][4][4];
+  load_a(k, ka[0], b, h, L, H, r0, lane);
+  load_a(v, va[0], b, h, L, H, r0, lane);
   float dk_acc[8][4] = {}, dv_acc[8][4] = {};
   for (int i = CAUSAL ? r0 / 16 : 0; i < NT; ++i) {  // causal: earlier queries never see these keys
-    float s[2][4] = {}, dp[2][4] = {};  // s^T and dp^T: keys x queries
-    two_scores(ka, qs, va, gs, 16 * i, lane, s, dp);
+    float s[1][2][4] = {}, dp[1][2][4] = {};  // s^T and dp^T: keys x queries
+    two_scores<1>(ka, qs, va, gs, 16 * i, lane, s, dp);
     u32 pa[4], da[4];
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
@@ -549,8 +572,8 @@ _LONG_DKDV = r"""
       for (int e = 0; e < 4; ++e) {
         const int query = 16 * i + 8 * n + 2 * t + (e & 1);
         const bool on = attends(query, r0 + g + 8 * (e >> 1), L, CAUSAL);
-        p[e] = on ? exp2f(s[n][e] * (SCALE * LOG2E) - lse_s[query]) : 0.0f;
-        ds[e] = p[e] * (dp[n][e] - delta_s[query]);
+        p[e] = on ? exp2f(s[0][n][e] * (SCALE * LOG2E) - lse_s[query]) : 0.0f;
+        ds[e] = p[e] * (dp[0][n][e] - delta_s[query]);
       }
       pa[2 * n] = pack(p[0], p[1]);
       pa[2 * n + 1] = pack(p[2], p[3]);
@@ -617,13 +640,15 @@ def _kernels(nt: int):
 
 
 def _launch(kernel, inputs: list[mx.array], heads: int, causal: bool, outputs: int, blocks: int = 0,
-            stats: bool = False) -> list[mx.array]:
+            stats: bool = False, dq_tiles: int = 0) -> list[mx.array]:
     """`outputs` arrays shaped as q, then (with `stats`) one fp32 (B, L, heads) row statistic (lse, delta).
-    blocks: 0 for the one-block kernels, else the tiled kernels' blocks per (batch, head)."""
+    blocks: 0 for the one-block kernels, else the tiled kernels' blocks per (batch, head); dq_tiles: the dq kernel's
+    16-row tiles per warp."""
     batch, length, width = inputs[0].shape
     shapes = [(batch, length, width)] * outputs + ([(batch, length, heads)] if stats else [])
     template = [("L", length), ("H", heads), ("NT", -(-length // 16)), ("CAUSAL", causal)]
-    return kernel(inputs=inputs, template=template + ([("LDSM_TRANS", LDMATRIX)] if blocks else []),
+    template += ([("LDSM_TRANS", LDMATRIX)] if blocks else []) + ([("MT", dq_tiles)] if dq_tiles else [])
+    return kernel(inputs=inputs, template=template,
                   grid=(batch * heads * 128, max(blocks, 1), 1), threadgroup=(128, 1, 1), output_shapes=shapes,
                   output_dtypes=[inputs[0].dtype] * outputs + ([mx.float32] if stats else []))
 
@@ -650,7 +675,7 @@ def _tiled(heads: int, causal: bool):
     def kernels(q):
         return _kernels(-(-q.shape[1] // 16))[2:]
 
-    def blocks(q, rows):  # blocks per (batch, head): the forward's hold 128 query rows, the backward's 64 rows
+    def blocks(q, rows):  # blocks per (batch, head): the forward's hold 128 query rows, dq's 4 DQ_ROWS, dk/dv's 64
         return -(-q.shape[1] // rows)
 
     @mx.custom_function
@@ -663,7 +688,8 @@ def _tiled(heads: int, causal: bool):
         out, lse = outputs
         dout = cotangents[0].astype(q.dtype)
         _, dq_kernel, dkdv_kernel = kernels(q)
-        dq, delta = _launch(dq_kernel, [q, k, v, dout, lse, out], heads, causal, 1, blocks(q, 64), stats=True)
+        dq, delta = _launch(dq_kernel, [q, k, v, dout, lse, out], heads, causal, 1, blocks(q, 4 * DQ_ROWS),
+                            stats=True, dq_tiles=DQ_ROWS // 16)
         dk, dv = _launch(dkdv_kernel, [q, k, v, dout, lse, delta], heads, causal, 2, blocks(q, 64))
         return dq, dk, dv
 

@@ -56,6 +56,21 @@ def test_fused_matches_float64_values_and_gradients(length, heads, causal):
         assert _rel(got, ref) <= 2e-2  # bf16 gradients through bf16 ds
 
 
+@pytest.mark.parametrize("length,heads,causal", [(197, 12, False), (77, 8, True), (130, 3, True), (256, 2, False)])
+def test_dq_with_32_rows_a_warp_matches_float64(monkeypatch, length, heads, causal):
+    """MLXCLIP_GPU_DQ_ROWS=32: the dq kernel's two row tiles per warp give the same gradients (same bounds)."""
+    monkeypatch.setattr(gpu_attention, "DQ_ROWS", 32)
+    rng = np.random.default_rng(length + 1)
+    q, k, v, w = (rng.standard_normal((3, length, heads * 64)).astype(np.float32) for _ in range(4))
+    q, k, v = (np.array(mx.array(a).astype(mx.bfloat16).astype(mx.float32)) for a in (q, k, v))
+    attend = gpu_attention.fused(heads, causal)
+    _, want_grads = _reference(q, k, v, w, heads, causal)
+    grads = mx.grad(lambda q, k, v: (attend(q, k, v).astype(mx.float32) * mx.array(w)).sum(), argnums=(0, 1, 2))(
+        *(mx.array(a).astype(mx.bfloat16) for a in (q, k, v)))
+    for got, ref in zip(grads, want_grads):
+        assert _rel(got, ref) <= 2e-2
+
+
 def test_supported_lengths():
     x = lambda length: mx.zeros((2, length, 128), dtype=mx.bfloat16)
     assert gpu_attention.supported(x(256), 2, 0.125, None) and gpu_attention.supported(x(1), 2, 0.125, "causal")
