@@ -596,11 +596,29 @@ _LONG_DKDV = r"""
 
 
 def supported(q: mx.array, heads: int, scale: float, mask) -> bool:
-    """Whether the fused kernels take this call: a CUDA device, bf16 (B, L, heads * 64) inputs, L <= 256, no mask or
-    causal, the default 1/sqrt(64) scale."""
+    """Whether the fused kernels take this call: a CUDA device with bf16 tensor cores, bf16 (B, L, heads * 64) inputs,
+    L <= 256, no mask or causal, the default 1/sqrt(64) scale."""
     return (mx.default_device() == mx.gpu and mx.cuda.is_available() and q.dtype == mx.bfloat16 and q.ndim == 3
             and q.shape[1] <= MAX_LONG_TOKENS and q.shape[2] == heads * HEAD_DIM
-            and abs(scale - HEAD_DIM ** -0.5) < 1e-9 and (mask is None or (isinstance(mask, str) and mask == "causal")))
+            and abs(scale - HEAD_DIM ** -0.5) < 1e-9 and (mask is None or (isinstance(mask, str) and mask == "causal"))
+            and _device_capable())
+
+
+MIN_COMPUTE_CAPABILITY = 8  # bf16 WMMA and mma.sync.m16n8k16.bf16 need sm_80 (A100 and later)
+
+
+def capable(info: dict) -> bool:
+    """Whether a CUDA device's `mx.device_info()` allows the kernels (compute capability >= 8). An info without the
+    field (an MLX that does not report it) counts as capable: the kernels were taken there before this check."""
+    major = info.get("compute_capability_major")
+    return major is None or int(major) >= MIN_COMPUTE_CAPABILITY
+
+
+@lru_cache(maxsize=None)
+def _device_capable() -> bool:
+    # asked once per process, on the default (CUDA) device; older GPUs (V100, T4) then take mx.fast's SDPA instead of
+    # failing to compile the kernels
+    return capable(mx.device_info())
 
 
 @dataclass(frozen=True)

@@ -37,3 +37,4 @@ def test_a_broken_kernel_fails_with_its_log():
                              {"L": 197, "H": 12, "NT": 13, "CAUSAL": False, "LDSM_TRANS": True})
     ok, log, _ = cuda_compile.compile_ptx(unit)
     assert not ok and "qx" in log
+

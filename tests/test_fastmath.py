@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_clip import fastmath
+from mlx_clip import fastmath, gpu_attention
 
 _erf = np.vectorize(math.erf)
 X = np.concatenate([np.linspace(-12, 12, 20001), [0.0, -0.0, 1e-30, -1e-30, 4.0, -4.0, 5.657, -5.657]]).astype(np.float32)
@@ -154,3 +154,11 @@ def test_padded_sdpa_matches_numpy_values_and_gradients(monkeypatch, mode, lengt
     for got, ref in zip(grads, (tq.grad, tk.grad, tv.grad)):
         got, ref = np.array(got.astype(mx.float32)), ref.numpy()
         assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 5e-3  # float16 gradients
+
+
+def test_kernels_are_kept_off_gpus_without_bf16_tensor_cores():
+    """V100 / T4 (compute capability 7.x) cannot run bf16 mma.sync: such devices take mx.fast's SDPA."""
+    assert gpu_attention.capable({"compute_capability_major": 9, "compute_capability_minor": 0})  # H100 / H200
+    assert gpu_attention.capable({"compute_capability_major": 8, "compute_capability_minor": 0})  # A100
+    assert not gpu_attention.capable({"compute_capability_major": 7, "compute_capability_minor": 5})  # T4
+    assert gpu_attention.capable({"architecture": "x86_64"})  # no such field reported: as before the check
