@@ -16,7 +16,8 @@ two kernels (dq over query rows; dk and dv over key rows) so no gradient needs a
 there kept the (B, H, L, L) probabilities, ran its batched products in cuBLAS's align-1 kernels (a 197-wide bf16 row
 is not 16-byte aligned) and took ~40 ms of a 160 ms ViT-B/16 step on an H100 (benchmarks/perf-notes.md).
 
-Scope: bf16, head width 64, L ≤ 256, no mask or causal, scale 1/8. Anything else goes to mx.fast's SDPA.
+Scope: bf16, head width 64, L ≤ 256, no mask or causal, scale 1/8, compute capability ≥ 8. Anything else goes to
+mx.fast's SDPA.
 """
 
 from __future__ import annotations
