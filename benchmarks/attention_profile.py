@@ -1,7 +1,7 @@
 """Kernel-level profile of one attention shape's forward + backward on a CUDA device (issue 7): the kernels that run
 for value_and_grad of `fastmath.token_attention` under each MLXCLIP_GPU_ATTENTION mode, with their device times
-(torch.profiler's CUPTI sees MLX's kernels too). Says which of the tiled kernels (mlx_clip/gpu_attention.py) costs
-what, against cuDNN's fused attention on the padded sequence.
+(torch.profiler's CUPTI sees MLX's kernels too). Says which of the tiled kernels (mlx_clip/attention_kernels_tiled.py)
+costs what, against cuDNN's fused attention on the padded sequence.
 
     python -m benchmarks.attention_profile --shape 256,12,197 --modes fused,padded
 """
@@ -13,7 +13,7 @@ import mlx.core as mx
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.attention_modes import run
+from benchmarks.attention_modes import compiled_step, run
 
 
 def main():
@@ -27,10 +27,13 @@ def main():
     batch, heads, tokens = (int(x) for x in args.shape.split(","))
     torch.cuda.init()
     for mode in args.modes.split(","):
-        _, ms, peak = run((batch, heads, tokens, 64), "causal" if args.causal else None, mode, runs=5)
+        shape, mask = (batch, heads, tokens, 64), "causal" if args.causal else None
+        _, ms, peak = run(shape, mask, mode, runs=5)
+        step = compiled_step(shape, mask, mode)
+        step()  # traced and compiled before the profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
-                run.last_step()
+                step()
         rows = sorted(((e.key, e.count / args.steps, e.self_device_time_total / args.steps / 1e3)
                        for e in prof.key_averages() if e.self_device_time_total > 0), key=lambda r: -r[2])
         print(f"== {mode}: {ms:.2f} ms a step (wall), {peak:.0f} MiB peak; device {sum(r[2] for r in rows):.2f} ms")

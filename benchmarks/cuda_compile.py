@@ -1,7 +1,8 @@
 """Compile mlx_clip's CUDA kernels with NVRTC on a machine without a GPU, as `mx.fast.cuda_kernel` would on one.
 
 Why: the device loan is short and a compile error found there costs a round trip. NVRTC compiles without a driver,
-so the kernels' source (mlx_clip/gpu_attention.py) is checked here, in the default test run, for the H100's sm_90.
+so the kernels' source (mlx_clip/attention_kernels_*.py, assembled by gpu_attention) is checked here, in the default
+test run, for the H100's sm_90.
 The source is wrapped the way MLX's CUDA backend wraps it (mlx/backend/cuda/custom_kernel.cpp, `build_kernel`):
 inputs as `const T*` parameters, outputs as `T*`, template arguments as `constexpr` locals, all inside
 `namespace mlx::core::cu`. MLX's own default header is left out: the kernels use nothing from it.
@@ -51,8 +52,9 @@ def compile_ptx(unit: str, arch: str = "sm_90") -> tuple[bool, str, int]:
         raise RuntimeError("NVRTC not installed: pip install nvidia-cuda-nvrtc nvidia-cuda-runtime")
     lib = ctypes.CDLL(str(sorted((root / "lib").glob("libnvrtc.so*"))[0]))
     program = ctypes.c_void_p()
-    check = lambda status, what: status == 0 or (_ for _ in ()).throw(RuntimeError(f"{what}: NVRTC status {status}"))
-    check(lib.nvrtcCreateProgram(ctypes.byref(program), unit.encode(), b"kernel.cu", 0, None, None), "create")
+    status = lib.nvrtcCreateProgram(ctypes.byref(program), unit.encode(), b"kernel.cu", 0, None, None)
+    if status != 0:
+        raise RuntimeError(f"nvrtcCreateProgram: NVRTC status {status}")
     options = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", f"-I{root / 'include'}".encode()]
     status = lib.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
@@ -67,30 +69,35 @@ def compile_ptx(unit: str, arch: str = "sm_90") -> tuple[bool, str, int]:
     return status == 0, log.value.decode(errors="replace"), ptx_size
 
 
+def _variants(spec, tiled: bool) -> list[tuple[str, dict]]:
+    """(name suffix, template) of the ways a kernel is launched: causal or not; the tiled kernels also with 16-bit
+    loads (MLXCLIP_GPU_LDMATRIX=0), and dq with 32 query rows a warp (MLXCLIP_GPU_DQ_ROWS=32)."""
+    if not tiled:
+        return [("_full", {"CAUSAL": False}), ("_causal", {"CAUSAL": True})]
+    out = [("_full", {"CAUSAL": False, "LDSM_TRANS": True}), ("_causal", {"CAUSAL": True, "LDSM_TRANS": True}),
+           ("_full_noldsm", {"CAUSAL": False, "LDSM_TRANS": False})]
+    if "_dq_" not in spec.name:
+        return out
+    return [(suffix, template | {"MT": 1}) for suffix, template in out] + [
+        ("_full_mt2", {"CAUSAL": False, "LDSM_TRANS": True, "MT": 2}),
+        ("_causal_mt2", {"CAUSAL": True, "LDSM_TRANS": True, "MT": 2})]
+
+
 def kernel_units(lengths=(50, 77, 197, 256), heads=12) -> list[tuple[str, str]]:
-    """(name, translation unit) for every attention kernel at each length, causal and not."""
+    """(name, translation unit) for every attention kernel at each length, each way it is launched."""
     from mlx_clip import gpu_attention
 
-    units = {}
+    units = []
     for length in lengths:
-        nt = -(-length // 16)
-        for spec in gpu_attention.kernel_specs(nt):
-            if ("long" in spec.name) != (length > gpu_attention.MAX_TOKENS):
-                continue
-            tiled = length > gpu_attention.MAX_TOKENS
-            variants = [(False, True, 1), (True, True, 1), (False, False, 1)] if tiled else [(False, True, 1), (True, True, 1)]
-            if "_dq_" in spec.name:  # 32 query rows a warp (MLXCLIP_GPU_DQ_ROWS=32)
-                variants += [(False, True, 2), (True, True, 2)]
-            for causal, ldmatrix, tiles in variants:
-                name = (f"{spec.name}_L{length}_{'causal' if causal else 'full'}{'' if ldmatrix else '_noldsm'}"
-                        f"{'_mt2' if tiles == 2 else ''}")
-                template = {"L": length, "H": heads, "NT": nt, "CAUSAL": causal}
-                template |= {"LDSM_TRANS": ldmatrix} if tiled else {}
-                template |= {"MT": tiles} if "_dq_" in spec.name else {}
-                units[name] = wrap(name, gpu_attention._HEADER, spec.source,
-                                   [(n, spec.dtype(n)) for n in spec.inputs], [(n, spec.dtype(n)) for n in spec.outputs],
-                                   template)
-    return list(units.items())
+        nt, tiled = -(-length // 16), length > gpu_attention.MAX_TOKENS
+        for spec in gpu_attention.tiled_specs(nt) if tiled else gpu_attention.SHORT_SPECS:
+            for suffix, template in _variants(spec, tiled):
+                name = f"{spec.name}_L{length}{suffix}"
+                units.append((name, wrap(name, gpu_attention.HEADER, spec.source,
+                                         [(n, spec.dtype(n)) for n in spec.inputs],
+                                         [(n, spec.dtype(n)) for n in spec.outputs],
+                                         {"L": length, "H": heads, "NT": nt} | template)))
+    return units
 
 
 def main():

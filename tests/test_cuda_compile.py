@@ -1,6 +1,7 @@
-"""The CUDA attention kernels (mlx_clip/gpu_attention.py) compile for the H100 (sm_90) with NVRTC, here on a machine
-without a GPU, wrapped as MLX's CUDA backend wraps a custom kernel (benchmarks/cuda_compile.py): a syntax or type error
-in their source fails CI instead of a device loan. Numerics are tested on the card (tests/test_gpu_attention.py)."""
+"""The CUDA attention kernels (mlx_clip/attention_kernels_short.py, attention_kernels_tiled.py) compile for the H100
+(sm_90) with NVRTC, here on a machine without a GPU, wrapped as MLX's CUDA backend wraps a custom kernel
+(benchmarks/cuda_compile.py): a syntax or type error in their source fails CI instead of a device loan. Numerics are
+tested on the card (tests/test_gpu_attention.py)."""
 
 import pytest
 
@@ -32,7 +33,7 @@ def test_every_kernel_and_length_class_is_covered():
 
 def test_a_broken_kernel_fails_with_its_log():
     spec = gpu_attention.kernel_specs(13)[2]
-    unit = cuda_compile.wrap("broken", gpu_attention._HEADER, spec.source.replace("load_a(q, qa", "load_a(qx, qa", 1),
+    unit = cuda_compile.wrap("broken", gpu_attention.HEADER, spec.source.replace("load_a(q, qa", "load_a(qx, qa", 1),
                              [(n, spec.dtype(n)) for n in spec.inputs], [(n, spec.dtype(n)) for n in spec.outputs],
                              {"L": 197, "H": 12, "NT": 13, "CAUSAL": False, "LDSM_TRANS": True})
     ok, log, _ = cuda_compile.compile_ptx(unit)

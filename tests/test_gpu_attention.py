@@ -29,6 +29,14 @@ def _reference(q, k, v, w, heads, causal):
     return out.detach().numpy(), [t.grad.numpy() for t in (tq, tk, tv)]
 
 
+def _inputs(length, heads, seed):
+    """q, k, v (values exact in bf16) and the loss weights w, (3, length, heads * 64) float32."""
+    rng = np.random.default_rng(seed)
+    q, k, v, w = (rng.standard_normal((3, length, heads * 64)).astype(np.float32) for _ in range(4))
+    q, k, v = (np.array(mx.array(a).astype(mx.bfloat16).astype(mx.float32)) for a in (q, k, v))
+    return q, k, v, w
+
+
 def _rel(got, want) -> float:
     return float(np.linalg.norm(np.array(got.astype(mx.float32)) - want) / np.linalg.norm(want))
 
@@ -39,9 +47,7 @@ def _rel(got, want) -> float:
                                                  (7, 2, False), (197, 12, False), (77, 8, True), (65, 2, True),
                                                  (128, 3, False), (130, 3, True), (256, 2, False)])
 def test_fused_matches_float64_values_and_gradients(length, heads, causal):
-    rng = np.random.default_rng(length)
-    q, k, v, w = (rng.standard_normal((3, length, heads * 64)).astype(np.float32) for _ in range(4))
-    q, k, v = (np.array(mx.array(a).astype(mx.bfloat16).astype(mx.float32)) for a in (q, k, v))  # exact in bf16
+    q, k, v, w = _inputs(length, heads, seed=length)
     mq, mk, mv = (mx.array(a).astype(mx.bfloat16) for a in (q, k, v))
     mask = "causal" if causal else None
     assert gpu_attention.supported(mq, heads, 0.125, mask)
@@ -60,9 +66,7 @@ def test_fused_matches_float64_values_and_gradients(length, heads, causal):
 def test_dq_with_32_rows_a_warp_matches_float64(monkeypatch, length, heads, causal):
     """MLXCLIP_GPU_DQ_ROWS=32: the dq kernel's two row tiles per warp give the same gradients (same bounds)."""
     monkeypatch.setattr(gpu_attention, "DQ_ROWS", 32)
-    rng = np.random.default_rng(length + 1)
-    q, k, v, w = (rng.standard_normal((3, length, heads * 64)).astype(np.float32) for _ in range(4))
-    q, k, v = (np.array(mx.array(a).astype(mx.bfloat16).astype(mx.float32)) for a in (q, k, v))
+    q, k, v, w = _inputs(length, heads, seed=length + 1)
     attend = gpu_attention.fused(heads, causal)
     _, want_grads = _reference(q, k, v, w, heads, causal)
     grads = mx.grad(lambda q, k, v: (attend(q, k, v).astype(mx.float32) * mx.array(w)).sum(), argnums=(0, 1, 2))(

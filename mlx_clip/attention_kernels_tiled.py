@@ -1,0 +1,361 @@
+"""CUDA source of the tiled attention kernels (64 < L ≤ 256 tokens), used by mlx_clip.gpu_attention.
+
+Flash-attention style: a block owns 64 rows (128 in the forward), holds the other side of its head in shared memory
+and walks it 16 rows at a time, with scores and probabilities in registers (mma.sync fragments). The forward keeps
+each row's log-sum-exp (fp32, (B, L, H)); the backward recomputes the probabilities from it, in two kernels (dq over
+query rows; dk and dv over key rows) so no gradient needs atomics. MLX's unfused backward there kept the (B, H, L, L)
+probabilities, ran its batched products in cuBLAS's align-1 kernels (a 197-wide bf16 row is not 16-byte aligned)
+and took ~40 ms of a 160 ms ViT-B/16 step on an H100 (benchmarks/perf-notes.md, change 28).
+
+HEADER continues the namespace that attention_kernels_short.HEADER opens (it uses its bf16, LDH, SCALE, row_offset
+and load_tile).
+"""
+
+from mlx_clip.attention_kernels_short import LDH
+
+
+def shared_memory(nt: int) -> tuple[int, int, int]:
+    """Bytes of shared memory of the forward, dq and dk/dv kernels for nt 16-row tiles: the other side's two row
+    sets (k and v; q and dout), and for dk/dv the per-query lse and delta."""
+    rows = 16 * nt
+    return 2 * rows * LDH * 2, 2 * rows * LDH * 2, 2 * rows * LDH * 2 + 2 * rows * 4
+
+
+HEADER = r"""// ---- The tiled kernels (MAX_TOKENS < L <= MAX_LONG_TOKENS): mma.sync m16n8k16 on registers ----
+// Fragment layouts from the PTX ISA (lane = 4 g + t): A (16 x 16, row-major) reg 0 = row g, columns 2t, 2t + 1;
+// reg 1 = row g + 8; reg 2 = row g, columns 2t + 8, 2t + 9; reg 3 = row g + 8, columns 2t + 8, 2t + 9.
+// B (16 x 8): reg 0 = rows 2t, 2t + 1 of column g; reg 1 = rows 2t + 8, 2t + 9. C (16 x 8, fp32): c0, c1 = row g,
+// columns 2t, 2t + 1; c2, c3 = row g + 8. Two C tiles side by side are one A tile: scores become probabilities
+// in registers and feed the next product without a trip through shared memory.
+typedef unsigned int u32;
+
+// Whether key `key` takes part in query `query`'s softmax (padding rows and columns do not).
+__device__ inline bool attends(int query, int key, int L, bool causal) {
+  return query < L && key < L && !(causal && key > query);
+}
+
+__device__ inline u32 pack(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<u32*>(&v);
+}
+
+// c (16 x 8, fp32) += a (16 x 16, bf16) . b (16 x 8, bf16)
+__device__ inline void mma(float* c, const u32* a, const u32* b) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// A fragments of rows [r0, r0 + 16) of head h of a (B, L, H * 64) array, straight from global memory: a[d] holds
+// columns [16d, 16d + 16). Rows >= L are zero.
+__device__ inline void load_a(const bf16* src, u32 (*a)[4], int b, int h, int L, int H, int r0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = r0 + g + 8 * half;
+    const u32* p = reinterpret_cast<const u32*>(src + row_offset(b, row < L ? row : 0, h, L, H));
+#pragma unroll
+    for (int d = 0; d < 4; ++d) {
+      a[d][half] = row < L ? p[8 * d + t] : 0u;
+      a[d][2 + half] = row < L ? p[8 * d + 4 + t] : 0u;
+    }
+  }
+}
+
+// B fragment with B[k][n] = m[n0 + n][k0 + k] from a row-major LDH tile (k . q^T style products).
+__device__ inline void load_b_rows(const bf16* m, int n0, int k0, int lane, u32* b) {
+  const u32* p = reinterpret_cast<const u32*>(m + (n0 + (lane >> 2)) * LDH + k0);
+  b[0] = p[lane & 3];
+  b[1] = p[4 + (lane & 3)];
+}
+
+// The backward's two score-shaped products per tile, for MT 16-row tiles of a warp, each two C tiles (16 rows x 16
+// columns n0 .. n0 + 15) over 64 columns: s = a . m[n0 ..]^T and dp = c . mc[n0 ..]^T, a and c in A fragments, m and
+// mc row-major LDH tiles in shared memory (q k^T and dout v^T; k q^T and v dout^T for the transposed view). Each
+// B fragment loaded feeds all MT row tiles.
+template <int MT>
+__device__ inline void two_scores(u32 (*a)[4][4], const bf16* m, u32 (*c)[4][4], const bf16* mc, int n0, int lane,
+                                  float (*s)[2][4], float (*dp)[2][4]) {
+#pragma unroll
+  for (int d = 0; d < 4; ++d)
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      u32 mb[2], cb[2];
+      load_b_rows(m, n0 + 8 * n, 16 * d, lane, mb);
+      load_b_rows(mc, n0 + 8 * n, 16 * d, lane, cb);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma(s[mt][n], a[mt][d], mb);
+        mma(dp[mt][n], c[mt][d], cb);
+      }
+    }
+}
+
+// B fragment with B[k][n] = m[k0 + k][n0 + n] from a row-major LDH tile (p . v style products): ldmatrix's
+// transposing load, lanes 0-15 pointing at rows k0 .. k0 + 15 (LDSM), or four 16-bit loads.
+template <bool LDSM>
+__device__ inline void load_b_cols(const bf16* m, int k0, int n0, int lane, u32* b) {
+  if (LDSM) {
+    const u32 address = static_cast<u32>(__cvta_generic_to_shared(m + (k0 + (lane & 15)) * LDH + n0));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(b[0]), "=r"(b[1]) : "r"(address));
+  } else {
+    const unsigned short* p = reinterpret_cast<const unsigned short*>(m) + (k0 + 2 * (lane & 3)) * LDH + n0 + (lane >> 2);
+    b[0] = p[0] | (static_cast<u32>(p[LDH]) << 16);
+    b[1] = p[8 * LDH] | (static_cast<u32>(p[9 * LDH]) << 16);
+  }
+}
+
+// rowsum(x * y) over 64 columns for rows g and g + 8 of two A-fragment sets, summed over the row's four lanes.
+__device__ inline void row_dots(u32 (*x)[4], u32 (*y)[4], float* out) {
+  out[0] = out[1] = 0.0f;
+#pragma unroll
+  for (int d = 0; d < 4; ++d)
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) {  // registers 0, 2: row g; 1, 3: row g + 8
+      const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x[d][reg]));
+      const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&y[d][reg]));
+      out[reg & 1] += a.x * b.x + a.y * b.y;
+    }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    out[r] += __shfl_xor_sync(0xffffffffu, out[r], 1);
+    out[r] += __shfl_xor_sync(0xffffffffu, out[r], 2);
+  }
+}
+
+// Rows r0 + g and r0 + g + 8 (those < L) of an output from 8 C tiles (64 columns), times factor[row half].
+__device__ inline void store_c(float (*acc)[4], bf16* dst, int b, int h, int L, int H, int r0, const float* factor,
+                               int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r0 + g + 8 * r;
+    if (row >= L) continue;
+    bf16* out = dst + row_offset(b, row, h, L, H) + 2 * t;
+#pragma unroll
+    for (int c = 0; c < 8; ++c)
+      *reinterpret_cast<__nv_bfloat162*>(out + 8 * c) =
+          __floats2bfloat162_rn(acc[c][2 * r] * factor[r], acc[c][2 * r + 1] * factor[r]);
+  }
+}
+"""
+
+# The tiled kernels. Grid (B * H, ceil(L / 64)): a block of 4 warps owns 64 rows (queries in the forward and dq
+# kernels, keys in the dk/dv kernel) and holds the other side of the head (all L rows) in shared memory; warp w owns
+# the block's rows [16w, 16w + 16), keeps their q / dout (or k / v) fragments in registers, and walks the other side
+# 16 rows at a time. Softmax statistics are log2-based: x = q.k SCALE LOG2E, lse = log2 sum_j 2^x_j, written by the
+# forward as a (B, L, H) fp32 output; the backward recomputes p = 2^(x - lse) per tile with
+# delta = rowsum(dout * o) (B, L, H). LDSM_TRANS picks ldmatrix for the transposed operand loads. The forward gives
+# each warp 32 query rows (blocks of 128), so every k and v fragment it loads feeds two products.
+# The forward's and dq's start: the head's k and v rows (all L, zero-padded to 16 NT) in shared memory.
+KV_SHARED = r"""
+  using namespace mlxclip_attention;
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr int KR = 16 * NT;
+  bf16* ks = reinterpret_cast<bf16*>(smem);
+  bf16* vs = ks + KR * LDH;
+  const int b = blockIdx.x / H, h = blockIdx.x % H, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  load_tile(k, ks, b, h, L, H, KR);
+  load_tile(v, vs, b, h, L, H, KR);
+  __syncthreads();
+"""
+
+FORWARD = KV_SHARED + r"""
+  const float neg_inf = __int_as_float(0xff800000);
+  const int r0 = 128 * blockIdx.y + 32 * warp;  // two 16-row tiles per warp share each k and v fragment load
+  if (r0 >= L) return;
+  u32 qa[2][4][4];
+  load_a(q, qa[0], b, h, L, H, r0, lane);
+  load_a(q, qa[1], b, h, L, H, r0 + 16, lane);
+  float acc[2][8][4] = {};  // o, per row tile 8 tiles of 8 columns
+  // rows g, g + 8 of each row tile; l is this lane's part of the sum
+  float m[2][2] = {{neg_inf, neg_inf}, {neg_inf, neg_inf}}, l[2][2] = {};
+  const int tiles = CAUSAL && r0 / 16 + 2 < NT ? r0 / 16 + 2 : NT;  // causal: later key tiles are all masked
+  for (int j = 0; j < tiles; ++j) {
+    float s[2][2][4] = {};
+#pragma unroll
+    for (int d = 0; d < 4; ++d)
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        u32 kb[2];
+        load_b_rows(ks, 16 * j + 8 * n, 16 * d, lane, kb);
+        mma(s[0][n], qa[0][d], kb);
+        mma(s[1][n], qa[1][d], kb);
+      }
+    u32 pa[2][4];
+    float rescale[2][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      float base[2] = {neg_inf, neg_inf};
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool on = attends(r0 + 16 * mt + g + 8 * (e >> 1), 16 * j + 8 * n + 2 * t + (e & 1), L, CAUSAL);
+          s[mt][n][e] = on ? s[mt][n][e] * (SCALE * LOG2E) : neg_inf;
+          base[e >> 1] = fmaxf(base[e >> 1], s[mt][n][e]);
+        }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {  // online softmax: the running max, and the factor for what was summed before
+        base[r] = fmaxf(base[r], __shfl_xor_sync(0xffffffffu, base[r], 1));
+        base[r] = fmaxf(base[r], __shfl_xor_sync(0xffffffffu, base[r], 2));
+        const float next = fmaxf(m[mt][r], base[r]);
+        base[r] = next == neg_inf ? 0.0f : next;  // a row with no key yet (padding) stays all zero, not NaN
+        rescale[mt][r] = exp2f(m[mt][r] - base[r]);
+        m[mt][r] = next;
+        l[mt][r] *= rescale[mt][r];
+      }
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const float p0 = exp2f(s[mt][n][0] - base[0]), p1 = exp2f(s[mt][n][1] - base[0]);
+        const float p2 = exp2f(s[mt][n][2] - base[1]), p3 = exp2f(s[mt][n][3] - base[1]);
+        l[mt][0] += p0 + p1;
+        l[mt][1] += p2 + p3;
+        pa[mt][2 * n] = pack(p0, p1);
+        pa[mt][2 * n + 1] = pack(p2, p3);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      u32 vb[2];
+      load_b_cols<LDSM_TRANS>(vs, 16 * j, 8 * c, lane, vb);
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        acc[mt][c][0] *= rescale[mt][0];
+        acc[mt][c][1] *= rescale[mt][0];
+        acc[mt][c][2] *= rescale[mt][1];
+        acc[mt][c][3] *= rescale[mt][1];
+        mma(acc[mt][c], pa[mt], vb);
+      }
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l[mt][r] += __shfl_xor_sync(0xffffffffu, l[mt][r], 1);
+      l[mt][r] += __shfl_xor_sync(0xffffffffu, l[mt][r], 2);
+      inv[r] = 1.0f / l[mt][r];
+      const int row = r0 + 16 * mt + g + 8 * r;
+      if (t == 0 && row < L) lse[(b * L + row) * H + h] = m[mt][r] + log2f(l[mt][r]);
+    }
+    store_c(acc[mt], o, b, h, L, H, r0 + 16 * mt, inv, lane);
+  }
+"""
+
+# dq = SCALE sum over key tiles of ds k, with ds = p (dp - delta) and dp = dout v^T, recomputed per tile; the
+# kernel also writes delta = rowsum(dout * o) (B, L, H) for the dk/dv kernel.
+DQ = KV_SHARED + r"""
+  const int r0 = 64 * MT * blockIdx.y + 16 * MT * warp;  // MT 16-row tiles a warp (DQ_ROWS)
+  if (r0 >= L) return;
+  u32 qa[MT][4][4], ga[MT][4][4];
+  float row_lse[MT][2], row_delta[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int r1 = r0 + 16 * mt;
+    load_a(o, qa[mt], b, h, L, H, r1, lane);  // o only for delta = rowsum(dout * o), which the dk/dv kernel reads too
+    load_a(dout, ga[mt], b, h, L, H, r1, lane);
+    row_dots(qa[mt], ga[mt], row_delta[mt]);
+    load_a(q, qa[mt], b, h, L, H, r1, lane);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = r1 + g + 8 * r;
+      row_lse[mt][r] = row < L ? lse[(b * L + row) * H + h] : 0.0f;
+      if (t == 0 && row < L) delta[(b * L + row) * H + h] = row_delta[mt][r];
+    }
+  }
+  float acc[MT][8][4] = {};
+  const int tiles = CAUSAL && r0 / 16 + MT < NT ? r0 / 16 + MT : NT;
+  for (int j = 0; j < tiles; ++j) {
+    float s[MT][2][4] = {}, dp[MT][2][4] = {};
+    two_scores<MT>(qa, ks, ga, vs, 16 * j, lane, s, dp);
+    u32 da[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const float *x_lse = row_lse[mt], *x_delta = row_delta[mt];
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        float ds[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool on = attends(r0 + 16 * mt + g + 8 * (e >> 1), 16 * j + 8 * n + 2 * t + (e & 1), L, CAUSAL);
+          ds[e] = on ? exp2f(s[mt][n][e] * (SCALE * LOG2E) - x_lse[e >> 1]) * (dp[mt][n][e] - x_delta[e >> 1]) : 0.0f;
+        }
+        da[mt][2 * n] = pack(ds[0], ds[1]);
+        da[mt][2 * n + 1] = pack(ds[2], ds[3]);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      u32 kb[2];
+      load_b_cols<LDSM_TRANS>(ks, 16 * j, 8 * c, lane, kb);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) mma(acc[mt][c], da[mt], kb);
+    }
+  }
+  const float factor[2] = {SCALE, SCALE};
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) store_c(acc[mt], dq, b, h, L, H, r0 + 16 * mt, factor, lane);
+"""
+
+# The transposed view: a warp owns 16 keys and walks the query tiles; p^T and ds^T tiles come out of k q^T and
+# v dout^T, and dv = sum p^T dout, dk = SCALE sum ds^T q. lse and delta for every query sit in shared memory.
+DKDV = r"""
+  using namespace mlxclip_attention;
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr int KR = 16 * NT;
+  bf16* qs = reinterpret_cast<bf16*>(smem);
+  bf16* gs = qs + KR * LDH;  // dout
+  float* lse_s = reinterpret_cast<float*>(gs + KR * LDH);
+  float* delta_s = lse_s + KR;
+  const int b = blockIdx.x / H, h = blockIdx.x % H, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  load_tile(q, qs, b, h, L, H, KR);
+  load_tile(dout, gs, b, h, L, H, KR);
+  for (int i = threadIdx.x; i < KR; i += blockDim.x) {
+    lse_s[i] = i < L ? lse[(b * L + i) * H + h] : 0.0f;
+    delta_s[i] = i < L ? delta[(b * L + i) * H + h] : 0.0f;
+  }
+  __syncthreads();
+  const int r0 = 64 * blockIdx.y + 16 * warp;
+  if (r0 >= L) return;
+  u32 ka[1][4][4], va[1][4][4];
+  load_a(k, ka[0], b, h, L, H, r0, lane);
+  load_a(v, va[0], b, h, L, H, r0, lane);
+  float dk_acc[8][4] = {}, dv_acc[8][4] = {};
+  for (int i = CAUSAL ? r0 / 16 : 0; i < NT; ++i) {  // causal: earlier queries never see these keys
+    float s[1][2][4] = {}, dp[1][2][4] = {};  // s^T and dp^T: keys x queries
+    two_scores<1>(ka, qs, va, gs, 16 * i, lane, s, dp);
+    u32 pa[4], da[4];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      float p[4], ds[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int query = 16 * i + 8 * n + 2 * t + (e & 1);
+        const bool on = attends(query, r0 + g + 8 * (e >> 1), L, CAUSAL);
+        p[e] = on ? exp2f(s[0][n][e] * (SCALE * LOG2E) - lse_s[query]) : 0.0f;
+        ds[e] = p[e] * (dp[0][n][e] - delta_s[query]);
+      }
+      pa[2 * n] = pack(p[0], p[1]);
+      pa[2 * n + 1] = pack(p[2], p[3]);
+      da[2 * n] = pack(ds[0], ds[1]);
+      da[2 * n + 1] = pack(ds[2], ds[3]);
+    }
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      u32 gb[2], qb[2];
+      load_b_cols<LDSM_TRANS>(gs, 16 * i, 8 * c, lane, gb);
+      load_b_cols<LDSM_TRANS>(qs, 16 * i, 8 * c, lane, qb);
+      mma(dv_acc[c], pa, gb);
+      mma(dk_acc[c], da, qb);
+    }
+  }
+  const float scale[2] = {SCALE, SCALE}, one[2] = {1.0f, 1.0f};
+  store_c(dk_acc, dk, b, h, L, H, r0, scale, lane);
+  store_c(dv_acc, dv, b, h, L, H, r0, one, lane);
+"""
