@@ -31,6 +31,16 @@ if not DQ_ROWS:
     warnings.warn(f"MLXCLIP_GPU_DQ_ROWS={os.environ['MLXCLIP_GPU_DQ_ROWS']!r}: expected 16 or 32; using 16",
                   stacklevel=2)
     DQ_ROWS = 16
+# The tiled kernels' backward: "split" (a dq kernel, then a dk/dv kernel, each recomputing the scores; no atomics) or
+# "onepass" (one kernel computes the scores once, dq accumulated in fp32 with atomics, FA2's way). onepass is
+# compiled and tested here through NVRTC, not yet measured on a card.
+BACKWARDS = ("split", "onepass")
+BACKWARD = os.environ.get("MLXCLIP_GPU_ATTENTION_BACKWARD", "split").strip() or "split"
+if BACKWARD not in BACKWARDS:
+    warnings.warn(f"MLXCLIP_GPU_ATTENTION_BACKWARD={BACKWARD!r}: expected one of {', '.join(BACKWARDS)}; using split",
+                  stacklevel=2)
+    BACKWARD = "split"
+MAX_GRID_Y = 65535  # CUDA's grid y limit: the one-pass kernel's (batch * heads); beyond it the split backward runs
 # Every kernel's header: the shared part and the one-block kernels' helpers, then the tiled kernels' helpers.
 HEADER = short.HEADER + "\n" + tiled.HEADER + "}  // namespace mlxclip_attention\n"
 
@@ -70,8 +80,8 @@ class KernelSpec:
     outputs: tuple[str, ...]
     shared_memory: int
 
-    def dtype(self, name: str) -> str:  # the softmax statistics are fp32, the rest bf16
-        return "float32" if name in ("lse", "delta") else "bfloat16"
+    def dtype(self, name: str) -> str:  # the softmax statistics and the atomics' dq are fp32, the rest bf16
+        return "float32" if name in ("lse", "delta", "dq_acc") else "bfloat16"
 
 
 SHORT_SPECS = (
@@ -82,13 +92,16 @@ SHORT_SPECS = (
 
 
 def tiled_specs(nt: int) -> list[KernelSpec]:
-    """The tiled kernels for sequences of nt 16-row tiles (shared memory sized for nt): forward, dq, dk/dv."""
-    forward, dq, dkdv = tiled.shared_memory(nt)
+    """The tiled kernels for sequences of nt 16-row tiles (shared memory sized for nt): forward, dq, dk/dv, one-pass
+    backward."""
+    forward, dq, dkdv, onepass = tiled.shared_memory(nt)
     return [KernelSpec(f"mlxclip_attention_long_forward_{nt}", tiled.FORWARD, ("q", "k", "v"), ("o", "lse"), forward),
             KernelSpec(f"mlxclip_attention_long_dq_{nt}", tiled.DQ, ("q", "k", "v", "dout", "lse", "o"),
                        ("dq", "delta"), dq),
             KernelSpec(f"mlxclip_attention_long_dkdv_{nt}", tiled.DKDV, ("q", "k", "v", "dout", "lse", "delta"),
-                       ("dk", "dv"), dkdv)]
+                       ("dk", "dv"), dkdv),
+            KernelSpec(f"mlxclip_attention_long_backward_{nt}", tiled.ONEPASS, ("q", "k", "v", "dout", "lse", "o"),
+                       ("dq_acc", "dk", "dv"), onepass)]
 
 
 def kernel_specs(nt: int) -> list[KernelSpec]:
@@ -126,6 +139,18 @@ def _launch(kernel, inputs: list[mx.array], heads: int, causal: bool, outputs: i
                   output_dtypes=[inputs[0].dtype] * outputs + ([mx.float32] if stats else []))
 
 
+def _onepass(kernel, inputs: list[mx.array], heads: int, causal: bool) -> tuple[mx.array, mx.array, mx.array]:
+    """dq, dk, dv from the one-pass backward kernel: grid (key blocks, batch * heads); its outputs start at zero (dq
+    is accumulated with atomics; dk and dv are written whole, their fill is the price of init_value's all-or-none)."""
+    batch, length, width = inputs[0].shape
+    dq, dk, dv = kernel(inputs=inputs, template=[("L", length), ("H", heads), ("NT", -(-length // 16)),
+                                                 ("CAUSAL", causal), ("LDSM_TRANS", LDMATRIX)],
+                        grid=(-(-length // 64) * 128, batch * heads, 1), threadgroup=(128, 1, 1),
+                        output_shapes=[(batch, length, width)] * 3,
+                        output_dtypes=[mx.float32, inputs[0].dtype, inputs[0].dtype], init_value=0)
+    return dq.astype(inputs[0].dtype), dk, dv
+
+
 def _short(heads: int, causal: bool):
     """One block per (batch, head), the whole problem in shared memory (L <= MAX_TOKENS)."""
 
@@ -160,7 +185,9 @@ def _tiled(heads: int, causal: bool):
         q, k, v = primals
         out, lse = outputs
         dout = cotangents[0].astype(q.dtype)
-        _, dq_kernel, dkdv_kernel = kernels(q)
+        _, dq_kernel, dkdv_kernel, onepass_kernel = kernels(q)
+        if BACKWARD == "onepass" and q.shape[0] * heads <= MAX_GRID_Y:
+            return _onepass(onepass_kernel, [q, k, v, dout, lse, out], heads, causal)
         dq, delta = _launch(dq_kernel, [q, k, v, dout, lse, out], heads, causal, 1, blocks(q, 4 * DQ_ROWS),
                             stats=True, dq_tiles=DQ_ROWS // 16)
         dk, dv = _launch(dkdv_kernel, [q, k, v, dout, lse, delta], heads, causal, 2, blocks(q, 64))
