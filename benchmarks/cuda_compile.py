@@ -71,7 +71,7 @@ def compile_ptx(unit: str, arch: str = "sm_90") -> tuple[bool, str, int]:
 
 def _variants(spec, tiled: bool) -> list[tuple[str, dict]]:
     """(name suffix, template) of the ways a kernel is launched: causal or not; the tiled kernels also with 16-bit
-    loads (MLXCLIP_GPU_LDMATRIX=0), and dq with 32 query rows a warp (MLXCLIP_GPU_DQ_ROWS=32)."""
+    loads (MLXCLIP_GPU_LDMATRIX=0), and dq with 16 query rows a warp as well as 32 (MLXCLIP_GPU_DQ_ROWS)."""
     if not tiled:
         return [("_full", {"CAUSAL": False}), ("_causal", {"CAUSAL": True})]
     out = [("_full", {"CAUSAL": False, "LDSM_TRANS": True}), ("_causal", {"CAUSAL": True, "LDSM_TRANS": True}),
@@ -83,7 +83,7 @@ def _variants(spec, tiled: bool) -> list[tuple[str, dict]]:
         ("_causal_mt2", {"CAUSAL": True, "LDSM_TRANS": True, "MT": 2})]
 
 
-def kernel_units(lengths=(50, 77, 197, 256), heads=12) -> list[tuple[str, str]]:
+def kernel_units(lengths=(50, 77, 197, 256, 320), heads=12) -> list[tuple[str, str]]:
     """(name, translation unit) for every attention kernel at each length, each way it is launched."""
     from mlx_clip import gpu_attention
 

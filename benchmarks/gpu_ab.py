@@ -7,8 +7,7 @@ A variant is `default` (the process's settings) or settings joined by `+`: atten
 (MLXCLIP_GPU_ATTENTION), memlimit=GiB (mx.set_memory_limit), optimizer=per-param|multi (MLXCLIP_MULTI_TENSOR, mlx_clip/train/multi_tensor.py),
 layernorm=ours|mlx (MLXCLIP_CPU_LAYER_NORM, mlx_clip/layer_norm.py), split=on|off (CPU batch-parallel mode,
 mlx_clip/cpu_streams.py), norm=auto|dot|reduce|concat (step.NORM_SQUARES), grads=autodiff|rowmajor (the GPU weight gradients'
-layout, linear.ROW_MAJOR_GRADS_ON_GPU), dqrows=16|32 (MLXCLIP_GPU_DQ_ROWS, mlx_clip/gpu_attention.py),
-backward=split|onepass (MLXCLIP_GPU_ATTENTION_BACKWARD); a bare attention
+layout, linear.ROW_MAJOR_GRADS_ON_GPU), dqrows=16|32 (MLXCLIP_GPU_DQ_ROWS, mlx_clip/gpu_attention.py); a bare attention
 mode means attention=MODE.
 `--torch` adds torch.compile's step (CUDA, or the CPU when MLX runs there) to the rotation. Peak memory measured here
 depends on the order the variants were traced in (same-process allocations); compare memory across separate `mlxclip
@@ -38,7 +37,6 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "norm": (step, "NORM_SQUARES", {"auto": "auto", "dot": "dot", "reduce": "reduce", "concat": "concat"}),  # clip norm
     "grads": (linear, "ROW_MAJOR_GRADS_ON_GPU", {"autodiff": False, "rowmajor": True}),  # GPU weight-gradient layout
     "dqrows": (gpu_attention, "DQ_ROWS", {"16": 16, "32": 32}),  # the tiled dq kernel's query rows per warp
-    "backward": (gpu_attention, "BACKWARD", {b: b for b in gpu_attention.BACKWARDS}),  # the tiled kernels' backward
 }
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr, _) in SETTINGS.items()}
 _LIMIT = mx.get_memory_limit()  # MLX's own memory limit, put back for each variant; memlimit=GiB sets another

@@ -39,13 +39,13 @@ __device__ inline size_t row_offset(int b, int row, int h, int L, int H) {
   return ((size_t)(b * L + row) * H + h) * 64;
 }
 
-// Rows [r0, r0 + rows) of head h from a (B, L, H * 64) array into a (rows, LDH) tile; rows >= L zero.
-__device__ inline void load_tile(const bf16* src, bf16* dst, int b, int h, int L, int H, int rows, int r0 = 0) {
+// Rows [0, L) of head h from a (B, L, H * 64) array into a (rows, LDH) tile; rows [L, rows) zero.
+__device__ inline void load_tile(const bf16* src, bf16* dst, int b, int h, int L, int H, int rows) {
   for (int c = threadIdx.x; c < rows * 8; c += blockDim.x) {
-    const int row = r0 + (c >> 3), part = c & 7;
+    const int row = c >> 3, part = c & 7;
     uint4 value = make_uint4(0u, 0u, 0u, 0u);
     if (row < L) value = reinterpret_cast<const uint4*>(src + row_offset(b, row, h, L, H))[part];
-    reinterpret_cast<uint4*>(dst + (c >> 3) * LDH)[part] = value;
+    reinterpret_cast<uint4*>(dst + row * LDH)[part] = value;
   }
 }
 

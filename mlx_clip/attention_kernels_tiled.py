@@ -14,16 +14,11 @@ and load_tile).
 from mlx_clip.attention_kernels_short import LDH
 
 
-LDS = 24  # row stride of the one-pass backward's ds^T tiles: 16 queries + 8 of padding (48-byte rows for ldmatrix)
-
-
-def shared_memory(nt: int) -> tuple[int, int, int, int]:
-    """Bytes of shared memory of the forward, dq, dk/dv and one-pass backward kernels for nt 16-row tiles: the other
-    side's two row sets (k and v; q and dout), for dk/dv the per-query lse and delta, and for the one-pass backward
-    also the block's 64 k rows and two ds^T tiles (64 keys x 16 queries)."""
+def shared_memory(nt: int) -> tuple[int, int, int]:
+    """Bytes of shared memory of the forward, dq and dk/dv kernels for nt 16-row tiles: the other side's two row
+    sets (k and v; q and dout), and for dk/dv the per-query lse and delta."""
     rows = 16 * nt
-    sides, stats = 2 * rows * LDH * 2, 2 * rows * 4
-    return sides, sides, sides + stats, sides + stats + 64 * LDH * 2 + 2 * 64 * LDS * 2
+    return 2 * rows * LDH * 2, 2 * rows * LDH * 2, 2 * rows * LDH * 2 + 2 * rows * 4
 
 
 HEADER = r"""// ---- The tiled kernels (MAX_TOKENS < L <= MAX_LONG_TOKENS): mma.sync m16n8k16 on registers ----
@@ -110,15 +105,6 @@ __device__ inline void load_b_cols(const bf16* m, int k0, int n0, int lane, u32*
     b[0] = p[0] | (static_cast<u32>(p[LDH]) << 16);
     b[1] = p[8 * LDH] | (static_cast<u32>(p[9 * LDH]) << 16);
   }
-}
-
-// A fragment with A[r][c] = m[k0 + c][m0 + r] from a row-major tile of row stride ld, i.e. of the transpose of what
-// is stored: ldmatrix.x4.trans, lane l pointing at stored row k0 + (l & 7) + 8 (l >> 4), column m0 + 8 ((l >> 3) & 1).
-__device__ inline void load_a_trans(const bf16* m, int ld, int k0, int m0, int lane, u32* a) {
-  const u32 address = static_cast<u32>(
-      __cvta_generic_to_shared(m + (k0 + (lane & 7) + 8 * (lane >> 4)) * ld + m0 + 8 * ((lane >> 3) & 1)));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(address));
 }
 
 // rowsum(x * y) over 64 columns for rows g and g + 8 of two A-fragment sets, summed over the row's four lanes.
@@ -369,117 +355,6 @@ DKDV = r"""
       mma(dk_acc[c], da, qb);
     }
   }
-  const float scale[2] = {SCALE, SCALE}, one[2] = {1.0f, 1.0f};
-  store_c(dk_acc, dk, b, h, L, H, r0, scale, lane);
-  store_c(dv_acc, dv, b, h, L, H, r0, one, lane);
-"""
-
-# The one-pass backward (MLXCLIP_GPU_ATTENTION_BACKWARD=onepass; FA2's way): the dk/dv kernel's work, plus dq. Each
-# block also computes delta for all its head's queries (dout is in shared memory; o is read once per block), and per
-# 16-query tile its warps put their ds^T tiles (16 keys x 16 queries each) in shared memory; then warp w multiplies the
-# tile's ds (16 queries x the block's 64 keys) by the block's k rows, columns [16w, 16w + 16), and adds the product
-# times SCALE to dq_acc (fp32, zeroed at launch) with atomics. The scores are computed once per (query, key) instead of
-# once in dq and once in dk/dv. Grid (key blocks, B * H): a head's blocks run side by side, so its q, dout and o rows
-# come from L2 after the first block and its dq atomics meet in L2.
-ONEPASS = r"""
-  using namespace mlxclip_attention;
-  extern __shared__ __align__(128) unsigned char smem[];
-  constexpr int KR = 16 * NT, LDS = 24;
-  bf16* qs = reinterpret_cast<bf16*>(smem);
-  bf16* gs = qs + KR * LDH;  // dout
-  bf16* kbs = gs + KR * LDH;  // the block's 64 k rows
-  bf16* dss = kbs + 64 * LDH;  // two ds^T tiles, 64 keys x 16 queries (a tile is written while the other is read)
-  float* lse_s = reinterpret_cast<float*>(dss + 2 * 64 * LDS);
-  float* delta_s = lse_s + KR;
-  const int b = blockIdx.y / H, h = blockIdx.y % H, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const int k0 = 64 * blockIdx.x, r0 = k0 + 16 * warp;
-  load_tile(q, qs, b, h, L, H, KR);
-  load_tile(dout, gs, b, h, L, H, KR);
-  load_tile(k, kbs, b, h, L, H, 64, k0);
-  for (int i = threadIdx.x; i < KR; i += blockDim.x) lse_s[i] = i < L ? lse[(b * L + i) * H + h] : 0.0f;
-  __syncthreads();
-  for (int i = warp; i < KR; i += 4) {  // delta = rowsum(dout * o), a warp a row
-    float sum = 0.0f;
-    if (i < L) {
-      const float2 x = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(o + row_offset(b, i, h, L, H))[lane]);
-      const float2 y = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(gs + i * LDH)[lane]);
-      sum = x.x * y.x + x.y * y.y;
-    }
-#pragma unroll
-    for (int offset = 16; offset; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (lane == 0) delta_s[i] = sum;
-  }
-  __syncthreads();
-  u32 ka[1][4][4], va[1][4][4];
-  load_a(k, ka[0], b, h, L, H, r0, lane);
-  load_a(v, va[0], b, h, L, H, r0, lane);
-  float dk_acc[8][4] = {}, dv_acc[8][4] = {};
-  const int key_tiles = ((L - k0 < 64 ? L - k0 : 64) + 15) / 16;  // the block's 16-key tiles that hold keys
-  // every warp takes part in every tile (the block synchronizes per tile); a warp whose keys are padding, or all
-  // after the tile's queries (causal), contributes a zero ds^T tile
-  for (int i = CAUSAL ? k0 / 16 : 0; i < NT; ++i) {
-    bf16* ds_tile = dss + (i & 1) * 64 * LDS;
-    u32* ds_rows = reinterpret_cast<u32*>(ds_tile + (16 * warp + g) * LDS + 2 * t);  // row g; row g + 8 is 4 LDS on
-    if (r0 < L && !(CAUSAL && i < r0 / 16)) {
-      float s[1][2][4] = {}, dp[1][2][4] = {};  // s^T and dp^T: keys x queries
-      two_scores<1>(ka, qs, va, gs, 16 * i, lane, s, dp);
-      u32 pa[4], da[4];
-#pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        float p[4], ds[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int query = 16 * i + 8 * n + 2 * t + (e & 1);
-          const bool on = attends(query, r0 + g + 8 * (e >> 1), L, CAUSAL);
-          p[e] = on ? exp2f(s[0][n][e] * (SCALE * LOG2E) - lse_s[query]) : 0.0f;
-          ds[e] = p[e] * (dp[0][n][e] - delta_s[query]);
-        }
-        pa[2 * n] = pack(p[0], p[1]);
-        pa[2 * n + 1] = pack(p[2], p[3]);
-        da[2 * n] = pack(ds[0], ds[1]);
-        da[2 * n + 1] = pack(ds[2], ds[3]);
-        ds_rows[4 * n] = da[2 * n];
-        ds_rows[4 * n + 4 * LDS] = da[2 * n + 1];
-      }
-#pragma unroll
-      for (int c = 0; c < 8; ++c) {
-        u32 gb[2], qb[2];
-        load_b_cols<LDSM_TRANS>(gs, 16 * i, 8 * c, lane, gb);
-        load_b_cols<LDSM_TRANS>(qs, 16 * i, 8 * c, lane, qb);
-        mma(dv_acc[c], pa, gb);
-        mma(dk_acc[c], da, qb);
-      }
-    } else {
-#pragma unroll
-      for (int n = 0; n < 2; ++n) ds_rows[4 * n] = ds_rows[4 * n + 4 * LDS] = 0u;
-    }
-    __syncthreads();
-    // dq rows [16 i, 16 i + 16), columns [16 warp, 16 warp + 16) += SCALE ds (queries x the block's keys) . k
-    float dq_part[2][4] = {};
-    for (int kk = 0; kk < key_tiles; ++kk) {
-      u32 a[4];
-      load_a_trans(ds_tile, LDS, 16 * kk, 0, lane, a);
-#pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        u32 kb[2];
-        load_b_cols<LDSM_TRANS>(kbs, 16 * kk, 16 * warp + 8 * n, lane, kb);
-        mma(dq_part[n], a, kb);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int query = 16 * i + g + 8 * r;
-      if (query >= L) continue;
-      float* row = dq_acc + row_offset(b, query, h, L, H) + 16 * warp + 2 * t;
-#pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        atomicAdd(row + 8 * n, SCALE * dq_part[n][2 * r]);
-        atomicAdd(row + 8 * n + 1, SCALE * dq_part[n][2 * r + 1]);
-      }
-    }
-  }
-  if (r0 >= L) return;
   const float scale[2] = {SCALE, SCALE}, one[2] = {1.0f, 1.0f};
   store_c(dk_acc, dk, b, h, L, H, r0, scale, lane);
   store_c(dv_acc, dv, b, h, L, H, r0, one, lane);

@@ -56,10 +56,9 @@ def report(measure: bool = True) -> dict:
         "cpu_jit": cpu_jit.STATUS,  # MLXCLIP_CPU_JIT: flags for MLX's CPU kernel compiler
         "cpu_jit_kernels": cpu_jit.KERNEL_DIR,  # where MLX's CPU kernels are built and cached while it is on
         "gpu_attention": fastmath.GPU_ATTENTION,  # MLXCLIP_GPU_ATTENTION
-        # the fused CUDA kernels' reach and switches (MLXCLIP_GPU_LDMATRIX, MLXCLIP_GPU_DQ_ROWS,
-        # MLXCLIP_GPU_ATTENTION_BACKWARD)
+        # the fused CUDA kernels' reach and switches (MLXCLIP_GPU_LDMATRIX, MLXCLIP_GPU_DQ_ROWS)
         "gpu_attention_kernels": {"max_tokens": gpu_attention.MAX_LONG_TOKENS, "ldmatrix": gpu_attention.LDMATRIX,
-                                  "dq_rows": gpu_attention.DQ_ROWS, "backward": gpu_attention.BACKWARD},
+                                  "dq_rows": gpu_attention.DQ_ROWS},
         "torch": torch_info(),
     }
     if measure:

@@ -219,7 +219,7 @@ def merge_heads(x: mx.array) -> mx.array:
 def token_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float, mask=None) -> mx.array:
     """Attention over `heads` heads of (B, L, heads·Dh) projections, returned as (B, L, heads·Dh).
 
-    On CUDA the fused kernels of mlx_clip.gpu_attention (up to 256 tokens) take it when they apply (MLXCLIP_GPU_ATTENTION
+    On CUDA the fused kernels of mlx_clip.gpu_attention (up to 320 tokens) take it when they apply (MLXCLIP_GPU_ATTENTION
     "fused"); they read the projections' layout directly. Otherwise the heads are split off and `attention` runs."""
     if GPU_ATTENTION in ("fused", "aligned") and gpu_attention.supported(q, heads, scale, mask):
         return gpu_attention.fused(heads, isinstance(mask, str))(q, k, v)
@@ -249,7 +249,7 @@ def _matmul_attention(q, k, v, scale: float, mask, softmax_fn) -> mx.array:
 
 # GPU attention (issue 7, benchmarks/perf-notes.md). MLX's CUDA SDPA runs its backward through cuDNN only for sequence
 # lengths that are multiples of 128 (CLIP's 50 / 77 / 197 tokens and trimmed text are not), else an unfused path.
-# MLXCLIP_GPU_ATTENTION picks: "fused" (default: mlx_clip.gpu_attention's kernels for bf16 sequences of at most 256
+# MLXCLIP_GPU_ATTENTION picks: "fused" (default: mlx_clip.gpu_attention's kernels for bf16 sequences of at most 320
 # tokens with head width 64: one block per head up to 64 tokens (ViT-B/32 images, trimmed text; attention fwd+bwd 2x
 # faster, the ViT-B/32 step ~10%), tiled flash-style kernels above (ViT-B/16's 197 tokens: fwd+bwd 7.45 -> 2.39 ms on
 # an H200, the step -14 to -19%); longer sequences take sdpa); "sdpa" (mx.fast.scaled_dot_product_attention as is); "padded" (q, k, v padded to the

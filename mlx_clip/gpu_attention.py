@@ -1,10 +1,11 @@
 """Fused attention for CLIP's sequences on CUDA GPUs (issue 7, benchmarks/perf-notes.md): when our kernels take a call,
 which of them runs, and their gradients (mx.custom_function). The CUDA source, and why each design, is in
 attention_kernels_short (one block per head, at most 64 tokens: ViT-B/32 images, trimmed text) and
-attention_kernels_tiled (flash-style, 65-256 tokens: ViT-B/16's 197 image tokens, 77 untrimmed text tokens). Both read
+attention_kernels_tiled (flash-style, 65-320 tokens: ViT-B/16's 197 image tokens, ViT-L/14's 257, 77 untrimmed text
+tokens). Both read
 and write the (B, L, heads · 64) layout of the projections directly, so no head split/merge copies are made.
 
-Scope: bf16, head width 64, L ≤ 256, no mask or causal, scale 1/8, compute capability ≥ 8. Anything else goes to
+Scope: bf16, head width 64, L ≤ 320, no mask or causal, scale 1/8, compute capability ≥ 8. Anything else goes to
 mx.fast's SDPA.
 """
 
@@ -21,33 +22,23 @@ from mlx_clip import attention_kernels_short as short, attention_kernels_tiled a
 
 HEAD_DIM = 64
 MAX_TOKENS = 64  # the one-block kernels
-MAX_LONG_TOKENS = 256  # the tiled kernels
+MAX_LONG_TOKENS = 320  # the tiled kernels: 2 blocks an SM by shared memory up to here (tested at 257 and 320)
 # The tiled kernels' transposed operand loads: ldmatrix.trans (1), or four 16-bit shared-memory loads (0)
 LDMATRIX = os.environ.get("MLXCLIP_GPU_LDMATRIX", "1").strip() != "0"
-# Query rows per warp in the tiled dq kernel: 16, or 32 (each k and v fragment feeding two products, as the forward
-# does; 0.72 -> 0.39 ms there on an H200). 32 is compiled and tested here through NVRTC but not yet measured on a card.
-DQ_ROWS = {"16": 16, "32": 32}.get(os.environ.get("MLXCLIP_GPU_DQ_ROWS", "16").strip() or "16", 0)
+# Query rows per warp in the tiled dq kernel: 32 (each k and v fragment feeding two products, as in the forward; H200,
+# (256, 12, 197): dq 0.72 -> 0.63 ms, ViT-B-16 step 126.0 -> 123.4 ms), or 16.
+DQ_ROWS = {"16": 16, "32": 32}.get(os.environ.get("MLXCLIP_GPU_DQ_ROWS", "32").strip() or "32", 0)
 if not DQ_ROWS:
-    warnings.warn(f"MLXCLIP_GPU_DQ_ROWS={os.environ['MLXCLIP_GPU_DQ_ROWS']!r}: expected 16 or 32; using 16",
+    warnings.warn(f"MLXCLIP_GPU_DQ_ROWS={os.environ['MLXCLIP_GPU_DQ_ROWS']!r}: expected 16 or 32; using 32",
                   stacklevel=2)
-    DQ_ROWS = 16
-# The tiled kernels' backward: "split" (a dq kernel, then a dk/dv kernel, each recomputing the scores; no atomics) or
-# "onepass" (one kernel computes the scores once, dq accumulated in fp32 with atomics, FA2's way). onepass is
-# compiled and tested here through NVRTC, not yet measured on a card.
-BACKWARDS = ("split", "onepass")
-BACKWARD = os.environ.get("MLXCLIP_GPU_ATTENTION_BACKWARD", "split").strip() or "split"
-if BACKWARD not in BACKWARDS:
-    warnings.warn(f"MLXCLIP_GPU_ATTENTION_BACKWARD={BACKWARD!r}: expected one of {', '.join(BACKWARDS)}; using split",
-                  stacklevel=2)
-    BACKWARD = "split"
-MAX_GRID_Y = 65535  # CUDA's grid y limit: the one-pass kernel's (batch * heads); beyond it the split backward runs
+    DQ_ROWS = 32
 # Every kernel's header: the shared part and the one-block kernels' helpers, then the tiled kernels' helpers.
 HEADER = short.HEADER + "\n" + tiled.HEADER + "}  // namespace mlxclip_attention\n"
 
 
 def supported(q: mx.array, heads: int, scale: float, mask) -> bool:
     """Whether the fused kernels take this call: a CUDA device with bf16 tensor cores, bf16 (B, L, heads * 64) inputs,
-    L <= 256, no mask or causal, the default 1/sqrt(64) scale."""
+    L <= 320, no mask or causal, the default 1/sqrt(64) scale."""
     return (mx.default_device() == mx.gpu and mx.cuda.is_available() and q.dtype == mx.bfloat16 and q.ndim == 3
             and q.shape[1] <= MAX_LONG_TOKENS and q.shape[2] == heads * HEAD_DIM
             and abs(scale - HEAD_DIM ** -0.5) < 1e-9 and (mask is None or (isinstance(mask, str) and mask == "causal"))
@@ -80,8 +71,8 @@ class KernelSpec:
     outputs: tuple[str, ...]
     shared_memory: int
 
-    def dtype(self, name: str) -> str:  # the softmax statistics and the atomics' dq are fp32, the rest bf16
-        return "float32" if name in ("lse", "delta", "dq_acc") else "bfloat16"
+    def dtype(self, name: str) -> str:  # the softmax statistics are fp32, the rest bf16
+        return "float32" if name in ("lse", "delta") else "bfloat16"
 
 
 SHORT_SPECS = (
@@ -92,16 +83,13 @@ SHORT_SPECS = (
 
 
 def tiled_specs(nt: int) -> list[KernelSpec]:
-    """The tiled kernels for sequences of nt 16-row tiles (shared memory sized for nt): forward, dq, dk/dv, one-pass
-    backward."""
-    forward, dq, dkdv, onepass = tiled.shared_memory(nt)
+    """The tiled kernels for sequences of nt 16-row tiles (shared memory sized for nt): forward, dq, dk/dv."""
+    forward, dq, dkdv = tiled.shared_memory(nt)
     return [KernelSpec(f"mlxclip_attention_long_forward_{nt}", tiled.FORWARD, ("q", "k", "v"), ("o", "lse"), forward),
             KernelSpec(f"mlxclip_attention_long_dq_{nt}", tiled.DQ, ("q", "k", "v", "dout", "lse", "o"),
                        ("dq", "delta"), dq),
             KernelSpec(f"mlxclip_attention_long_dkdv_{nt}", tiled.DKDV, ("q", "k", "v", "dout", "lse", "delta"),
-                       ("dk", "dv"), dkdv),
-            KernelSpec(f"mlxclip_attention_long_backward_{nt}", tiled.ONEPASS, ("q", "k", "v", "dout", "lse", "o"),
-                       ("dq_acc", "dk", "dv"), onepass)]
+                       ("dk", "dv"), dkdv)]
 
 
 def kernel_specs(nt: int) -> list[KernelSpec]:
@@ -139,18 +127,6 @@ def _launch(kernel, inputs: list[mx.array], heads: int, causal: bool, outputs: i
                   output_dtypes=[inputs[0].dtype] * outputs + ([mx.float32] if stats else []))
 
 
-def _onepass(kernel, inputs: list[mx.array], heads: int, causal: bool) -> tuple[mx.array, mx.array, mx.array]:
-    """dq, dk, dv from the one-pass backward kernel: grid (key blocks, batch * heads); its outputs start at zero (dq
-    is accumulated with atomics; dk and dv are written whole, their fill is the price of init_value's all-or-none)."""
-    batch, length, width = inputs[0].shape
-    dq, dk, dv = kernel(inputs=inputs, template=[("L", length), ("H", heads), ("NT", -(-length // 16)),
-                                                 ("CAUSAL", causal), ("LDSM_TRANS", LDMATRIX)],
-                        grid=(-(-length // 64) * 128, batch * heads, 1), threadgroup=(128, 1, 1),
-                        output_shapes=[(batch, length, width)] * 3,
-                        output_dtypes=[mx.float32, inputs[0].dtype, inputs[0].dtype], init_value=0)
-    return dq.astype(inputs[0].dtype), dk, dv
-
-
 def _short(heads: int, causal: bool):
     """One block per (batch, head), the whole problem in shared memory (L <= MAX_TOKENS)."""
 
@@ -185,9 +161,7 @@ def _tiled(heads: int, causal: bool):
         q, k, v = primals
         out, lse = outputs
         dout = cotangents[0].astype(q.dtype)
-        _, dq_kernel, dkdv_kernel, onepass_kernel = kernels(q)
-        if BACKWARD == "onepass" and q.shape[0] * heads <= MAX_GRID_Y:
-            return _onepass(onepass_kernel, [q, k, v, dout, lse, out], heads, causal)
+        _, dq_kernel, dkdv_kernel = kernels(q)
         dq, delta = _launch(dq_kernel, [q, k, v, dout, lse, out], heads, causal, 1, blocks(q, 4 * DQ_ROWS),
                             stats=True, dq_tiles=DQ_ROWS // 16)
         dk, dv = _launch(dkdv_kernel, [q, k, v, dout, lse, delta], heads, causal, 2, blocks(q, 64))
