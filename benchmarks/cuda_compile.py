@@ -35,12 +35,19 @@ def nvrtc_available() -> bool:
     return _cuda_root() is not None
 
 
+def _constant(name: str, value: int | bool | str) -> str:
+    """A template argument as MLX declares it: constexpr int / bool, or `using` for a dtype (given by its name)."""
+    if isinstance(value, str):
+        return f"  using {name} = {_CUDA_TYPES[value]};\n"
+    return f"  constexpr {'bool' if isinstance(value, bool) else 'int'} {name} = {str(value).lower()};\n"
+
+
 def wrap(name: str, header: str, source: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]],
-         template: dict[str, int | bool]) -> str:
-    """The translation unit MLX builds for one kernel; inputs/outputs are (name, mlx dtype name) pairs."""
+         template: dict[str, int | bool | str]) -> str:
+    """The translation unit MLX builds for one kernel; inputs/outputs are (name, mlx dtype name) pairs, a dtype template
+    argument is a dtype name."""
     params = [f"    const {_CUDA_TYPES[t]}* {n}" for n, t in inputs] + [f"    {_CUDA_TYPES[t]}* {n}" for n, t in outputs]
-    constants = "".join(f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = "
-                        f"{str(v).lower() if isinstance(v, bool) else v};\n" for k, v in template.items())
+    constants = "".join(_constant(k, v) for k, v in template.items())
     return (f"{header}\nnamespace mlx::core::cu {{\n\n__global__ void {name}(\n" + ",\n".join(params) + ") {\n"
             + constants + "\n" + source + "\n}\n\n} // namespace mlx::core::cu\n")
 
@@ -100,8 +107,29 @@ def kernel_units(lengths=(50, 77, 197, 256, 320), heads=12) -> list[tuple[str, s
     return units
 
 
+def reduce_units(widths=(520, 768, 1024, 3072, 4096), dtypes=("bfloat16", "float32", "float16"),
+                 rows=50432) -> list[tuple[str, str]]:
+    """(name, translation unit) for gpu_reduce's kernels: the column sum at each width and dtype, the LayerNorm
+    backward at the widths it takes (520: a partly used last 256-column chunk)."""
+    from mlx_clip import gpu_reduce
+
+    units = []
+    for width in widths:
+        for dtype in dtypes:
+            template = {"T": dtype, "N": rows, "C": width, "NC": -(-width // 256)}
+            name = f"mlxclip_column_sum_C{width}_{dtype}"
+            units.append((name, wrap(name, gpu_reduce.HEADER, gpu_reduce.COLUMN_SUM, [("x", dtype)],
+                                     [("partial", "float32")], template)))
+            if width <= gpu_reduce.MAX_LN_WIDTH:
+                name = f"{gpu_reduce.layer_norm_kernel_name(1e-5)}_C{width}_{dtype}"
+                units.append((name, wrap(name, gpu_reduce.HEADER, gpu_reduce.layer_norm_source(1e-5),
+                                         [("x", dtype), ("w", dtype), ("g", dtype)],
+                                         [("dx", dtype), ("partial", "float32")], template)))
+    return units
+
+
 def main():
-    for name, unit in kernel_units():
+    for name, unit in kernel_units() + reduce_units():
         ok, log, size = compile_ptx(unit)
         print(f"{name}: {'ok' if ok else 'FAILED'} ({size:,} bytes of PTX)")
         if log.strip():

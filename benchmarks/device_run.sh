@@ -8,7 +8,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 BENCH="python3 -m benchmarks.bench --backend mlx,torch --task train --mode compiled --batch 256 --dtype bfloat16 --device cuda --runs 10 --warmup 3 --caption-tokens 5-30"
 for step in "$@"; do
   case $step in
-    tests) MLX_ENABLE_TF32=0 timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_attention.py tests/test_mlp_block.py tests/test_multi_tensor.py tests/test_linear.py "tests/test_parity.py::test_loss_gradients_match_open_clip" 2>&1 | tail -40 | tee $OUT/gpu-tests.txt ;;
+    tests) MLX_ENABLE_TF32=0 timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_attention.py tests/test_gpu_reduce.py tests/test_layer_norm.py tests/test_mlp_block.py tests/test_multi_tensor.py tests/test_linear.py "tests/test_parity.py::test_loss_gradients_match_open_clip" 2>&1 | tail -40 | tee $OUT/gpu-tests.txt ;;
     modes) timeout 240 python3 -m benchmarks.attention_modes 2>&1 | tee $OUT/attention-modes.txt ;;
     b32) MLXCLIP_GPU_ATTENTION=fused timeout 300 $BENCH --arch ViT-B-32 --out $OUT/b32-fused 2>&1 | tail -25 ;;
     b32-sdpa) timeout 240 ${BENCH/mlx,torch/mlx} --arch ViT-B-32 --out $OUT/b32-sdpa 2>&1 | tail -15 ;;
@@ -33,6 +33,9 @@ for step in "$@"; do
           for r in 16 32; do MLXCLIP_GPU_DQ_ROWS=$r timeout 60 python3 -m benchmarks.attention_profile --shape 256,12,197 --modes fused 2>&1 | grep -v -i warn | head -4; done | tee $OUT/dq32-profile.txt
           timeout 300 python3 -m benchmarks.gpu_ab --arch ViT-B-16 --variants dqrows=16,dqrows=32 --rounds 6 2>&1 | tee $OUT/dq32-ab16.txt ;;
     prof16) MLX_USE_CUDA_GRAPHS=0 timeout 240 python3 -m benchmarks.gpu_profile --backend mlx --arch ViT-B-16 --top 40 2>&1 | tail -52 | tee $OUT/prof16-nographs.txt ;;
+    reduce) MLX_ENABLE_TF32=0 timeout 300 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_reduce.py tests/test_layer_norm.py tests/test_mlp_block.py tests/test_linear.py "tests/test_parity.py::test_loss_gradients_match_open_clip" 2>&1 | tail -15 | tee $OUT/reduce-tests.txt
+            timeout 120 python3 -m benchmarks.column_sum 2>&1 | tee $OUT/colsum-micro.txt
+            for a in ViT-B-16 ViT-B-32; do timeout 300 python3 -m benchmarks.gpu_ab --arch $a --variants reduce=mlx,reduce=ours --rounds 6 2>&1; done | tee $OUT/reduce-ab.txt ;;
     colsum-micro) timeout 120 python3 -m benchmarks.column_sum 2>&1 | tee $OUT/colsum-micro.txt ;;
     *) echo "unknown step $step" ;;
   esac

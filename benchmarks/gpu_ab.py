@@ -7,7 +7,8 @@ A variant is `default` (the process's settings) or settings joined by `+`: atten
 (MLXCLIP_GPU_ATTENTION), memlimit=GiB (mx.set_memory_limit), optimizer=per-param|multi (MLXCLIP_MULTI_TENSOR, mlx_clip/train/multi_tensor.py),
 layernorm=ours|mlx (MLXCLIP_CPU_LAYER_NORM, mlx_clip/layer_norm.py), split=on|off (CPU batch-parallel mode,
 mlx_clip/cpu_streams.py), norm=auto|dot|reduce|concat (step.NORM_SQUARES), grads=autodiff|rowmajor (the GPU weight gradients'
-layout, linear.ROW_MAJOR_GRADS_ON_GPU), dqrows=16|32 (MLXCLIP_GPU_DQ_ROWS, mlx_clip/gpu_attention.py); a bare attention
+layout, linear.ROW_MAJOR_GRADS_ON_GPU), dqrows=16|32 (MLXCLIP_GPU_DQ_ROWS, mlx_clip/gpu_attention.py),
+reduce=ours|mlx (MLXCLIP_GPU_REDUCE, mlx_clip/gpu_reduce.py); a bare attention
 mode means attention=MODE.
 `--torch` adds torch.compile's step (CUDA, or the CPU when MLX runs there) to the rotation. Peak memory measured here
 depends on the order the variants were traced in (same-process allocations); compare memory across separate `mlxclip
@@ -23,7 +24,7 @@ import numpy as np
 
 from benchmarks.batches import parse_caption_tokens, CAPTION_HELP
 from benchmarks.workloads_mlx import TASKS, mlx_workload
-from mlx_clip import cpu_streams, fastmath, gpu_attention, layer_norm, linear
+from mlx_clip import cpu_streams, fastmath, gpu_attention, gpu_reduce, layer_norm, linear
 from mlx_clip.config import get_config
 from mlx_clip.memory import parse_bytes
 from mlx_clip.train import multi_tensor, step
@@ -37,6 +38,7 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "norm": (step, "NORM_SQUARES", {"auto": "auto", "dot": "dot", "reduce": "reduce", "concat": "concat"}),  # clip norm
     "grads": (linear, "ROW_MAJOR_GRADS_ON_GPU", {"autodiff": False, "rowmajor": True}),  # GPU weight-gradient layout
     "dqrows": (gpu_attention, "DQ_ROWS", {"16": 16, "32": 32}),  # the tiled dq kernel's query rows per warp
+    "reduce": (gpu_reduce, "ENABLED", {"ours": True, "mlx": False}),  # bias / LayerNorm gradients' column sums
 }
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr, _) in SETTINGS.items()}
 _LIMIT = mx.get_memory_limit()  # MLX's own memory limit, put back for each variant; memlimit=GiB sets another

@@ -7,7 +7,8 @@ backward (MLX's fallback, run op by op) ~20 passes. Here the row means are matri
 BLAS's threads), and the per-row scalars leave the fused kernels through a (rows, 1) @ (1, 1) product, which mx.compile
 does not fuse: 0.9 ms for the same LayerNorm, its backward 1.2-2x faster. The variance is taken around the mean (two
 passes), as torch does, so inputs with a large mean lose no precision. GPUs keep mx.fast.layer_norm (one fused kernel
-there), and so does the CPU with MLXCLIP_CPU_LAYER_NORM=0.
+there; on CUDA its backward is mlx_clip.gpu_reduce's kernel, whose gain and bias gradients skip MLX's slow column
+reductions), and so does the CPU with MLXCLIP_CPU_LAYER_NORM=0.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_clip import cpu_streams
+from functools import lru_cache
+
+from mlx_clip import cpu_streams, gpu_reduce
 from mlx_clip.switches import env_switch
 
 
@@ -78,7 +81,27 @@ def layer_norm(x: mx.array, w: mx.array, b: mx.array, eps: float) -> mx.array:
     """LayerNorm over the last axis with gain w and bias b (both (D,))."""
     if applies():
         return cpu_streams.for_current_stream(_cpu_layer_norm, eps)(x, w, b)
+    if gpu_reduce.layer_norm_applies(x, w) and b.dtype == w.dtype:
+        return _gpu_layer_norm(eps)(x, w, b)
     return mx.fast.layer_norm(x, w, b, eps)
+
+
+@lru_cache(maxsize=None)
+def _gpu_layer_norm(eps: float):
+    """mx.fast.layer_norm whose backward is gpu_reduce's kernel: dx and the gain and bias gradients in one pass over x
+    and g (MLX's writes g·x̂ for every element, then runs two slow column reductions)."""
+
+    @mx.custom_function
+    def layer_norm(x, w, b):
+        return mx.fast.layer_norm(x, w, b, eps)
+
+    @layer_norm.vjp
+    def layer_norm_vjp(primals, cotangent, output):
+        x, w, b = primals
+        dx, dw, db = gpu_reduce.layer_norm_grads(x, w, cotangent, eps)
+        return dx, dw, db.astype(b.dtype)
+
+    return layer_norm
 
 
 class LayerNorm(nn.LayerNorm):

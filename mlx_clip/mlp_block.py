@@ -15,7 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_clip import cpu_streams, layer_norm as ln, linear
+from mlx_clip import cpu_streams, gpu_reduce, layer_norm as ln, linear
 
 
 _WEIGHT_AND_BIAS = {"weight", "bias"}
@@ -60,8 +60,8 @@ def _block_vjp(activation, eps: float, primals, cotangents, outputs):
         y, dx, d_ln_w, d_ln_b = ln.value_and_grads(x, ln_w, ln_b, dh @ w1, eps)
     else:
         y, (dx, d_ln_w, d_ln_b) = _value_and_vjp(lambda *p: ln.layer_norm(*p, eps), [x, ln_w, ln_b], dh @ w1)
-    dw2, db2 = rows(g).T @ rows(a), rows(g).sum(axis=0)
-    dw1, db1 = rows(dh).T @ rows(y), rows(dh).sum(axis=0)
+    dw2, db2 = rows(g).T @ rows(a), gpu_reduce.column_sum(rows(g))  # MLX's sum where the kernel does not apply
+    dw1, db1 = rows(dh).T @ rows(y), gpu_reduce.column_sum(rows(dh))
     return dx, d_ln_w, d_ln_b, dw1, db1.astype(b1.dtype), dw2, db2.astype(b2.dtype)
 
 
