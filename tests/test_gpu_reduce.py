@@ -75,10 +75,12 @@ def test_layer_norm_backward_matches_float64(shape, dtype):
     assert dx.dtype == dtype and dw.dtype == dtype and db.dtype == dtype
     assert _rel(dx.reshape(-1, shape[-1]), want_dx) <= tol
     assert _rel(dw, want_dw) <= tol and _rel(db, want_db) <= tol
-    # and as MLX's own LayerNorm backward gives them
-    _, mlx_grads = mx.vjp(lambda *p: mx.fast.layer_norm(*p, eps), [x, w, b], [g])
-    for ours, theirs in zip((dx, dw, db), mlx_grads):
-        assert _rel(ours, np.array(theirs.astype(mx.float32)).astype(np.float64)) <= tol
+    # dx as MLX's own LayerNorm backward gives it; the sums at least as close to float64 as MLX's (its bf16 column
+    # reductions are off by ~2.5% here, ours by < 1%: measured on an H200)
+    _, (mlx_dx, mlx_dw, mlx_db) = mx.vjp(lambda *p: mx.fast.layer_norm(*p, eps), [x, w, b], [g])
+    assert _rel(dx, np.array(mlx_dx.astype(mx.float32)).astype(np.float64)) <= tol
+    for ours, theirs, want in ((dw, mlx_dw, want_dw), (db, mlx_db, want_db)):
+        assert _rel(ours, want) <= _rel(theirs, want) + tol / 10
 
 
 @cuda
@@ -95,6 +97,9 @@ def test_dense_layer_bias_gradient_by_the_kernel(monkeypatch, dtype):
     mx.eval(ours)
     assert calls == [(3200, 3072)]
     _, autodiff = mx.vjp(lambda x, w, b: mx.addmm(b, x, w.T), [x, weight, bias], [g])
-    assert _rel(ours[2], gr.reshape(-1, 3072).sum(0)) <= (1e-6 if dtype == mx.float32 else 4e-3)
-    for a, b in zip(ours, autodiff):
+    want_db = gr.reshape(-1, 3072).sum(0)
+    assert _rel(ours[2], want_db) <= (1e-6 if dtype == mx.float32 else 4e-3)
+    # the bias gradient at least as close to float64 as autodiff's (MLX's bf16 column sum is off by ~1% here)
+    assert _rel(ours[2], want_db) <= _rel(autodiff[2], want_db) + 1e-6
+    for a, b in zip(ours[:2], autodiff[:2]):
         assert _rel(a, np.array(b.astype(mx.float32)).astype(np.float64)) <= (1e-5 if dtype == mx.float32 else 1e-2)
