@@ -35,6 +35,11 @@ def nvrtc_available() -> bool:
     return _cuda_root() is not None
 
 
+# MLX's default header defines Shape as cuda::std::array<int32_t, MAX_NDIM = 10>; the same layout without libcu++
+_SHAPE = ("struct Shape {\n  int data[10];\n"
+          "  __device__ int operator[](int i) const { return data[i]; }\n};\n")
+
+
 def _constant(name: str, value: int | bool | str) -> str:
     """A template argument as MLX declares it: constexpr int / bool, or `using` for a dtype (given by its name)."""
     if isinstance(value, str):
@@ -46,9 +51,13 @@ def wrap(name: str, header: str, source: str, inputs: list[tuple[str, str]], out
          template: dict[str, int | bool | str]) -> str:
     """The translation unit MLX builds for one kernel; inputs/outputs are (name, mlx dtype name) pairs, a dtype template
     argument is a dtype name."""
-    params = [f"    const {_CUDA_TYPES[t]}* {n}" for n, t in inputs] + [f"    {_CUDA_TYPES[t]}* {n}" for n, t in outputs]
+    params = []
+    for n, t in inputs:  # MLX adds an input's shape when the source uses it (its Shape: an array of MAX_NDIM ints)
+        params += [f"    const {_CUDA_TYPES[t]}* {n}"] + ([f"    const __grid_constant__ Shape {n}_shape"]
+                                                         if f"{n}_shape" in source else [])
+    params += [f"    {_CUDA_TYPES[t]}* {n}" for n, t in outputs]
     constants = "".join(_constant(k, v) for k, v in template.items())
-    return (f"{header}\nnamespace mlx::core::cu {{\n\n__global__ void {name}(\n" + ",\n".join(params) + ") {\n"
+    return (f"{_SHAPE}{header}\nnamespace mlx::core::cu {{\n\n__global__ void {name}(\n" + ",\n".join(params) + ") {\n"
             + constants + "\n" + source + "\n}\n\n} // namespace mlx::core::cu\n")
 
 
@@ -108,7 +117,7 @@ def kernel_units(lengths=(50, 77, 197, 256, 320), heads=12) -> list[tuple[str, s
 
 
 def reduce_units(widths=(520, 768, 1024, 3072, 4096), dtypes=("bfloat16", "float32", "float16"),
-                 rows=50432) -> list[tuple[str, str]]:
+                 ) -> list[tuple[str, str]]:
     """(name, translation unit) for gpu_reduce's kernels: the column sum at each width and dtype, the LayerNorm
     backward at the widths it takes (520: a partly used last 256-column chunk)."""
     from mlx_clip import gpu_reduce
@@ -116,7 +125,7 @@ def reduce_units(widths=(520, 768, 1024, 3072, 4096), dtypes=("bfloat16", "float
     units = []
     for width in widths:
         for dtype in dtypes:
-            template = {"T": dtype, "N": rows, "C": width, "NC": -(-width // 256)}
+            template = {"T": dtype, "C": width, "NC": -(-width // 256)}
             name = f"mlxclip_column_sum_C{width}_{dtype}"
             units.append((name, wrap(name, gpu_reduce.HEADER, gpu_reduce.COLUMN_SUM, [("x", dtype)],
                                      [("partial", "float32")], template)))

@@ -108,9 +108,11 @@ __device__ inline void block_sums(float (*acc)[8], float* sums, float* partial, 
 }  // namespace mlxclip_reduce
 """
 
-# Σ over the N rows of a (N, C) array: out `partial` (blocks, C) fp32. Template: T, N, C, NC = ceil(C / 256).
+# Σ over the rows of a (rows, C) array: out `partial` (blocks, C) fp32. Template: T, C, NC = ceil(C / 256); the row
+# count is read at run time (x_shape[0]), so one kernel serves every batch and caption length.
 COLUMN_SUM = r"""
   using namespace mlxclip_reduce;
+  const int N = x_shape[0];
   __shared__ __align__(16) float sums[256 * NC];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   float acc[NC][8] = {};
@@ -135,6 +137,7 @@ COLUMN_SUM = r"""
 # as MLX's forward computes it (fp32, variance around the mean); dx = rstd (g w - mean(g w) - x̂ mean(g w x̂)).
 LAYER_NORM_BACKWARD = r"""
   using namespace mlxclip_reduce;
+  const int N = x_shape[0];
   __shared__ __align__(16) float sums[256 * NC];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   float dw_acc[NC][8] = {}, db_acc[NC][8] = {};
@@ -227,8 +230,8 @@ def _blocks(rows: int, warps: int) -> int:
     return max(1, min(MAX_BLOCKS, -(-rows // (4 * warps))))  # at least 4 rows a warp
 
 
-def _template(x: mx.array, rows: int, width: int) -> list:
-    return [("T", x.dtype), ("N", rows), ("C", width), ("NC", -(-width // 256))]
+def _template(x: mx.array, width: int) -> list:
+    return [("T", x.dtype), ("C", width), ("NC", -(-width // 256))]
 
 
 def column_sum(x: mx.array) -> mx.array:
@@ -238,7 +241,7 @@ def column_sum(x: mx.array) -> mx.array:
         return x.reshape(-1, width).sum(axis=0)
     blocks = _blocks(rows, SUM_WARPS)
     kernel = _kernel("mlxclip_column_sum", COLUMN_SUM, ("x",), ("partial",))
-    (partial,) = kernel(inputs=[x], template=_template(x, rows, width), grid=(blocks * 32 * SUM_WARPS, 1, 1),
+    (partial,) = kernel(inputs=[x.reshape(rows, width)], template=_template(x, width), grid=(blocks * 32 * SUM_WARPS, 1, 1),
                         threadgroup=(32 * SUM_WARPS, 1, 1), output_shapes=[(blocks, width)], output_dtypes=[mx.float32])
     return partial.sum(axis=0).astype(x.dtype)
 
@@ -258,8 +261,9 @@ def layer_norm_grads(x: mx.array, w: mx.array, g: mx.array, eps: float) -> tuple
     rows, width = _rows_and_width(x)
     blocks = _blocks(rows, LN_WARPS)
     kernel = _kernel(layer_norm_kernel_name(eps), layer_norm_source(eps), ("x", "w", "g"), ("dx", "partial"))
-    dx, partial = kernel(inputs=[x, w, g.astype(x.dtype)], template=_template(x, rows, width),
+    dx, partial = kernel(inputs=[x.reshape(rows, width), w, g.astype(x.dtype).reshape(rows, width)],
+                         template=_template(x, width),
                          grid=(blocks * 32 * LN_WARPS, 1, 1), threadgroup=(32 * LN_WARPS, 1, 1),
-                         output_shapes=[x.shape, (blocks, 2, width)], output_dtypes=[x.dtype, mx.float32])
+                         output_shapes=[(rows, width), (blocks, 2, width)], output_dtypes=[x.dtype, mx.float32])
     sums = partial.sum(axis=0)
-    return dx, sums[0].astype(w.dtype), sums[1].astype(w.dtype)
+    return dx.reshape(x.shape), sums[0].astype(w.dtype), sums[1].astype(w.dtype)
