@@ -11,6 +11,7 @@ for step in "$@"; do
     tests) MLX_ENABLE_TF32=0 timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_attention.py tests/test_gpu_reduce.py tests/test_layer_norm.py tests/test_mlp_block.py tests/test_multi_tensor.py tests/test_linear.py "tests/test_parity.py::test_loss_gradients_match_open_clip" 2>&1 | tail -40 | tee $OUT/gpu-tests.txt ;;
     modes) timeout 240 python3 -m benchmarks.attention_modes 2>&1 | tee $OUT/attention-modes.txt ;;
     b32) MLXCLIP_GPU_ATTENTION=fused timeout 300 $BENCH --arch ViT-B-32 --out $OUT/b32-fused 2>&1 | tail -25 ;;
+    b32ab) for r in 0 1; do MLXCLIP_GPU_REDUCE=$r timeout 200 ${BENCH/mlx,torch/mlx} --arch ViT-B-32 --out $OUT/b32-reduce$r 2>&1 | grep items/s; done | tee $OUT/b32ab.txt ;;
     b32-sdpa) timeout 240 ${BENCH/mlx,torch/mlx} --arch ViT-B-32 --out $OUT/b32-sdpa 2>&1 | tail -15 ;;
     b16) MLXCLIP_GPU_ATTENTION=fused timeout 300 $BENCH --arch ViT-B-16 --out $OUT/b16-fused 2>&1 | tail -25 ;;
     ab32) timeout 400 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --variants sdpa,fused 2>&1 | tee $OUT/ab32.txt ;;
