@@ -302,8 +302,9 @@ DQ = KV_SHARED + r"""
   for (int mt = 0; mt < MT; ++mt) store_c(acc[mt], dq, b, h, L, H, r0 + 16 * mt, factor, lane);
 """
 
-# The transposed view: a warp owns 16 keys and walks the query tiles; p^T and ds^T tiles come out of k q^T and
-# v dout^T, and dv = sum p^T dout, dk = SCALE sum ds^T q. lse and delta for every query sit in shared memory.
+# The transposed view: a warp owns MT 16-key tiles (DKDV_ROWS) and walks the query tiles; p^T and ds^T tiles come out
+# of k q^T and v dout^T, and dv = sum p^T dout, dk = SCALE sum ds^T q, each q and dout fragment loaded feeding all MT
+# key tiles. lse and delta for every query sit in shared memory.
 DKDV = r"""
   using namespace mlxclip_attention;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -321,41 +322,52 @@ DKDV = r"""
     delta_s[i] = i < L ? delta[(b * L + i) * H + h] : 0.0f;
   }
   __syncthreads();
-  const int r0 = 64 * blockIdx.y + 16 * warp;
+  const int r0 = 64 * MT * blockIdx.y + 16 * MT * warp;
   if (r0 >= L) return;
-  u32 ka[1][4][4], va[1][4][4];
-  load_a(k, ka[0], b, h, L, H, r0, lane);
-  load_a(v, va[0], b, h, L, H, r0, lane);
-  float dk_acc[8][4] = {}, dv_acc[8][4] = {};
+  u32 ka[MT][4][4], va[MT][4][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    load_a(k, ka[mt], b, h, L, H, r0 + 16 * mt, lane);
+    load_a(v, va[mt], b, h, L, H, r0 + 16 * mt, lane);
+  }
+  float dk_acc[MT][8][4] = {}, dv_acc[MT][8][4] = {};
   for (int i = CAUSAL ? r0 / 16 : 0; i < NT; ++i) {  // causal: earlier queries never see these keys
-    float s[1][2][4] = {}, dp[1][2][4] = {};  // s^T and dp^T: keys x queries
-    two_scores<1>(ka, qs, va, gs, 16 * i, lane, s, dp);
-    u32 pa[4], da[4];
+    float s[MT][2][4] = {}, dp[MT][2][4] = {};  // s^T and dp^T: keys x queries
+    two_scores<MT>(ka, qs, va, gs, 16 * i, lane, s, dp);
+    u32 pa[MT][4], da[MT][4];
 #pragma unroll
-    for (int n = 0; n < 2; ++n) {
-      float p[4], ds[4];
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int query = 16 * i + 8 * n + 2 * t + (e & 1);
-        const bool on = attends(query, r0 + g + 8 * (e >> 1), L, CAUSAL);
-        p[e] = on ? exp2f(s[0][n][e] * (SCALE * LOG2E) - lse_s[query]) : 0.0f;
-        ds[e] = p[e] * (dp[0][n][e] - delta_s[query]);
+      for (int n = 0; n < 2; ++n) {
+        float p[4], ds[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int query = 16 * i + 8 * n + 2 * t + (e & 1);
+          const bool on = attends(query, r0 + 16 * mt + g + 8 * (e >> 1), L, CAUSAL);
+          p[e] = on ? exp2f(s[mt][n][e] * (SCALE * LOG2E) - lse_s[query]) : 0.0f;
+          ds[e] = p[e] * (dp[mt][n][e] - delta_s[query]);
+        }
+        pa[mt][2 * n] = pack(p[0], p[1]);
+        pa[mt][2 * n + 1] = pack(p[2], p[3]);
+        da[mt][2 * n] = pack(ds[0], ds[1]);
+        da[mt][2 * n + 1] = pack(ds[2], ds[3]);
       }
-      pa[2 * n] = pack(p[0], p[1]);
-      pa[2 * n + 1] = pack(p[2], p[3]);
-      da[2 * n] = pack(ds[0], ds[1]);
-      da[2 * n + 1] = pack(ds[2], ds[3]);
-    }
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
       u32 gb[2], qb[2];
       load_b_cols<LDSM_TRANS>(gs, 16 * i, 8 * c, lane, gb);
       load_b_cols<LDSM_TRANS>(qs, 16 * i, 8 * c, lane, qb);
-      mma(dv_acc[c], pa, gb);
-      mma(dk_acc[c], da, qb);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma(dv_acc[mt][c], pa[mt], gb);
+        mma(dk_acc[mt][c], da[mt], qb);
+      }
     }
   }
   const float scale[2] = {SCALE, SCALE}, one[2] = {1.0f, 1.0f};
-  store_c(dk_acc, dk, b, h, L, H, r0, scale, lane);
-  store_c(dv_acc, dv, b, h, L, H, r0, one, lane);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    store_c(dk_acc[mt], dk, b, h, L, H, r0 + 16 * mt, scale, lane);
+    store_c(dv_acc[mt], dv, b, h, L, H, r0 + 16 * mt, one, lane);
+  }
 """

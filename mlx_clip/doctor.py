@@ -44,7 +44,7 @@ def torch_info() -> dict:
 def report(measure: bool = True) -> dict:
     import mlx.core as mx
 
-    from mlx_clip import cpu_cache, cpu_jit, fastmath, gpu_attention
+    from mlx_clip import cpu_cache, cpu_jit, fastmath, gpu_attention, gpu_reduce
 
     info = {
         "python": platform.python_version(),
@@ -56,9 +56,10 @@ def report(measure: bool = True) -> dict:
         "cpu_jit": cpu_jit.STATUS,  # MLXCLIP_CPU_JIT: flags for MLX's CPU kernel compiler
         "cpu_jit_kernels": cpu_jit.KERNEL_DIR,  # where MLX's CPU kernels are built and cached while it is on
         "gpu_attention": fastmath.GPU_ATTENTION,  # MLXCLIP_GPU_ATTENTION
-        # the fused CUDA kernels' reach and switches (MLXCLIP_GPU_LDMATRIX, MLXCLIP_GPU_DQ_ROWS)
+        # the fused CUDA kernels' reach and switches (MLXCLIP_GPU_LDMATRIX, MLXCLIP_GPU_DQ_ROWS, MLXCLIP_GPU_DKDV_ROWS)
         "gpu_attention_kernels": {"max_tokens": gpu_attention.MAX_LONG_TOKENS, "ldmatrix": gpu_attention.LDMATRIX,
-                                  "dq_rows": gpu_attention.DQ_ROWS},
+                                  "dq_rows": gpu_attention.DQ_ROWS, "dkdv_rows": gpu_attention.DKDV_ROWS},
+        "gpu_reduce": gpu_reduce.ENABLED,  # MLXCLIP_GPU_REDUCE: our bias / LayerNorm gradient kernels on CUDA
         "torch": torch_info(),
     }
     if measure:

@@ -2,8 +2,8 @@
 which of them runs, and their gradients (mx.custom_function). The CUDA source, and why each design, is in
 attention_kernels_short (one block per head, at most 64 tokens: ViT-B/32 images, trimmed text) and
 attention_kernels_tiled (flash-style, 65-320 tokens: ViT-B/16's 197 image tokens, ViT-L/14's 257, 77 untrimmed text
-tokens). Both read
-and write the (B, L, heads · 64) layout of the projections directly, so no head split/merge copies are made.
+tokens). Both read and write the (B, L, heads · 64) layout of the projections directly, so no head split/merge copies
+are made.
 
 Scope: bf16, head width 64, L ≤ 320, no mask or causal, scale 1/8, compute capability ≥ 8. Anything else goes to
 mx.fast's SDPA.
@@ -32,6 +32,13 @@ if not DQ_ROWS:
     warnings.warn(f"MLXCLIP_GPU_DQ_ROWS={os.environ['MLXCLIP_GPU_DQ_ROWS']!r}: expected 16 or 32; using 32",
                   stacklevel=2)
     DQ_ROWS = 32
+# Key rows per warp in the tiled dk/dv kernel: 16, or 32 (each q and dout fragment feeding two key tiles' products, as
+# DQ_ROWS does for dq). 32 is compiled and register-checked here (ptxas) but not yet measured on a card: off by default.
+DKDV_ROWS = {"16": 16, "32": 32}.get(os.environ.get("MLXCLIP_GPU_DKDV_ROWS", "16").strip() or "16", 0)
+if not DKDV_ROWS:
+    warnings.warn(f"MLXCLIP_GPU_DKDV_ROWS={os.environ['MLXCLIP_GPU_DKDV_ROWS']!r}: expected 16 or 32; using 16",
+                  stacklevel=2)
+    DKDV_ROWS = 16
 # Every kernel's header: the shared part and the one-block kernels' helpers, then the tiled kernels' helpers.
 HEADER = short.HEADER + "\n" + tiled.HEADER + "}  // namespace mlxclip_attention\n"
 
@@ -114,14 +121,14 @@ def _tiled_kernels(nt: int):
 
 
 def _launch(kernel, inputs: list[mx.array], heads: int, causal: bool, outputs: int, blocks: int = 0,
-            stats: bool = False, dq_tiles: int = 0) -> list[mx.array]:
+            stats: bool = False, row_tiles: int = 0) -> list[mx.array]:
     """`outputs` arrays shaped as q, then (with `stats`) one fp32 (B, L, heads) row statistic (lse, delta).
-    blocks: 0 for the one-block kernels, else the tiled kernels' blocks per (batch, head); dq_tiles: the dq kernel's
-    16-row tiles per warp."""
+    blocks: 0 for the one-block kernels, else the tiled kernels' blocks per (batch, head); row_tiles: the dq and dk/dv
+    kernels' 16-row tiles per warp."""
     batch, length, width = inputs[0].shape
     shapes = [(batch, length, width)] * outputs + ([(batch, length, heads)] if stats else [])
     template = [("L", length), ("H", heads), ("NT", -(-length // 16)), ("CAUSAL", causal)]
-    template += ([("LDSM_TRANS", LDMATRIX)] if blocks else []) + ([("MT", dq_tiles)] if dq_tiles else [])
+    template += ([("LDSM_TRANS", LDMATRIX)] if blocks else []) + ([("MT", row_tiles)] if row_tiles else [])
     return kernel(inputs=inputs, template=template,
                   grid=(batch * heads * 128, max(blocks, 1), 1), threadgroup=(128, 1, 1), output_shapes=shapes,
                   output_dtypes=[inputs[0].dtype] * outputs + ([mx.float32] if stats else []))
@@ -149,7 +156,7 @@ def _tiled(heads: int, causal: bool):
     def kernels(q):
         return _tiled_kernels(-(-q.shape[1] // 16))
 
-    def blocks(q, rows):  # blocks per (batch, head): the forward's hold 128 query rows, dq's 4 DQ_ROWS, dk/dv's 64
+    def blocks(q, rows):  # blocks per (batch, head): the forward's hold 128 query rows, dq's 4 DQ_ROWS, dk/dv's 4 DKDV_ROWS
         return -(-q.shape[1] // rows)
 
     @mx.custom_function
@@ -163,8 +170,9 @@ def _tiled(heads: int, causal: bool):
         dout = cotangents[0].astype(q.dtype)
         _, dq_kernel, dkdv_kernel = kernels(q)
         dq, delta = _launch(dq_kernel, [q, k, v, dout, lse, out], heads, causal, 1, blocks(q, 4 * DQ_ROWS),
-                            stats=True, dq_tiles=DQ_ROWS // 16)
-        dk, dv = _launch(dkdv_kernel, [q, k, v, dout, lse, delta], heads, causal, 2, blocks(q, 64))
+                            stats=True, row_tiles=DQ_ROWS // 16)
+        dk, dv = _launch(dkdv_kernel, [q, k, v, dout, lse, delta], heads, causal, 2, blocks(q, 4 * DKDV_ROWS),
+                         row_tiles=DKDV_ROWS // 16)
         return dq, dk, dv
 
     return attention

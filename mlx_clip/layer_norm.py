@@ -13,10 +13,10 @@ reductions), and so does the CPU with MLXCLIP_CPU_LAYER_NORM=0.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import mlx.core as mx
 import mlx.nn as nn
-
-from functools import lru_cache
 
 from mlx_clip import cpu_streams, gpu_reduce
 from mlx_clip.switches import env_switch

@@ -31,6 +31,7 @@ def test_every_kernel_and_length_class_is_covered():
     assert names == {spec.name.rstrip("_0123456789") for spec in gpu_attention.kernel_specs(4)}
     assert any(f"_L{gpu_attention.MAX_LONG_TOKENS}_" in name for name, _ in UNITS)
     assert any(name.endswith("_mt2") and "_dq_" in name and "causal" in name for name, _ in UNITS)
+    assert any(name.endswith("_mt2") and "_dkdv_" in name and "causal" in name for name, _ in UNITS)
 
 
 def test_a_broken_kernel_fails_with_its_log():

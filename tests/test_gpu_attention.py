@@ -76,6 +76,21 @@ def test_dq_with_16_rows_a_warp_matches_float64(monkeypatch, length, heads, caus
         assert _rel(got, ref) <= 2e-2
 
 
+@pytest.mark.parametrize("length,heads,causal", [(197, 12, False), (77, 8, True), (65, 2, True), (130, 3, True),
+                                                 (320, 2, False)])
+def test_dkdv_with_32_rows_a_warp_matches_float64(monkeypatch, length, heads, causal):
+    """MLXCLIP_GPU_DKDV_ROWS=32: the dk/dv kernel's two key tiles per warp (blocks of 128 keys) give the same
+    gradients (same bounds), with a partly filled last block and causal masks across a warp's two tiles."""
+    monkeypatch.setattr(gpu_attention, "DKDV_ROWS", 32)
+    q, k, v, w = _inputs(length, heads, seed=length + 4)
+    attend = gpu_attention.fused(heads, causal)
+    _, want_grads = _reference(q, k, v, w, heads, causal)
+    grads = mx.grad(lambda q, k, v: (attend(q, k, v).astype(mx.float32) * mx.array(w)).sum(), argnums=(0, 1, 2))(
+        *(mx.array(a).astype(mx.bfloat16) for a in (q, k, v)))
+    for got, ref in zip(grads, want_grads):
+        assert _rel(got, ref) <= 2e-2
+
+
 def test_supported_lengths():
     x = lambda length: mx.zeros((2, length, 128), dtype=mx.bfloat16)
     assert gpu_attention.supported(x(320), 2, 0.125, None) and gpu_attention.supported(x(1), 2, 0.125, "causal")
