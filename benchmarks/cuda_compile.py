@@ -87,17 +87,18 @@ def compile_ptx(unit: str, arch: str = "sm_90") -> tuple[bool, str, int]:
 
 def _variants(spec, tiled: bool) -> list[tuple[str, dict]]:
     """(name suffix, template) of the ways a kernel is launched: causal or not; the tiled kernels also with 16-bit
-    loads (MLXCLIP_GPU_LDMATRIX=0), and dq and dk/dv with 16 rows a warp as well as 32 (MLXCLIP_GPU_DQ_ROWS,
+    loads (MLXCLIP_GPU_LDMATRIX=0) and with ldmatrix for every operand (=2), and dq and dk/dv with 16 rows a warp as well as 32 (MLXCLIP_GPU_DQ_ROWS,
     MLXCLIP_GPU_DKDV_ROWS)."""
     if not tiled:
         return [("_full", {"CAUSAL": False}), ("_causal", {"CAUSAL": True})]
-    out = [("_full", {"CAUSAL": False, "LDSM_TRANS": True}), ("_causal", {"CAUSAL": True, "LDSM_TRANS": True}),
-           ("_full_noldsm", {"CAUSAL": False, "LDSM_TRANS": False})]
+    ldsm, rows = {"LDSM_TRANS": True, "LDSM_ROWS": False}, {"LDSM_TRANS": True, "LDSM_ROWS": True}
+    out = [("_full", {"CAUSAL": False} | ldsm), ("_causal", {"CAUSAL": True} | ldsm),
+           ("_full_noldsm", {"CAUSAL": False, "LDSM_TRANS": False, "LDSM_ROWS": False}),
+           ("_full_ldsm2", {"CAUSAL": False} | rows), ("_causal_ldsm2", {"CAUSAL": True} | rows)]
     if "_dq_" not in spec.name and "_dkdv_" not in spec.name:
         return out
     return [(suffix, template | {"MT": 1}) for suffix, template in out] + [
-        ("_full_mt2", {"CAUSAL": False, "LDSM_TRANS": True, "MT": 2}),
-        ("_causal_mt2", {"CAUSAL": True, "LDSM_TRANS": True, "MT": 2})]
+        ("_full_mt2", {"CAUSAL": False, "MT": 2} | ldsm), ("_causal_mt2", {"CAUSAL": True, "MT": 2} | ldsm)]
 
 
 def kernel_units(lengths=(50, 77, 197, 256, 320), heads=12) -> list[tuple[str, str]]:

@@ -33,9 +33,9 @@ for step in "$@"; do
     dq32) MLXCLIP_GPU_DQ_ROWS=32 MLX_ENABLE_TF32=0 timeout 200 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_attention.py 2>&1 | tail -5 | tee $OUT/dq32-tests.txt
           for r in 16 32; do MLXCLIP_GPU_DQ_ROWS=$r timeout 60 python3 -m benchmarks.attention_profile --shape 256,12,197 --modes fused 2>&1 | grep -v -i warn | head -4; done | tee $OUT/dq32-profile.txt
           timeout 300 python3 -m benchmarks.gpu_ab --arch ViT-B-16 --variants dqrows=16,dqrows=32 --rounds 6 2>&1 | tee $OUT/dq32-ab16.txt ;;
-    dkdv32) MLX_ENABLE_TF32=0 timeout 200 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_attention.py -k "dkdv or model_attention" 2>&1 | tail -5 | tee $OUT/dkdv32-tests.txt
-            for r in 16 32; do MLXCLIP_GPU_DKDV_ROWS=$r timeout 60 python3 -m benchmarks.attention_profile --shape 256,12,197 --modes fused 2>&1 | grep -v -i warn | head -4; done | tee $OUT/dkdv32-profile.txt
-            timeout 300 python3 -m benchmarks.gpu_ab --arch ViT-B-16 --variants dkdvrows=16,dkdvrows=32 --rounds 6 2>&1 | tee $OUT/dkdv32-ab16.txt ;;
+    s14) MLX_ENABLE_TF32=0 timeout 240 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_attention.py -k "dkdv or ldmatrix or model_attention" 2>&1 | tail -5 | tee $OUT/s14-tests.txt
+         for v in "" "MLXCLIP_GPU_DKDV_ROWS=32" "MLXCLIP_GPU_LDMATRIX=2" "MLXCLIP_GPU_DKDV_ROWS=32 MLXCLIP_GPU_LDMATRIX=2"; do echo "== $v"; env $v timeout 60 python3 -m benchmarks.attention_profile --shape 256,12,197 --modes fused 2>&1 | grep -v -i warn | head -5; done | tee $OUT/s14-attn-profile.txt
+         timeout 420 python3 -m benchmarks.gpu_ab --arch ViT-B-16 --variants default,dkdvrows=32,ldmatrix=2,dkdvrows=32+ldmatrix=2 --rounds 6 2>&1 | tee $OUT/s14-ab16.txt ;;
     prof16) MLX_USE_CUDA_GRAPHS=0 timeout 240 python3 -m benchmarks.gpu_profile --backend mlx --arch ViT-B-16 --top 40 2>&1 | tail -52 | tee $OUT/prof16-nographs.txt ;;
     reduce) MLX_ENABLE_TF32=0 timeout 300 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_reduce.py tests/test_layer_norm.py tests/test_mlp_block.py tests/test_linear.py "tests/test_parity.py::test_loss_gradients_match_open_clip" 2>&1 | tail -15 | tee $OUT/reduce-tests.txt
             timeout 120 python3 -m benchmarks.column_sum 2>&1 | tee $OUT/colsum-micro.txt

@@ -8,7 +8,7 @@ A variant is `default` (the process's settings) or settings joined by `+`: atten
 layernorm=ours|mlx (MLXCLIP_CPU_LAYER_NORM, mlx_clip/layer_norm.py), split=on|off (CPU batch-parallel mode,
 mlx_clip/cpu_streams.py), norm=auto|dot|reduce|concat (step.NORM_SQUARES), grads=autodiff|rowmajor (the GPU weight gradients'
 layout, linear.ROW_MAJOR_GRADS_ON_GPU), dqrows=16|32 (MLXCLIP_GPU_DQ_ROWS, mlx_clip/gpu_attention.py),
-dkdvrows=16|32 (MLXCLIP_GPU_DKDV_ROWS),
+dkdvrows=16|32 (MLXCLIP_GPU_DKDV_ROWS), ldmatrix=0|1|2 (MLXCLIP_GPU_LDMATRIX),
 reduce=ours|mlx (MLXCLIP_GPU_REDUCE, mlx_clip/gpu_reduce.py); a bare attention
 mode means attention=MODE.
 `--torch` adds torch.compile's step (CUDA, or the CPU when MLX runs there) to the rotation. Peak memory measured here
@@ -40,6 +40,7 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "grads": (linear, "ROW_MAJOR_GRADS_ON_GPU", {"autodiff": False, "rowmajor": True}),  # GPU weight-gradient layout
     "dqrows": (gpu_attention, "DQ_ROWS", {"16": 16, "32": 32}),  # the tiled dq kernel's query rows per warp
     "dkdvrows": (gpu_attention, "DKDV_ROWS", {"16": 16, "32": 32}),  # the tiled dk/dv kernel's key rows per warp
+    "ldmatrix": (gpu_attention, "LDMATRIX", {"0": 0, "1": 1, "2": 2}),  # the tiled kernels' operand loads
     "reduce": (gpu_reduce, "ENABLED", {"ours": True, "mlx": False}),  # bias / LayerNorm gradients' column sums
 }
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr, _) in SETTINGS.items()}

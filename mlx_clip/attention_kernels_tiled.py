@@ -63,18 +63,25 @@ __device__ inline void load_a(const bf16* src, u32 (*a)[4], int b, int h, int L,
   }
 }
 
-// B fragment with B[k][n] = m[n0 + n][k0 + k] from a row-major LDH tile (k . q^T style products).
+// B fragment with B[k][n] = m[n0 + n][k0 + k] from a row-major LDH tile (k . q^T style products): two 32-bit loads,
+// or (LDSM) one ldmatrix.x2, lanes 0-7 pointing at rows n0 .. n0 + 7 at column k0, lanes 8-15 at column k0 + 8.
+template <bool LDSM>
 __device__ inline void load_b_rows(const bf16* m, int n0, int k0, int lane, u32* b) {
-  const u32* p = reinterpret_cast<const u32*>(m + (n0 + (lane >> 2)) * LDH + k0);
-  b[0] = p[lane & 3];
-  b[1] = p[4 + (lane & 3)];
+  if (LDSM) {
+    const u32 address = static_cast<u32>(__cvta_generic_to_shared(m + (n0 + (lane & 7)) * LDH + k0 + (lane & 8)));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(b[0]), "=r"(b[1]) : "r"(address));
+  } else {
+    const u32* p = reinterpret_cast<const u32*>(m + (n0 + (lane >> 2)) * LDH + k0);
+    b[0] = p[lane & 3];
+    b[1] = p[4 + (lane & 3)];
+  }
 }
 
 // The backward's two score-shaped products per tile, for MT 16-row tiles of a warp, each two C tiles (16 rows x 16
 // columns n0 .. n0 + 15) over 64 columns: s = a . m[n0 ..]^T and dp = c . mc[n0 ..]^T, a and c in A fragments, m and
 // mc row-major LDH tiles in shared memory (q k^T and dout v^T; k q^T and v dout^T for the transposed view). Each
 // B fragment loaded feeds all MT row tiles.
-template <int MT>
+template <int MT, bool LDSM>
 __device__ inline void two_scores(u32 (*a)[4][4], const bf16* m, u32 (*c)[4][4], const bf16* mc, int n0, int lane,
                                   float (*s)[2][4], float (*dp)[2][4]) {
 #pragma unroll
@@ -82,8 +89,8 @@ __device__ inline void two_scores(u32 (*a)[4][4], const bf16* m, u32 (*c)[4][4],
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
       u32 mb[2], cb[2];
-      load_b_rows(m, n0 + 8 * n, 16 * d, lane, mb);
-      load_b_rows(mc, n0 + 8 * n, 16 * d, lane, cb);
+      load_b_rows<LDSM>(m, n0 + 8 * n, 16 * d, lane, mb);
+      load_b_rows<LDSM>(mc, n0 + 8 * n, 16 * d, lane, cb);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         mma(s[mt][n], a[mt][d], mb);
@@ -147,7 +154,8 @@ __device__ inline void store_c(float (*acc)[4], bf16* dst, int b, int h, int L, 
 # the block's rows [16w, 16w + 16), keeps their q / dout (or k / v) fragments in registers, and walks the other side
 # 16 rows at a time. Softmax statistics are log2-based: x = q.k SCALE LOG2E, lse = log2 sum_j 2^x_j, written by the
 # forward as a (B, L, H) fp32 output; the backward recomputes p = 2^(x - lse) per tile with
-# delta = rowsum(dout * o) (B, L, H). LDSM_TRANS picks ldmatrix for the transposed operand loads. The forward gives
+# delta = rowsum(dout * o) (B, L, H). LDSM_TRANS picks ldmatrix for the transposed operand loads, LDSM_ROWS for the
+# row-major ones. The forward gives
 # each warp 32 query rows (blocks of 128), so every k and v fragment it loads feeds two products.
 # The forward's and dq's start: the head's k and v rows (all L, zero-padded to 16 NT) in shared memory.
 KV_SHARED = r"""
@@ -181,7 +189,7 @@ FORWARD = KV_SHARED + r"""
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
         u32 kb[2];
-        load_b_rows(ks, 16 * j + 8 * n, 16 * d, lane, kb);
+        load_b_rows<LDSM_ROWS>(ks, 16 * j + 8 * n, 16 * d, lane, kb);
         mma(s[0][n], qa[0][d], kb);
         mma(s[1][n], qa[1][d], kb);
       }
@@ -272,7 +280,7 @@ DQ = KV_SHARED + r"""
   const int tiles = CAUSAL && r0 / 16 + MT < NT ? r0 / 16 + MT : NT;
   for (int j = 0; j < tiles; ++j) {
     float s[MT][2][4] = {}, dp[MT][2][4] = {};
-    two_scores<MT>(qa, ks, ga, vs, 16 * j, lane, s, dp);
+    two_scores<MT, LDSM_ROWS>(qa, ks, ga, vs, 16 * j, lane, s, dp);
     u32 da[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -333,7 +341,7 @@ DKDV = r"""
   float dk_acc[MT][8][4] = {}, dv_acc[MT][8][4] = {};
   for (int i = CAUSAL ? r0 / 16 : 0; i < NT; ++i) {  // causal: earlier queries never see these keys
     float s[MT][2][4] = {}, dp[MT][2][4] = {};  // s^T and dp^T: keys x queries
-    two_scores<MT>(ka, qs, va, gs, 16 * i, lane, s, dp);
+    two_scores<MT, LDSM_ROWS>(ka, qs, va, gs, 16 * i, lane, s, dp);
     u32 pa[MT][4], da[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)

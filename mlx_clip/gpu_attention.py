@@ -23,8 +23,14 @@ from mlx_clip import attention_kernels_short as short, attention_kernels_tiled a
 HEAD_DIM = 64
 MAX_TOKENS = 64  # the one-block kernels
 MAX_LONG_TOKENS = 320  # the tiled kernels: 2 blocks an SM by shared memory up to here (tested at 257 and 320)
-# The tiled kernels' transposed operand loads: ldmatrix.trans (1), or four 16-bit shared-memory loads (0)
-LDMATRIX = os.environ.get("MLXCLIP_GPU_LDMATRIX", "1").strip() != "0"
+# The tiled kernels' shared-memory operand loads: ldmatrix.trans for the transposed operands (1, the default; H200:
+# 2.21 against 2.35 ms of kernels with four 16-bit loads, 0), and also ldmatrix for the row-major ones (2: compiled
+# here, not yet measured on a card)
+LDMATRIX = {"0": 0, "1": 1, "2": 2}.get(os.environ.get("MLXCLIP_GPU_LDMATRIX", "1").strip() or "1", -1)
+if LDMATRIX < 0:
+    warnings.warn(f"MLXCLIP_GPU_LDMATRIX={os.environ['MLXCLIP_GPU_LDMATRIX']!r}: expected 0, 1 or 2; using 1",
+                  stacklevel=2)
+    LDMATRIX = 1
 # Query rows per warp in the tiled dq kernel: 32 (each k and v fragment feeding two products, as in the forward; H200,
 # (256, 12, 197): dq 0.72 -> 0.63 ms, ViT-B-16 step 126.0 -> 123.4 ms), or 16.
 DQ_ROWS = {"16": 16, "32": 32}.get(os.environ.get("MLXCLIP_GPU_DQ_ROWS", "32").strip() or "32", 0)
@@ -128,7 +134,9 @@ def _launch(kernel, inputs: list[mx.array], heads: int, causal: bool, outputs: i
     batch, length, width = inputs[0].shape
     shapes = [(batch, length, width)] * outputs + ([(batch, length, heads)] if stats else [])
     template = [("L", length), ("H", heads), ("NT", -(-length // 16)), ("CAUSAL", causal)]
-    template += ([("LDSM_TRANS", LDMATRIX)] if blocks else []) + ([("MT", row_tiles)] if row_tiles else [])
+    if blocks:
+        template += [("LDSM_TRANS", LDMATRIX >= 1), ("LDSM_ROWS", LDMATRIX >= 2)]
+    template += [("MT", row_tiles)] if row_tiles else []
     return kernel(inputs=inputs, template=template,
                   grid=(batch * heads * 128, max(blocks, 1), 1), threadgroup=(128, 1, 1), output_shapes=shapes,
                   output_dtypes=[inputs[0].dtype] * outputs + ([mx.float32] if stats else []))

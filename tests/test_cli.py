@@ -74,7 +74,7 @@ def test_doctor_reports_the_cache_and_attention_settings():
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["gpu_attention"] == "matmul"
-    assert info["gpu_attention_kernels"] == {"max_tokens": 320, "ldmatrix": False, "dq_rows": 16,
+    assert info["gpu_attention_kernels"] == {"max_tokens": 320, "ldmatrix": 0, "dq_rows": 16,
                                              "dkdv_rows": 32}
     assert info["gpu_reduce"] is False
     if info["device"].startswith("Device(cpu"):  # CPU builds take the cache size from the variable
@@ -82,16 +82,18 @@ def test_doctor_reports_the_cache_and_attention_settings():
 
 
 def test_unknown_gpu_attention_mode_is_named_and_ignored():
-    env = {**os.environ, "MLXCLIP_GPU_ATTENTION": "flash", "MLXCLIP_GPU_DQ_ROWS": "24", "MLXCLIP_GPU_DKDV_ROWS": "8"}
+    env = {**os.environ, "MLXCLIP_GPU_ATTENTION": "flash", "MLXCLIP_GPU_DQ_ROWS": "24", "MLXCLIP_GPU_DKDV_ROWS": "8",
+           "MLXCLIP_GPU_LDMATRIX": "3"}
     proc = subprocess.run([sys.executable, "-m", "mlx_clip", "doctor", "--json", "--no-bench"], capture_output=True,
                           text=True, timeout=120, env=env)
     assert proc.returncode == 0 and "MLXCLIP_GPU_ATTENTION='flash': expected one of sdpa, padded, matmul, fused, aligned" in proc.stderr
     assert "MLXCLIP_GPU_DQ_ROWS='24': expected 16 or 32; using 32" in proc.stderr
     assert "MLXCLIP_GPU_DKDV_ROWS='8': expected 16 or 32; using 16" in proc.stderr
+    assert "MLXCLIP_GPU_LDMATRIX='3': expected 0, 1 or 2; using 1" in proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["gpu_attention"] == "fused" and info["gpu_attention_kernels"]["dq_rows"] == 32
     assert info["gpu_reduce"] is True  # on by default
-    assert info["gpu_attention_kernels"]["dkdv_rows"] == 16
+    assert info["gpu_attention_kernels"]["dkdv_rows"] == 16 and info["gpu_attention_kernels"]["ldmatrix"] == 1
 
 
 def test_python_m_help():

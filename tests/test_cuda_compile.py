@@ -38,7 +38,8 @@ def test_a_broken_kernel_fails_with_its_log():
     spec = gpu_attention.kernel_specs(13)[2]
     unit = cuda_compile.wrap("broken", gpu_attention.HEADER, spec.source.replace("load_a(q, qa", "load_a(qx, qa", 1),
                              [(n, spec.dtype(n)) for n in spec.inputs], [(n, spec.dtype(n)) for n in spec.outputs],
-                             {"L": 197, "H": 12, "NT": 13, "CAUSAL": False, "LDSM_TRANS": True})
+                             {"L": 197, "H": 12, "NT": 13, "CAUSAL": False, "LDSM_TRANS": True,
+                              "LDSM_ROWS": False})
     ok, log, _ = cuda_compile.compile_ptx(unit)
     assert not ok and "qx" in log
 

@@ -91,6 +91,23 @@ def test_dkdv_with_32_rows_a_warp_matches_float64(monkeypatch, length, heads, ca
         assert _rel(got, ref) <= 2e-2
 
 
+@pytest.mark.parametrize("length,heads,causal", [(197, 12, False), (77, 8, True), (320, 2, True)])
+def test_ldmatrix_for_every_operand_matches_float64(monkeypatch, length, heads, causal):
+    """MLXCLIP_GPU_LDMATRIX=2: the row-major operands (k for q kᵀ, v for dout vᵀ, ...) by ldmatrix too, with 32 key
+    rows a warp in dk/dv as well: values and gradients within the same bounds."""
+    monkeypatch.setattr(gpu_attention, "LDMATRIX", 2)
+    monkeypatch.setattr(gpu_attention, "DKDV_ROWS", 32)
+    q, k, v, w = _inputs(length, heads, seed=length + 5)
+    mq, mk, mv = (mx.array(a).astype(mx.bfloat16) for a in (q, k, v))
+    attend = gpu_attention.fused(heads, causal)
+    want, want_grads = _reference(q, k, v, w, heads, causal)
+    assert _rel(attend(mq, mk, mv), want) <= 1e-2
+    grads = mx.grad(lambda q, k, v: (attend(q, k, v).astype(mx.float32) * mx.array(w)).sum(), argnums=(0, 1, 2))(
+        mq, mk, mv)
+    for got, ref in zip(grads, want_grads):
+        assert _rel(got, ref) <= 2e-2
+
+
 def test_supported_lengths():
     x = lambda length: mx.zeros((2, length, 128), dtype=mx.bfloat16)
     assert gpu_attention.supported(x(320), 2, 0.125, None) and gpu_attention.supported(x(1), 2, 0.125, "causal")
