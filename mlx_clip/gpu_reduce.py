@@ -43,22 +43,22 @@ __device__ inline void load8(const float* p, float* v) {
   const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
   v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
 }
-__device__ inline void load8(const __nv_bfloat16* p, float* v) {
+// the 16-bit types through their 2-element vector types
+__device__ inline float2 widen(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+__device__ inline float2 widen(__half2 h) { return __half22float2(h); }
+__device__ inline void narrow(float a, float b, __nv_bfloat162* h) { *h = __floats2bfloat162_rn(a, b); }
+__device__ inline void narrow(float a, float b, __half2* h) { *h = __floats2half2_rn(a, b); }
+template <typename T> struct Pair;
+template <> struct Pair<__nv_bfloat16> { typedef __nv_bfloat162 type; };
+template <> struct Pair<__half> { typedef __half2 type; };
+
+template <typename T>
+__device__ inline void load8(const T* p, float* v) {
   const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+  const typename Pair<T>::type* h = reinterpret_cast<const typename Pair<T>::type*>(&raw);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    v[2 * i] = f.x;
-    v[2 * i + 1] = f.y;
-  }
-}
-__device__ inline void load8(const __half* p, float* v) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const __half2* h = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(h[i]);
+    const float2 f = widen(h[i]);
     v[2 * i] = f.x;
     v[2 * i + 1] = f.y;
   }
@@ -67,18 +67,12 @@ __device__ inline void store8(float* p, const float* v) {
   reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
   reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
-__device__ inline void store8(__nv_bfloat16* p, const float* v) {
+template <typename T>
+__device__ inline void store8(T* p, const float* v) {
   uint4 raw;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+  typename Pair<T>::type* h = reinterpret_cast<typename Pair<T>::type*>(&raw);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-  *reinterpret_cast<uint4*>(p) = raw;
-}
-__device__ inline void store8(__half* p, const float* v) {
-  uint4 raw;
-  __half2* h = reinterpret_cast<__half2*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+  for (int i = 0; i < 4; ++i) narrow(v[2 * i], v[2 * i + 1], h + i);
   *reinterpret_cast<uint4*>(p) = raw;
 }
 

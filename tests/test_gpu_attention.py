@@ -63,41 +63,19 @@ def test_fused_matches_float64_values_and_gradients(length, heads, causal):
         assert _rel(got, ref) <= 2e-2  # bf16 gradients through bf16 ds
 
 
-@pytest.mark.parametrize("length,heads,causal", [(197, 12, False), (77, 8, True), (130, 3, True), (256, 2, False)])
-def test_dq_with_16_rows_a_warp_matches_float64(monkeypatch, length, heads, causal):
-    """MLXCLIP_GPU_DQ_ROWS=16: the dq kernel's one row tile per warp gives the same gradients (same bounds)."""
-    monkeypatch.setattr(gpu_attention, "DQ_ROWS", 16)
-    q, k, v, w = _inputs(length, heads, seed=length + 1)
-    attend = gpu_attention.fused(heads, causal)
-    _, want_grads = _reference(q, k, v, w, heads, causal)
-    grads = mx.grad(lambda q, k, v: (attend(q, k, v).astype(mx.float32) * mx.array(w)).sum(), argnums=(0, 1, 2))(
-        *(mx.array(a).astype(mx.bfloat16) for a in (q, k, v)))
-    for got, ref in zip(grads, want_grads):
-        assert _rel(got, ref) <= 2e-2
+# The tiled kernels' switches within the same bounds: MLXCLIP_GPU_DQ_ROWS=16; MLXCLIP_GPU_DKDV_ROWS=32 (blocks of 128
+# keys: a partly filled last block, causal masks across a warp's two key tiles); MLXCLIP_GPU_LDMATRIX=2 (the row-major
+# operands by ldmatrix too, with 32 dk/dv rows)
+SWITCHES = {"dq16": {"DQ_ROWS": 16}, "dkdv32": {"DKDV_ROWS": 32}, "ldmatrix2": {"LDMATRIX": 2, "DKDV_ROWS": 32}}
 
 
+@pytest.mark.parametrize("switches", SWITCHES)
 @pytest.mark.parametrize("length,heads,causal", [(197, 12, False), (77, 8, True), (65, 2, True), (130, 3, True),
                                                  (320, 2, False)])
-def test_dkdv_with_32_rows_a_warp_matches_float64(monkeypatch, length, heads, causal):
-    """MLXCLIP_GPU_DKDV_ROWS=32: the dk/dv kernel's two key tiles per warp (blocks of 128 keys) give the same
-    gradients (same bounds), with a partly filled last block and causal masks across a warp's two tiles."""
-    monkeypatch.setattr(gpu_attention, "DKDV_ROWS", 32)
-    q, k, v, w = _inputs(length, heads, seed=length + 4)
-    attend = gpu_attention.fused(heads, causal)
-    _, want_grads = _reference(q, k, v, w, heads, causal)
-    grads = mx.grad(lambda q, k, v: (attend(q, k, v).astype(mx.float32) * mx.array(w)).sum(), argnums=(0, 1, 2))(
-        *(mx.array(a).astype(mx.bfloat16) for a in (q, k, v)))
-    for got, ref in zip(grads, want_grads):
-        assert _rel(got, ref) <= 2e-2
-
-
-@pytest.mark.parametrize("length,heads,causal", [(197, 12, False), (77, 8, True), (320, 2, True)])
-def test_ldmatrix_for_every_operand_matches_float64(monkeypatch, length, heads, causal):
-    """MLXCLIP_GPU_LDMATRIX=2: the row-major operands (k for q kᵀ, v for dout vᵀ, ...) by ldmatrix too, with 32 key
-    rows a warp in dk/dv as well: values and gradients within the same bounds."""
-    monkeypatch.setattr(gpu_attention, "LDMATRIX", 2)
-    monkeypatch.setattr(gpu_attention, "DKDV_ROWS", 32)
-    q, k, v, w = _inputs(length, heads, seed=length + 5)
+def test_kernel_switches_match_float64(monkeypatch, switches, length, heads, causal):
+    for name, value in SWITCHES[switches].items():
+        monkeypatch.setattr(gpu_attention, name, value)
+    q, k, v, w = _inputs(length, heads, seed=length + 1)
     mq, mk, mv = (mx.array(a).astype(mx.bfloat16) for a in (q, k, v))
     attend = gpu_attention.fused(heads, causal)
     want, want_grads = _reference(q, k, v, w, heads, causal)
