@@ -24,14 +24,14 @@ import mlx.core as mx
 from mlx_clip.switches import env_switch
 
 ENABLED = env_switch("MLXCLIP_GPU_REDUCE", True)  # read when a graph is traced
-MIN_ROWS = 1024  # below, MLX's reductions are as quick and the kernels' fixed cost is not worth it
+MIN_ROWS = 1024  # below, left to MLX: the kernels' fixed cost (a partial sum and a cast) would dominate (not measured)
 MAX_WIDTH = 4096  # the column sum's registers: 8 * ceil(width / 256) fp32 sums a lane
 MAX_LN_WIDTH = 1024  # the LayerNorm kernel keeps x, g and two sums of a row in registers
 MAX_BLOCKS = 512  # partial rows; ViT-B/16's batch (50,432 rows) gives each warp 12-25 rows
 # Warps a block: the column sum (48 registers at width 768) keeps 5 blocks of 8 an SM; the LayerNorm backward (130)
 # fits 15 warps an SM by registers, which blocks of 4 reach (3 blocks; one block of 8 would leave 8)
 SUM_WARPS, LN_WARPS = 8, 4
-_CUDA_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
+_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 
 HEADER = r"""
 #include <cuda_bf16.h>
@@ -205,12 +205,12 @@ def _rows_and_width(x: mx.array) -> tuple[int, int]:
 
 def column_sum_fits(rows: int, width: int, dtype: mx.Dtype) -> bool:
     """Whether column_sum takes a (rows, width) array of `dtype` with our kernel (decided when a graph is traced)."""
-    return _on_cuda() and dtype in _CUDA_TYPES and width % 8 == 0 and width <= MAX_WIDTH and rows >= MIN_ROWS
+    return _on_cuda() and dtype in _DTYPES and width % 8 == 0 and width <= MAX_WIDTH and rows >= MIN_ROWS
 
 
 def layer_norm_applies(x: mx.array, w: mx.array) -> bool:
     rows, width = _rows_and_width(x)
-    return (_on_cuda() and x.ndim >= 2 and x.dtype in _CUDA_TYPES and w.dtype == x.dtype and w.shape == (width,)
+    return (_on_cuda() and x.ndim >= 2 and x.dtype in _DTYPES and w.dtype == x.dtype and w.shape == (width,)
             and width % 8 == 0 and width <= MAX_LN_WIDTH and rows >= MIN_ROWS)
 
 
@@ -235,8 +235,9 @@ def column_sum(x: mx.array) -> mx.array:
         return x.reshape(-1, width).sum(axis=0)
     blocks = _blocks(rows, SUM_WARPS)
     kernel = _kernel("mlxclip_column_sum", COLUMN_SUM, ("x",), ("partial",))
-    (partial,) = kernel(inputs=[x.reshape(rows, width)], template=_template(x, width), grid=(blocks * 32 * SUM_WARPS, 1, 1),
-                        threadgroup=(32 * SUM_WARPS, 1, 1), output_shapes=[(blocks, width)], output_dtypes=[mx.float32])
+    (partial,) = kernel(inputs=[x.reshape(rows, width)], template=_template(x, width),
+                        grid=(blocks * 32 * SUM_WARPS, 1, 1), threadgroup=(32 * SUM_WARPS, 1, 1),
+                        output_shapes=[(blocks, width)], output_dtypes=[mx.float32])
     return partial.sum(axis=0).astype(x.dtype)
 
 
