@@ -11,14 +11,13 @@ mx.fast's SDPA.
 
 from __future__ import annotations
 
-import os
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
 import mlx.core as mx
 
 from mlx_clip import attention_kernels_short as short, attention_kernels_tiled as tiled
+from mlx_clip.switches import env_choice
 
 HEAD_DIM = 64
 MAX_TOKENS = 64  # the one-block kernels
@@ -26,25 +25,13 @@ MAX_LONG_TOKENS = 320  # the tiled kernels: 2 blocks an SM by shared memory up t
 # The tiled kernels' shared-memory operand loads: ldmatrix.trans for the transposed operands (1, the default; H200:
 # 2.21 against 2.35 ms of kernels with four 16-bit loads, 0), and also ldmatrix for the row-major ones (2: compiled
 # here, not yet measured on a card)
-LDMATRIX = {"0": 0, "1": 1, "2": 2}.get(os.environ.get("MLXCLIP_GPU_LDMATRIX", "1").strip() or "1", -1)
-if LDMATRIX < 0:
-    warnings.warn(f"MLXCLIP_GPU_LDMATRIX={os.environ['MLXCLIP_GPU_LDMATRIX']!r}: expected 0, 1 or 2; using 1",
-                  stacklevel=2)
-    LDMATRIX = 1
+LDMATRIX = env_choice("MLXCLIP_GPU_LDMATRIX", (0, 1, 2), 1)
 # Query rows per warp in the tiled dq kernel: 32 (each k and v fragment feeding two products, as in the forward; H200,
 # (256, 12, 197): dq 0.72 -> 0.63 ms, ViT-B-16 step 126.0 -> 123.4 ms), or 16.
-DQ_ROWS = {"16": 16, "32": 32}.get(os.environ.get("MLXCLIP_GPU_DQ_ROWS", "32").strip() or "32", 0)
-if not DQ_ROWS:
-    warnings.warn(f"MLXCLIP_GPU_DQ_ROWS={os.environ['MLXCLIP_GPU_DQ_ROWS']!r}: expected 16 or 32; using 32",
-                  stacklevel=2)
-    DQ_ROWS = 32
+DQ_ROWS = env_choice("MLXCLIP_GPU_DQ_ROWS", (16, 32), 32)
 # Key rows per warp in the tiled dk/dv kernel: 16, or 32 (each q and dout fragment feeding two key tiles' products, as
 # DQ_ROWS does for dq). 32 is compiled and register-checked here (ptxas) but not yet measured on a card: off by default.
-DKDV_ROWS = {"16": 16, "32": 32}.get(os.environ.get("MLXCLIP_GPU_DKDV_ROWS", "16").strip() or "16", 0)
-if not DKDV_ROWS:
-    warnings.warn(f"MLXCLIP_GPU_DKDV_ROWS={os.environ['MLXCLIP_GPU_DKDV_ROWS']!r}: expected 16 or 32; using 16",
-                  stacklevel=2)
-    DKDV_ROWS = 16
+DKDV_ROWS = env_choice("MLXCLIP_GPU_DKDV_ROWS", (16, 32), 16)
 # Every kernel's header: the shared part and the one-block kernels' helpers, then the tiled kernels' helpers.
 HEADER = short.HEADER + "\n" + tiled.HEADER + "}  // namespace mlxclip_attention\n"
 

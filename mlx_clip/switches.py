@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 _ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -11,3 +12,16 @@ def env_switch(name: str, default: bool) -> bool:
     """True for 1/true/yes/on, False for 0/false/no/off (any case), `default` when unset or anything else."""
     value = os.environ.get(name, "").strip().lower()
     return True if value in _ON else False if value in _OFF else default
+
+
+def env_choice(name: str, choices: tuple[int, ...], default: int) -> int:
+    """An integer setting that must be one of `choices`: `default` when unset; anything else is named in a warning and
+    replaced by `default`."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if value.lstrip("-").isdigit() and int(value) in choices:
+        return int(value)
+    expected = ", ".join(map(str, choices[:-1])) + f" or {choices[-1]}"
+    warnings.warn(f"{name}={value!r}: expected {expected}; using {default}", stacklevel=2)
+    return default
