@@ -87,8 +87,8 @@ def compile_ptx(unit: str, arch: str = "sm_90") -> tuple[bool, str, int]:
 
 def _variants(spec, tiled: bool) -> list[tuple[str, dict]]:
     """(name suffix, template) of the ways a kernel is launched: causal or not; the tiled kernels also with 16-bit
-    loads (MLXCLIP_GPU_LDMATRIX=0) and with ldmatrix for every operand (=2), and dq and dk/dv with 16 rows a warp as well as 32 (MLXCLIP_GPU_DQ_ROWS,
-    MLXCLIP_GPU_DKDV_ROWS)."""
+    loads (MLXCLIP_GPU_LDMATRIX=0) and with ldmatrix for every operand (=2), and dq and dk/dv with 16 rows a warp as
+    well as 32 (MLXCLIP_GPU_DQ_ROWS, MLXCLIP_GPU_DKDV_ROWS)."""
     if not tiled:
         return [("_full", {"CAUSAL": False}), ("_causal", {"CAUSAL": True})]
     ldsm, rows = {"LDSM_TRANS": True, "LDSM_ROWS": False}, {"LDSM_TRANS": True, "LDSM_ROWS": True}

@@ -151,7 +151,7 @@ def _tiled(heads: int, causal: bool):
     def kernels(q):
         return _tiled_kernels(-(-q.shape[1] // 16))
 
-    def blocks(q, rows):  # blocks per (batch, head): the forward's hold 128 query rows, dq's 4 DQ_ROWS, dk/dv's 4 DKDV_ROWS
+    def blocks(q, rows):  # per (batch, head): the forward's hold 128 query rows, dq's 4 DQ_ROWS, dk/dv's 4 DKDV_ROWS
         return -(-q.shape[1] // rows)
 
     @mx.custom_function

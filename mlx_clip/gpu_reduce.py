@@ -8,8 +8,9 @@ the bytes alone take ~3 ms. Its LayerNorm backward also writes g · x̂ for ever
 
 Here a warp takes whole rows (lane l holds columns 256 j + 8 l .. + 7, 16-byte loads), sums in fp32 registers over
 its rows, and a block adds its warps' sums in a fixed order (no atomics: the result is the same on every run) into one
-row of a (blocks, width) fp32 partial, which MLX sums. The LayerNorm kernel recomputes each row's mean and 1/std, writes
-dx, and keeps g · x̂ and g in those registers: x and g are read once, nothing of size (tokens, width) is written but dx.
+row of a (blocks, width) fp32 partial, which MLX sums. The LayerNorm kernel recomputes each row's mean and 1/std,
+writes dx, and keeps g · x̂ and g in those registers: x and g are read once, and nothing of size (tokens, width) is
+written but dx.
 
 Scope: CUDA, float32 / bfloat16 / float16 arrays whose last axis is a multiple of 8 (LayerNorm: width ≤ 1024, the
 same dtype for x, gain and gradient), at least MIN_ROWS rows. Anything else, and MLXCLIP_GPU_REDUCE=0, takes MLX's ops.

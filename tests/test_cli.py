@@ -67,8 +67,8 @@ def test_doctor_json():
 
 
 def test_doctor_reports_the_cache_and_attention_settings():
-    env = {**os.environ, "MLXCLIP_CPU_CACHE": "1GB", "MLXCLIP_GPU_ATTENTION": "matmul", "MLXCLIP_GPU_DQ_ROWS": "16", "MLXCLIP_GPU_DKDV_ROWS": "32",
-           "MLXCLIP_GPU_LDMATRIX": "0", "MLXCLIP_GPU_REDUCE": "0"}
+    env = {**os.environ, "MLXCLIP_CPU_CACHE": "1GB", "MLXCLIP_GPU_ATTENTION": "matmul", "MLXCLIP_GPU_DQ_ROWS": "16",
+           "MLXCLIP_GPU_DKDV_ROWS": "32", "MLXCLIP_GPU_LDMATRIX": "0", "MLXCLIP_GPU_REDUCE": "0"}
     proc = subprocess.run([sys.executable, "-m", "mlx_clip", "doctor", "--json", "--no-bench"], capture_output=True,
                           text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
