@@ -29,7 +29,8 @@ def _layer_norm_backward(ours: bool):
     return backward
 
 
-def _time(fn, args, calls: int = 40) -> float:
+def time_call(fn, args, calls: int = 40) -> float:
+    """Median seconds of one `fn(*args)` evaluated alone (5 rounds of `calls` calls, after 3 warm-up calls)."""
     mx.eval([fn(*args) for _ in range(3)])
     times = []
     for _ in range(5):
@@ -45,7 +46,7 @@ def main():
     for shape in SHAPES:
         x = mx.random.normal(shape).astype(mx.bfloat16)
         mx.eval(x)
-        seconds = {name: _time(fn, (x,)) for name, fn in METHODS.items()}
+        seconds = {name: time_call(fn, (x,)) for name, fn in METHODS.items()}
         row = ", ".join(f"{name} {1e6 * s:.1f} us" for name, s in seconds.items())
         print(f"column sum {shape} bf16 ({x.nbytes / 2**20:.0f} MiB, {x.nbytes / 1e9 / seconds['ours']:.0f} GB/s ours): "
               f"{row}", flush=True)
@@ -53,7 +54,7 @@ def main():
         x, g = (mx.random.normal(shape).astype(mx.bfloat16) for _ in range(2))
         w, b = mx.ones(shape[-1:], mx.bfloat16), mx.zeros(shape[-1:], mx.bfloat16)
         mx.eval(x, g, w, b)
-        mlx_us, ours_us = (1e6 * _time(_layer_norm_backward(o), (x, w, b, g)) for o in (False, True))
+        mlx_us, ours_us = (1e6 * time_call(_layer_norm_backward(o), (x, w, b, g)) for o in (False, True))
         print(f"layer norm backward {shape} bf16: mlx {mlx_us:.1f} us, ours {ours_us:.1f} us", flush=True)
 
 

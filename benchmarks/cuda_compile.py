@@ -139,8 +139,22 @@ def reduce_units(widths=(520, 768, 1024, 3072, 4096), dtypes=("bfloat16", "float
     return units
 
 
+def activation_units(dtypes=("bfloat16", "float32", "float16")) -> list[tuple[str, str]]:
+    """(name, translation unit) for gpu_activation's kernels: each kernel, activation and dtype."""
+    from mlx_clip import gpu_activation
+
+    units = []
+    for which, (source, inputs, outputs) in gpu_activation.SOURCES.items():
+        for kind, number in gpu_activation.KINDS.items():
+            for dtype in dtypes:
+                name = f"mlxclip_activation_{which}_{kind}_{dtype}"
+                units.append((name, wrap(name, gpu_activation.HEADER, source, [(n, dtype) for n in inputs],
+                                         [(n, dtype) for n in outputs], {"T": dtype, "KIND": number})))
+    return units
+
+
 def main():
-    for name, unit in kernel_units() + reduce_units():
+    for name, unit in kernel_units() + reduce_units() + activation_units():
         ok, log, size = compile_ptx(unit)
         print(f"{name}: {'ok' if ok else 'FAILED'} ({size:,} bytes of PTX)")
         if log.strip():

@@ -9,7 +9,8 @@ layernorm=ours|mlx (MLXCLIP_CPU_LAYER_NORM, mlx_clip/layer_norm.py), split=on|of
 mlx_clip/cpu_streams.py), norm=auto|dot|reduce|concat (step.NORM_SQUARES), grads=autodiff|rowmajor (the GPU weight gradients'
 layout, linear.ROW_MAJOR_GRADS_ON_GPU), dqrows=16|32 (MLXCLIP_GPU_DQ_ROWS, mlx_clip/gpu_attention.py),
 dkdvrows=16|32 (MLXCLIP_GPU_DKDV_ROWS), ldmatrix=0|1|2 (MLXCLIP_GPU_LDMATRIX),
-reduce=ours|mlx (MLXCLIP_GPU_REDUCE, mlx_clip/gpu_reduce.py); a bare attention
+reduce=ours|mlx (MLXCLIP_GPU_REDUCE, mlx_clip/gpu_reduce.py), activation=ours|mlx (MLXCLIP_GPU_ACTIVATION,
+mlx_clip/gpu_activation.py); a bare attention
 mode means attention=MODE.
 `--torch` adds torch.compile's step (CUDA, or the CPU when MLX runs there) to the rotation. Peak memory measured here
 depends on the order the variants were traced in (same-process allocations); compare memory across separate `mlxclip
@@ -25,7 +26,7 @@ import numpy as np
 
 from benchmarks.batches import parse_caption_tokens, CAPTION_HELP
 from benchmarks.workloads_mlx import TASKS, mlx_workload
-from mlx_clip import cpu_streams, fastmath, gpu_attention, gpu_reduce, layer_norm, linear
+from mlx_clip import cpu_streams, fastmath, gpu_activation, gpu_attention, gpu_reduce, layer_norm, linear
 from mlx_clip.config import get_config
 from mlx_clip.memory import parse_bytes
 from mlx_clip.train import multi_tensor, step
@@ -42,6 +43,7 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "dkdvrows": (gpu_attention, "DKDV_ROWS", {"16": 16, "32": 32}),  # the tiled dk/dv kernel's key rows per warp
     "ldmatrix": (gpu_attention, "LDMATRIX", {"0": 0, "1": 1, "2": 2}),  # the tiled kernels' operand loads
     "reduce": (gpu_reduce, "ENABLED", {"ours": True, "mlx": False}),  # bias / LayerNorm gradients' column sums
+    "activation": (gpu_activation, "ENABLED", {"ours": True, "mlx": False}),  # the MLP's GELU forward and backward
 }
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr, _) in SETTINGS.items()}
 _LIMIT = mx.get_memory_limit()  # MLX's own memory limit, put back for each variant; memlimit=GiB sets another

@@ -44,7 +44,7 @@ def torch_info() -> dict:
 def report(measure: bool = True) -> dict:
     import mlx.core as mx
 
-    from mlx_clip import cpu_cache, cpu_jit, fastmath, gpu_attention, gpu_reduce
+    from mlx_clip import cpu_cache, cpu_jit, fastmath, gpu_activation, gpu_attention, gpu_reduce
 
     info = {
         "python": platform.python_version(),
@@ -60,6 +60,7 @@ def report(measure: bool = True) -> dict:
         "gpu_attention_kernels": {"max_tokens": gpu_attention.MAX_LONG_TOKENS, "ldmatrix": gpu_attention.LDMATRIX,
                                   "dq_rows": gpu_attention.DQ_ROWS, "dkdv_rows": gpu_attention.DKDV_ROWS},
         "gpu_reduce": gpu_reduce.ENABLED,  # MLXCLIP_GPU_REDUCE: our bias / LayerNorm gradient kernels on CUDA
+        "gpu_activation": gpu_activation.ENABLED,  # MLXCLIP_GPU_ACTIVATION: our GELU / quick GELU kernels on CUDA
         "torch": torch_info(),
     }
     if measure:

@@ -26,7 +26,7 @@ import warnings
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_clip import cpu_streams, gpu_attention
+from mlx_clip import cpu_streams, gpu_activation, gpu_attention
 
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -167,16 +167,24 @@ def _fast_quick_gelu(x: mx.array) -> mx.array:
 
 
 # The polynomial kernels are for the CPU only (cpu_streams.on_cpu, decided when a graph is traced). On a GPU, erf/exp
-# are cheap hardware-assisted instructions and MLX's own ops are already fused by mx.compile; the polynomial kernels
-# there only add JIT time (a ViT-B/32 train step took 83 s to compile with them on an H100).
+# are cheap hardware-assisted instructions; the polynomial kernels there only add JIT time (a ViT-B/32 train step took
+# 83 s to compile with them on an H100). CUDA takes gpu_activation's kernels (one pass forward, one backward; MLX's
+# compiled backward writes out its intermediates), other GPUs MLX's ops.
 def gelu(x: mx.array) -> mx.array:
     """Exact (erf) GELU, as open_clip's nn.GELU() and HF's "gelu"."""
-    return _fast_gelu(x) if cpu_streams.on_cpu() else nn.gelu(x)
+    if cpu_streams.on_cpu():
+        return _fast_gelu(x)
+    return gpu_activation.activation("gelu")(x) if gpu_activation.applies(x) else nn.gelu(x)
 
 
 def quick_gelu(x: mx.array) -> mx.array:
     """x·sigmoid(1.702x), OpenAI CLIP's activation."""
-    return _fast_quick_gelu(x) if cpu_streams.on_cpu() else x * mx.sigmoid(1.702 * x)
+    if cpu_streams.on_cpu():
+        return _fast_quick_gelu(x)
+    return gpu_activation.activation("quick_gelu")(x) if gpu_activation.applies(x) else x * mx.sigmoid(1.702 * x)
+
+
+GPU_KINDS = {gelu: "gelu", quick_gelu: "quick_gelu"}  # gpu_activation's name of each (mlp_block's fused backward)
 
 
 _softmax_exp = mx.compile(lambda x, m: exp((x - m).astype(mx.float32)))

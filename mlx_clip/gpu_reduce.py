@@ -34,7 +34,8 @@ MAX_BLOCKS = 512  # partial rows; ViT-B/16's batch (50,432 rows) gives each warp
 SUM_WARPS, LN_WARPS = 8, 4
 _DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 
-HEADER = r"""
+# 8-element vector loads and stores in fp32 registers, shared with mlx_clip.gpu_activation's kernels
+VECTORS = r"""
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -76,7 +77,11 @@ __device__ inline void store8(T* p, const float* v) {
   for (int i = 0; i < 4; ++i) narrow(v[2 * i], v[2 * i + 1], h + i);
   *reinterpret_cast<uint4*>(p) = raw;
 }
+}  // namespace mlxclip_reduce
+"""
 
+HEADER = VECTORS + r"""
+namespace mlxclip_reduce {
 __device__ inline float warp_sum(float x) {
 #pragma unroll
   for (int offset = 16; offset; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);

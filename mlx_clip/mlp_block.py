@@ -15,7 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_clip import cpu_streams, gpu_reduce, layer_norm as ln, linear
+from mlx_clip import cpu_streams, fastmath, gpu_activation, gpu_reduce, layer_norm as ln, linear
 
 
 _WEIGHT_AND_BIAS = {"weight", "bias"}
@@ -55,7 +55,11 @@ def _block_vjp(activation, eps: float, primals, cotangents, outputs):
     x, ln_w, ln_b, w1, b1, w2, b2 = primals
     g, h = cotangents[0], outputs[1]
     rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (tokens of every batch row as one matrix)
-    a, (dh,) = _value_and_vjp(activation, [h], g @ w2)  # a = act(h) recomputed, and dh
+    kind = fastmath.GPU_KINDS.get(activation)
+    if kind and gpu_activation.applies(h):  # a = act(h) recomputed, and dh: one pass over h (gpu_activation says why)
+        a, dh = gpu_activation.value_and_grad(kind, h, g @ w2)
+    else:
+        a, (dh,) = _value_and_vjp(activation, [h], g @ w2)
     if ln.applies():  # y recomputed, and the LayerNorm's gradients (layer_norm.py: fewer passes on the CPU)
         y, dx, d_ln_w, d_ln_b = ln.value_and_grads(x, ln_w, ln_b, dh @ w1, eps)
     else:

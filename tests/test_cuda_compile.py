@@ -1,5 +1,5 @@
 """The CUDA kernels (attention: mlx_clip/attention_kernels_short.py, attention_kernels_tiled.py; the gradients' column
-sums: mlx_clip/gpu_reduce.py) compile for the H100
+sums: mlx_clip/gpu_reduce.py; the MLP's activation: mlx_clip/gpu_activation.py) compile for the H100
 (sm_90) with NVRTC, here on a machine without a GPU, wrapped as MLX's CUDA backend wraps a custom kernel
 (benchmarks/cuda_compile.py): a syntax or type error in their source fails CI instead of a device loan. Numerics are
 tested on the card (tests/test_gpu_attention.py)."""
@@ -14,9 +14,11 @@ if not cuda_compile.nvrtc_available():
 
 UNITS = cuda_compile.kernel_units()
 REDUCE_UNITS = cuda_compile.reduce_units()  # mlx_clip/gpu_reduce.py
+ACTIVATION_UNITS = cuda_compile.activation_units()  # mlx_clip/gpu_activation.py
+ALL = UNITS + REDUCE_UNITS + ACTIVATION_UNITS
 
 
-@pytest.mark.parametrize("name,unit", UNITS + REDUCE_UNITS, ids=[name for name, _ in UNITS + REDUCE_UNITS])
+@pytest.mark.parametrize("name,unit", ALL, ids=[name for name, _ in ALL])
 def test_kernel_compiles_for_sm90(name, unit):
     ok, log, size = cuda_compile.compile_ptx(unit)
     assert ok, f"{name}:\n{log}"
