@@ -37,8 +37,11 @@ __device__ inline float act(float x, float* slope) {
     *slope = c + x * 0.39894228040143268f * expf(-0.5f * x * x);
     return x * c;
   }
-  const float s = 1.0f / (1.0f + expf(-1.702f * x));  // x sigmoid(1.702 x)
-  *slope = s + 1.702f * x * s * (1.0f - s);
+  // x sigmoid(1.702 x), the sigmoid as MLX's: y = sigmoid(-|z|) from exp(|z|), so s and 1 - s are y and 1 - y
+  // without a cancelling 1 - s
+  const float z = 1.702f * x, y = 1.0f / (1.0f + expf(fabsf(z)));
+  const float s = z < 0.0f ? y : 1.0f - y;
+  *slope = s + z * y * (1.0f - y);
   return x * s;
 }
 }  // namespace mlxclip_activation

@@ -69,13 +69,15 @@ def test_value_and_grad_match_float64(kind, shape, dtype):
     _assert_rounded(both[0], want_a, xr, dtype, "value_and_grad's value")
     _assert_rounded(both[1], gr * want_slope, xr, dtype, "value_and_grad's gradient")
     _assert_rounded(vjp[0], gr * want_slope, xr, dtype, "the custom function's gradient")
-    # no further from float64 than MLX's own ops (nn.gelu / x sigmoid(1.702 x), autodiff)
+    if dtype == mx.float32:  # both round only at the end here: float64 above is the check
+        return
+    # in 16 bits, no further from float64 than MLX's own ops (nn.gelu / x sigmoid(1.702 x), autodiff), which round
+    # their intermediates to the dtype
     mlx_fn = {"gelu": mx.compile(lambda t: 0.5 * t * (1 + mx.erf(t / math.sqrt(2)))),
               "quick_gelu": mx.compile(lambda t: t * mx.sigmoid(1.702 * t))}[kind]
     mlx_a, mlx_vjp = mx.vjp(mlx_fn, [x], [g])
     for ours, theirs, want in ((a, mlx_a[0], want_a), (both[1], mlx_vjp[0], gr * want_slope)):
-        margin = ULP[dtype] / 64 * np.linalg.norm(want)  # both at rounding level in fp32: a margin, not a tie
-        assert np.linalg.norm(_np(ours) - want) <= 1.25 * np.linalg.norm(_np(theirs) - want) + margin
+        assert np.linalg.norm(_np(ours) - want) <= np.linalg.norm(_np(theirs) - want)
 
 
 @cuda

@@ -56,3 +56,38 @@ def test_only_plain_trainable_layers_take_it():
     fc1.unfreeze()
     assert not mlp_block.applies(norm, LoRALinear(fc1, rank=4), fc2)
     assert not mlp_block.applies(norm, nn.QuantizedLinear.from_linear(nn.Linear(64, 96)), fc2)
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_one_pass_activation_path_matches_autodiff(monkeypatch, early):
+    """The backward's CUDA path (a and dh from gpu_activation.value_and_grad, fc2's weight gradient ordered first by
+    mx.depends when EARLY_FC2_GRAD), run here with MLX's ops in place of the kernel: autodiff's gradients either way."""
+    calls = []
+
+    def value_and_grad(kind, h, g):
+        calls.append(kind)
+        (a,), (dh,) = mx.vjp(fastmath.gelu, [h], [g])
+        return a, dh
+
+    monkeypatch.setattr(mlp_block.gpu_activation, "applies", lambda h: True)
+    monkeypatch.setattr(mlp_block.gpu_activation, "value_and_grad", value_and_grad)
+    monkeypatch.setattr(mlp_block, "EARLY_FC2_GRAD", early)
+    norm, fc1, fc2 = _layers(3)
+    x = mx.random.normal((2, 5, 24), key=mx.random.key(4))
+    g = mx.random.normal((2, 5, 24), key=mx.random.key(5))
+    params = [x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias]
+
+    def run(block):
+        def f(x, nw, nb, w1, b1, w2, b2):
+            norm.update({"weight": nw, "bias": nb})
+            fc1.update({"weight": w1, "bias": b1})
+            fc2.update({"weight": w2, "bias": b2})
+            if block:
+                return mlp_block.mlp_block(norm, fc1, fc2, fastmath.gelu, x)
+            return fc2(fastmath.gelu(fc1(norm(x))))
+        return mx.vjp(f, params, [g])[1]
+
+    ours, want = run(True), run(False)
+    assert calls == ["gelu"]
+    for i, (a, b) in enumerate(zip(ours, want)):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5, err_msg=str(i))
