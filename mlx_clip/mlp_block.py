@@ -16,14 +16,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_clip import cpu_streams, fastmath, gpu_activation, gpu_reduce, layer_norm as ln, linear
-from mlx_clip.switches import env_switch
 
 
 _WEIGHT_AND_BIAS = {"weight", "bias"}
-# With gpu_activation's one-pass kernel, a = act(h) appears with dh, early; fc2's weight gradient (a's one use) is
-# then made before anything that uses dh, so a is freed within the layer's backward, not whenever MLX's order reaches
-# that gradient (read when a graph is traced)
-EARLY_FC2_GRAD = env_switch("MLXCLIP_GPU_EARLY_FC2_GRAD", True)
 _LINEARS = (nn.Linear, linear.Linear)
 
 
@@ -61,19 +56,15 @@ def _block_vjp(activation, eps: float, primals, cotangents, outputs):
     g, h = cotangents[0], outputs[1]
     rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (tokens of every batch row as one matrix)
     kind = fastmath.GPU_KINDS.get(activation)
-    fused = kind and gpu_activation.applies(h)
-    if fused:  # a = act(h) recomputed, and dh: one pass over h (gpu_activation says why)
+    if kind and gpu_activation.applies(h):  # a = act(h) recomputed, and dh: one pass over h (gpu_activation says why)
         a, dh = gpu_activation.value_and_grad(kind, h, g @ w2)
     else:
         a, (dh,) = _value_and_vjp(activation, [h], g @ w2)
-    dw2 = rows(g).T @ rows(a)
-    if fused and EARLY_FC2_GRAD:
-        dh = mx.depends(dh, dw2)
     if ln.applies():  # y recomputed, and the LayerNorm's gradients (layer_norm.py: fewer passes on the CPU)
         y, dx, d_ln_w, d_ln_b = ln.value_and_grads(x, ln_w, ln_b, dh @ w1, eps)
     else:
         y, (dx, d_ln_w, d_ln_b) = _value_and_vjp(lambda *p: ln.layer_norm(*p, eps), [x, ln_w, ln_b], dh @ w1)
-    db2 = gpu_reduce.column_sum(rows(g))  # MLX's sum where the kernel does not apply
+    dw2, db2 = rows(g).T @ rows(a), gpu_reduce.column_sum(rows(g))  # MLX's sum where the kernel does not apply
     dw1, db1 = rows(dh).T @ rows(y), gpu_reduce.column_sum(rows(dh))
     return dx, d_ln_w, d_ln_b, dw1, db1.astype(b1.dtype), dw2, db2.astype(b2.dtype)
 

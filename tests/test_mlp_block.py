@@ -58,10 +58,9 @@ def test_only_plain_trainable_layers_take_it():
     assert not mlp_block.applies(norm, nn.QuantizedLinear.from_linear(nn.Linear(64, 96)), fc2)
 
 
-@pytest.mark.parametrize("early", [True, False])
-def test_one_pass_activation_path_matches_autodiff(monkeypatch, early):
-    """The backward's CUDA path (a and dh from gpu_activation.value_and_grad, fc2's weight gradient ordered first by
-    mx.depends when EARLY_FC2_GRAD), run here with MLX's ops in place of the kernel: autodiff's gradients either way."""
+def test_one_pass_activation_path_matches_autodiff(monkeypatch):
+    """The backward's CUDA path (a and dh from gpu_activation.value_and_grad), run here with MLX's ops in place of the
+    kernel: autodiff's gradients."""
     calls = []
 
     def value_and_grad(kind, h, g):
@@ -71,7 +70,6 @@ def test_one_pass_activation_path_matches_autodiff(monkeypatch, early):
 
     monkeypatch.setattr(mlp_block.gpu_activation, "applies", lambda h: True)
     monkeypatch.setattr(mlp_block.gpu_activation, "value_and_grad", value_and_grad)
-    monkeypatch.setattr(mlp_block, "EARLY_FC2_GRAD", early)
     norm, fc1, fc2 = _layers(3)
     x = mx.random.normal((2, 5, 24), key=mx.random.key(4))
     g = mx.random.normal((2, 5, 24), key=mx.random.key(5))
