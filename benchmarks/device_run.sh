@@ -41,10 +41,10 @@ for step in "$@"; do
             timeout 120 python3 -m benchmarks.column_sum 2>&1 | tee $OUT/colsum-micro.txt
             for a in ViT-B-16 ViT-B-32; do timeout 300 python3 -m benchmarks.gpu_ab --arch $a --variants reduce=mlx,reduce=ours --rounds 6 2>&1; done | tee $OUT/reduce-ab.txt ;;
     colsum-micro) timeout 120 python3 -m benchmarks.column_sum 2>&1 | tee $OUT/colsum-micro.txt ;;
-    s15t) MLX_ENABLE_TF32=0 timeout 300 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_activation.py tests/test_mlp_block.py "tests/test_parity.py::test_loss_gradients_match_open_clip" 2>&1 | tail -15 | tee $OUT/s15-tests.txt
-          MLX_ENABLE_TF32=0 timeout 240 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_attention.py -k "dkdv or ldmatrix or model_attention" 2>&1 | tail -8 | tee -a $OUT/s15-tests.txt ;;
-    s15ab) timeout 100 python3 -m benchmarks.activation 2>&1 | tee $OUT/activation-micro.txt
-           timeout 480 python3 -m benchmarks.gpu_ab --arch ViT-B-16 --variants default,activation=mlx,grads=rowmajor,dkdvrows=32,ldmatrix=2 --rounds 6 2>&1 | tee $OUT/s15-ab16.txt ;;
+    act-tests) MLX_ENABLE_TF32=0 timeout 300 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_activation.py tests/test_mlp_block.py "tests/test_parity.py::test_loss_gradients_match_open_clip" 2>&1 | tail -15 | tee $OUT/act-tests.txt
+          MLX_ENABLE_TF32=0 timeout 240 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_attention.py -k "dkdv or ldmatrix or model_attention" 2>&1 | tail -8 | tee -a $OUT/act-tests.txt ;;
+    act-ab) timeout 100 python3 -m benchmarks.activation 2>&1 | tee $OUT/activation-micro.txt
+           timeout 480 python3 -m benchmarks.gpu_ab --arch ViT-B-16 --variants default,activation=mlx,grads=rowmajor,dkdvrows=32,ldmatrix=2 --rounds 6 2>&1 | tee $OUT/act-ab16.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done
