@@ -45,6 +45,12 @@ for step in "$@"; do
           MLX_ENABLE_TF32=0 timeout 240 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_attention.py -k "dkdv or ldmatrix or model_attention" 2>&1 | tail -8 | tee -a $OUT/act-tests.txt ;;
     act-ab) timeout 100 python3 -m benchmarks.activation 2>&1 | tee $OUT/activation-micro.txt
            timeout 480 python3 -m benchmarks.gpu_ab --arch ViT-B-16 --variants default,activation=mlx,grads=rowmajor,dkdvrows=32,ldmatrix=2 --rounds 6 2>&1 | tee $OUT/act-ab16.txt ;;
+    regime) # session 14: MLX's step changes regime within a run (ViT-B-32 50 -> 61.5 ms halfway); 30 runs a process,
+            # each MLX setting that could cause it (CUDA graph cache and commits, the allocator's cache) in its own
+      i=0; for v in "" MLX_CUDA_GRAPH_CACHE_SIZE=4000 MLX_USE_CUDA_GRAPHS=0 "MLX_MAX_OPS_PER_BUFFER=400 MLX_MAX_MB_PER_BUFFER=4000"; do
+        i=$((i + 1)); env $v timeout 150 ${BENCH/mlx,torch/mlx} --runs 30 --arch ViT-B-32 --out $OUT/regime$i 2>&1 | grep items/s | sed "s/^/[$v] /"
+        python3 -c "import json,sys; r=json.loads(open(sys.argv[1]).readline()); print(' runs ms:', ' '.join(f'{1e3*t:.1f}' for t in r['times_s']))" $OUT/regime$i/*.jsonl
+      done | tee $OUT/regime.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done
