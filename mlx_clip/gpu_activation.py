@@ -7,7 +7,8 @@ writes each of them out: four kernels of the ViT-B/16 MLP's hidden size, 12.5 ms
 (results/gpu-s13-h200.md §4) where reading h and the incoming gradient once and writing a and dh once (four passes)
 takes ~4 ms at the card's bandwidth. Here one kernel does that, in fp32 registers, eight elements a thread (16-byte
 loads); the forward's kernel reads h and writes a. Measured on an H200 (results/gpu-s14-h200.md): 1,278 -> 501 us at
-(50432, 3072) bf16, the ViT-B/16 step 114.9 -> 104.7 ms; its peak +1.2 GiB, as a now comes out with dh.
+(50432, 3072) bf16, the ViT-B/16 step 114.9 -> 104.7 ms; its peak +1.2 GiB (a now comes out with dh, early; ordering
+fc2's weight gradient first to free a sooner made the peak higher still, so the cause is not settled).
 
 Scope: CUDA, float32 / bfloat16 / float16 arrays of a multiple of 8 and fewer than 2^31 elements. Anything else, and
 MLXCLIP_GPU_ACTIVATION=0, takes MLX's ops.
