@@ -51,6 +51,8 @@ for step in "$@"; do
         i=$((i + 1)); env $v timeout 150 ${BENCH/mlx,torch/mlx} --runs 30 --arch ViT-B-32 --out $OUT/regime$i 2>&1 | grep items/s | sed "s/^/[$v] /"
         python3 -c "import json,sys; r=json.loads(open(sys.argv[1]).readline()); print(' runs ms:', ' '.join(f'{1e3*t:.1f}' for t in r['times_s']))" $OUT/regime$i/*.jsonl
       done | tee $OUT/regime.txt ;;
+    actsplit) # session 14: does the one-kernel GELU backward (a with dh, early) cost ViT-B-16 its 1.2 GiB? Separate processes
+      for f in 1 0 1 0; do MLXCLIP_GPU_ACTIVATION_FUSED=$f timeout 150 ${BENCH/mlx,torch/mlx} --arch ViT-B-16 --out $OUT/b16-fused$f 2>&1 | grep items/s | sed "s/^/fused=$f /"; done | tee $OUT/actsplit.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

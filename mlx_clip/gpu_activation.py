@@ -24,6 +24,10 @@ from mlx_clip.gpu_reduce import VECTORS
 from mlx_clip.switches import env_switch
 
 ENABLED = env_switch("MLXCLIP_GPU_ACTIVATION", True)  # read when a graph is traced
+# value_and_grad as one kernel (a and dh from one read of h), or two (MLXCLIP_GPU_ACTIVATION_FUSED=0: a by the forward
+# kernel, dh by the gradient kernel, h read twice): the second lets a appear only where fc2's weight gradient uses it,
+# to test whether a's early appearance is what raised ViT-B/16's peak by 1.2 GiB (perf-notes change 31)
+FUSED = env_switch("MLXCLIP_GPU_ACTIVATION_FUSED", True)
 KINDS = {"gelu": 0, "quick_gelu": 1}  # the KIND template argument
 THREADS = 256
 _DTYPES = (mx.float32, mx.bfloat16, mx.float16)
@@ -118,7 +122,9 @@ def value(kind: str, h: mx.array) -> mx.array:
 
 
 def value_and_grad(kind: str, h: mx.array, g: mx.array) -> tuple[mx.array, mx.array]:
-    """(act(h), g · act'(h)) from one pass over h and g (applies(h); g shaped as h)."""
+    """(act(h), g · act'(h)) from one pass over h and g (applies(h); g shaped as h), or two with FUSED off."""
+    if not FUSED:
+        return value(kind, h), _run("grad", kind, h, g)[0].reshape(h.shape)
     a, dh = _run("value_and_grad", kind, h, g)
     return a.reshape(h.shape), dh.reshape(h.shape)
 
