@@ -53,6 +53,9 @@ for step in "$@"; do
       done | tee $OUT/regime.txt ;;
     actsplit) # session 14: does the one-kernel GELU backward (a with dh, early) cost ViT-B-16 its 1.2 GiB? Separate processes
       for f in 1 0 1 0; do MLXCLIP_GPU_ACTIVATION_FUSED=$f timeout 150 ${BENCH/mlx,torch/mlx} --arch ViT-B-16 --out $OUT/b16-fused$f 2>&1 | grep items/s | sed "s/^/fused=$f /"; done | tee $OUT/actsplit.txt ;;
+    gradcopy) # session 14, prepared: the transposed weight gradients copied once at the source (AdamW's strided reads), the
+              # GELU backward as two kernels, and the multi-tensor optimizer without its copies
+      for a in ViT-B-32 ViT-B-16; do timeout 280 python3 -m benchmarks.gpu_ab --arch $a --variants default,gradcopy=1,actfused=0,gradcopy=1+optimizer=multi --rounds 6 2>&1; done | tee $OUT/gradcopy-ab.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

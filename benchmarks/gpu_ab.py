@@ -7,8 +7,8 @@ A variant is `default` (the process's settings) or settings joined by `+`: atten
 (MLXCLIP_GPU_ATTENTION), memlimit=GiB (mx.set_memory_limit), optimizer=per-param|multi (MLXCLIP_MULTI_TENSOR, mlx_clip/train/multi_tensor.py),
 layernorm=ours|mlx (MLXCLIP_CPU_LAYER_NORM, mlx_clip/layer_norm.py), split=on|off (CPU batch-parallel mode,
 mlx_clip/cpu_streams.py), norm=auto|dot|reduce|concat (step.NORM_SQUARES), grads=autodiff|rowmajor (the GPU weight gradients'
-layout, linear.ROW_MAJOR_GRADS_ON_GPU), dqrows=16|32 (MLXCLIP_GPU_DQ_ROWS, mlx_clip/gpu_attention.py),
-dkdvrows=16|32 (MLXCLIP_GPU_DKDV_ROWS), ldmatrix=0|1|2 (MLXCLIP_GPU_LDMATRIX),
+layout, linear.ROW_MAJOR_GRADS_ON_GPU), gradcopy=0|1 (MLXCLIP_GPU_CONTIGUOUS_GRADS),
+dqrows=16|32 (MLXCLIP_GPU_DQ_ROWS, mlx_clip/gpu_attention.py), dkdvrows=16|32 (MLXCLIP_GPU_DKDV_ROWS), ldmatrix=0|1|2 (MLXCLIP_GPU_LDMATRIX),
 reduce=ours|mlx (MLXCLIP_GPU_REDUCE, mlx_clip/gpu_reduce.py), activation=ours|mlx (MLXCLIP_GPU_ACTIVATION,
 mlx_clip/gpu_activation.py), actfused=1|0 (MLXCLIP_GPU_ACTIVATION_FUSED); a bare attention
 mode means attention=MODE.
@@ -39,6 +39,7 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "split": (cpu_streams, "ALLOWED", {"on": True, "off": False}),  # CPU batch-parallel mode (when a task has one)
     "norm": (step, "NORM_SQUARES", {"auto": "auto", "dot": "dot", "reduce": "reduce", "concat": "concat"}),  # clip norm
     "grads": (linear, "ROW_MAJOR_GRADS_ON_GPU", {"autodiff": False, "rowmajor": True}),  # GPU weight-gradient layout
+    "gradcopy": (linear, "CONTIGUOUS_GRADS_ON_GPU", {"0": False, "1": True}),  # autodiff's layout copied to W's
     "dqrows": (gpu_attention, "DQ_ROWS", {"16": 16, "32": 32}),  # the tiled dq kernel's query rows per warp
     "dkdvrows": (gpu_attention, "DKDV_ROWS", {"16": 16, "32": 32}),  # the tiled dk/dv kernel's key rows per warp
     "ldmatrix": (gpu_attention, "LDMATRIX", {"0": 0, "1": 1, "2": 2}),  # the tiled kernels' operand loads

@@ -30,6 +30,11 @@ ROW_MAJOR_GRADS = env_switch("MLXCLIP_ROW_MAJOR_GRADS", True)  # read when a gra
 # The same on a GPU (cuBLAS makes either layout at one cost): opt-in, as an H100 measured no gain in speed and peaks
 # that vary more between runs of one setting than between settings (benchmarks/results/gpu-rowmajor-h100-s10.md)
 ROW_MAJOR_GRADS_ON_GPU = env_switch("MLXCLIP_ROW_MAJOR_GRADS_GPU", False)
+# Or, on a GPU, autodiff's (xᵀ g)ᵀ copied to the weight's layout (MLXCLIP_GPU_CONTIGUOUS_GRADS=1; opt-in until measured):
+# the clip norm's reshape already copies each such gradient, and AdamW then reads the transposed view again, strided
+# (98 updates of a ViT-B/16 step took 36 us each against ~12 us for the rest: results/gpu-s14-h200.md §4); one copy at
+# the source serves both
+CONTIGUOUS_GRADS_ON_GPU = env_switch("MLXCLIP_GPU_CONTIGUOUS_GRADS", False)
 
 
 def product(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
@@ -41,11 +46,13 @@ def product(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.a
         # another memory layout than the usual order gives, and MKL rounds differently by layout (a fresh LoRA
         # adapter, whose update is 0, must leave the embeddings bit-identical: tests/test_lora.py).
         return mx.contiguous(y.T).reshape(*x.shape[:-1], weight.shape[0])
-    row_major = ROW_MAJOR_GRADS and (cpu_streams.on_cpu() or ROW_MAJOR_GRADS_ON_GPU)
+    on_cpu = cpu_streams.on_cpu()
+    row_major = ROW_MAJOR_GRADS and (on_cpu or ROW_MAJOR_GRADS_ON_GPU)
+    copied = CONTIGUOUS_GRADS_ON_GPU and not on_cpu and not row_major
     # on a GPU the bias gradient by gpu_reduce.column_sum (MLX's column reduction is ~5x slower there)
     gpu_sum = bias is not None and gpu_reduce.column_sum_fits(x.size // max(x.shape[-1], 1), weight.shape[0], x.dtype)
-    if row_major or gpu_sum:
-        dense = cpu_streams.for_current_stream(_dense, bias is not None, row_major)
+    if row_major or copied or gpu_sum:
+        dense = cpu_streams.for_current_stream(_dense, bias is not None, row_major, copied)
         return dense(x, weight) if bias is None else dense(x, weight, bias)
     return _plain(x, weight, bias)
 
@@ -54,10 +61,11 @@ def _plain(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
     return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
 
 
-def _dense(stream, has_bias: bool, row_major: bool):
+def _dense(stream, has_bias: bool, row_major: bool, copied: bool = False):
     """`x @ W.T (+ b)` with a hand-written backward: dW = gᵀ x, row-major like W (module docstring), or with
-    `row_major` False (xᵀ g)ᵀ as MLX's autodiff makes it; db by gpu_reduce.column_sum. Built per stream: a
-    hand-written VJP runs on the stream current when the backward is traced (cpu_streams.for_current_stream)."""
+    `row_major` False (xᵀ g)ᵀ as MLX's autodiff makes it, made contiguous when `copied`; db by
+    gpu_reduce.column_sum. Built per stream: a hand-written VJP runs on the stream current when the backward is
+    traced (cpu_streams.for_current_stream)."""
 
     @mx.custom_function
     def dense(x, weight, *bias):
@@ -70,6 +78,7 @@ def _dense(stream, has_bias: bool, row_major: bool):
         with mx.stream(stream):
             rows, x_rows = cotangent.reshape(-1, cotangent.shape[-1]), x.reshape(-1, x.shape[-1])
             dw = rows.T @ x_rows if row_major else (x_rows.T @ rows).T
+            dw = mx.contiguous(dw) if copied else dw
             grads = ((cotangent @ weight).astype(x.dtype), dw.astype(weight.dtype))
             return grads + (gpu_reduce.column_sum(rows).astype(primals[2].dtype),) if has_bias else grads
 

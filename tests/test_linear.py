@@ -85,9 +85,10 @@ def test_weight_gradient_comes_row_major_like_the_weight(monkeypatch, on):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(cpu_streams.on_cpu(), reason="the switch for a GPU's weight-gradient layout")
-@pytest.mark.parametrize("on", [True, False])
-def test_gpu_weight_gradient_layout_switch_keeps_the_numbers(monkeypatch, on):
-    monkeypatch.setattr(linear, "ROW_MAJOR_GRADS_ON_GPU", on)
+@pytest.mark.parametrize("rowmajor,copied", [(True, False), (False, False), (False, True)])
+def test_gpu_weight_gradient_layout_switch_keeps_the_numbers(monkeypatch, rowmajor, copied):
+    monkeypatch.setattr(linear, "ROW_MAJOR_GRADS_ON_GPU", rowmajor)
+    monkeypatch.setattr(linear, "CONTIGUOUS_GRADS_ON_GPU", copied)
     rng = np.random.default_rng(3)
     x, w, b, g = rng.standard_normal((2, 40, 24)), rng.standard_normal((48, 24)), rng.standard_normal(48), \
         rng.standard_normal((2, 40, 48))
@@ -97,7 +98,26 @@ def test_gpu_weight_gradient_layout_switch_keeps_the_numbers(monkeypatch, on):
     rows_x, rows_g = x.reshape(-1, 24), g.reshape(-1, 48)
     for got, want in zip((dx, dw, db), (g @ w, rows_g.T @ rows_x, rows_g.sum(axis=0))):
         np.testing.assert_allclose(np.array(got), want, rtol=1e-4, atol=1e-4)
-    assert _row_major(dw) == on
+    assert _row_major(dw) == (rowmajor or copied)
+
+
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_copied_weight_gradient_is_autodiffs_in_the_weights_layout(has_bias):
+    """_dense with `copied` (MLXCLIP_GPU_CONTIGUOUS_GRADS's backward; its function runs on any device): autodiff's
+    (xᵀ g)ᵀ made row-contiguous, the numbers unchanged."""
+    rng = np.random.default_rng(5)
+    x, w, b, g = rng.standard_normal((2, 30, 16)), rng.standard_normal((40, 16)), rng.standard_normal(40), \
+        rng.standard_normal((2, 30, 40))
+    args = [mx.array(a, mx.float32) for a in ((x, w, b) if has_bias else (x, w))]
+    grads = {}
+    for copied in (False, True):
+        dense = linear._dense(mx.default_stream(mx.default_device()), has_bias, False, copied)
+        _, grads[copied] = mx.vjp(dense, args, [mx.array(g, mx.float32)])
+        mx.eval(grads[copied])
+    assert not _row_major(grads[False][1]) and _row_major(grads[True][1])
+    for a, c in zip(grads[False], grads[True]):
+        assert np.array_equal(np.array(a), np.array(c))
+    np.testing.assert_allclose(np.array(grads[True][1]), g.reshape(-1, 40).T @ x.reshape(-1, 16), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not cpu_streams.on_cpu(), reason="the row-major weight gradient is the CPU's backward")
