@@ -10,7 +10,8 @@ mlx_clip/cpu_streams.py), norm=auto|dot|reduce|concat (step.NORM_SQUARES), grads
 layout, linear.ROW_MAJOR_GRADS_ON_GPU), gradcopy=0|1 (MLXCLIP_GPU_CONTIGUOUS_GRADS),
 dqrows=16|32 (MLXCLIP_GPU_DQ_ROWS, mlx_clip/gpu_attention.py), dkdvrows=16|32 (MLXCLIP_GPU_DKDV_ROWS), ldmatrix=0|1|2 (MLXCLIP_GPU_LDMATRIX),
 reduce=ours|mlx (MLXCLIP_GPU_REDUCE, mlx_clip/gpu_reduce.py), activation=ours|mlx (MLXCLIP_GPU_ACTIVATION,
-mlx_clip/gpu_activation.py), actfused=1|0 (MLXCLIP_GPU_ACTIVATION_FUSED); a bare attention
+mlx_clip/gpu_activation.py), actfused=1|0 (MLXCLIP_GPU_ACTIVATION_FUSED), qkv=on|off (MLXCLIP_QKV_BLOCK,
+mlx_clip/qkv_block.py); a bare attention
 mode means attention=MODE.
 `--torch` adds torch.compile's step (CUDA, or the CPU when MLX runs there) to the rotation. Peak memory measured here
 depends on the order the variants were traced in (same-process allocations); compare memory across separate `mlxclip
@@ -26,7 +27,7 @@ import numpy as np
 
 from benchmarks.batches import parse_caption_tokens, CAPTION_HELP
 from benchmarks.workloads_mlx import TASKS, mlx_workload
-from mlx_clip import cpu_streams, fastmath, gpu_activation, gpu_attention, gpu_reduce, layer_norm, linear
+from mlx_clip import cpu_streams, fastmath, gpu_activation, gpu_attention, gpu_reduce, layer_norm, linear, qkv_block
 from mlx_clip.config import get_config
 from mlx_clip.memory import parse_bytes
 from mlx_clip.train import multi_tensor, step
@@ -46,6 +47,7 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "reduce": (gpu_reduce, "ENABLED", {"ours": True, "mlx": False}),  # bias / LayerNorm gradients' column sums
     "activation": (gpu_activation, "ENABLED", {"ours": True, "mlx": False}),  # the MLP's GELU forward and backward
     "actfused": (gpu_activation, "FUSED", {"1": True, "0": False}),  # its backward as one kernel or two
+    "qkv": (qkv_block, "ENABLED", {"on": True, "off": False}),  # LayerNorm-1 recomputed in the backward
 }
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr, _) in SETTINGS.items()}
 _LIMIT = mx.get_memory_limit()  # MLX's own memory limit, put back for each variant; memlimit=GiB sets another

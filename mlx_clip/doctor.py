@@ -44,7 +44,7 @@ def torch_info() -> dict:
 def report(measure: bool = True) -> dict:
     import mlx.core as mx
 
-    from mlx_clip import cpu_cache, cpu_jit, fastmath, gpu_activation, gpu_attention, gpu_reduce
+    from mlx_clip import cpu_cache, cpu_jit, fastmath, gpu_activation, gpu_attention, gpu_reduce, qkv_block
 
     info = {
         "python": platform.python_version(),
@@ -61,6 +61,7 @@ def report(measure: bool = True) -> dict:
                                   "dq_rows": gpu_attention.DQ_ROWS, "dkdv_rows": gpu_attention.DKDV_ROWS},
         "gpu_reduce": gpu_reduce.ENABLED,  # MLXCLIP_GPU_REDUCE: our bias / LayerNorm gradient kernels on CUDA
         "gpu_activation": gpu_activation.ENABLED,  # MLXCLIP_GPU_ACTIVATION: our GELU / quick GELU kernels on CUDA
+        "qkv_block": qkv_block.ENABLED,  # MLXCLIP_QKV_BLOCK: LayerNorm-1 recomputed in the backward (opt-in)
         "torch": torch_info(),
     }
     if measure:

@@ -104,6 +104,15 @@ def _gpu_layer_norm(eps: float):
     return layer_norm
 
 
+def recomputed(x: mx.array, w: mx.array, b: mx.array, cotangent: mx.array, eps: float):
+    """(LayerNorm(x), dx, dw, db) for a backward pass that recomputes the norm instead of keeping it (mlp_block,
+    qkv_block): the CPU's formulas above, else the LayerNorm this device runs and its own backward."""
+    if applies():
+        return value_and_grads(x, w, b, cotangent, eps)
+    (y,), (dx, dw, db) = mx.vjp(lambda *p: layer_norm(*p, eps), [x, w, b], [cotangent])
+    return y, dx, dw, db
+
+
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same parameters, same checkpoint names) computed as above on the CPU."""
 

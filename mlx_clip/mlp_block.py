@@ -23,9 +23,14 @@ _LINEARS = (nn.Linear, linear.Linear)
 
 
 def applies(norm: nn.Module, fc1: nn.Module, fc2: nn.Module) -> bool:
-    # Checked on every forward call (each layer): one parameter walk per module, weight and bias present and trainable.
-    return (type(norm) in (nn.LayerNorm, ln.LayerNorm) and type(fc1) in _LINEARS and type(fc2) in _LINEARS
-            and all(_WEIGHT_AND_BIAS <= m.trainable_parameters().keys() for m in (norm, fc1, fc2)))
+    return plain_and_trainable(norm, fc1, fc2)
+
+
+def plain_and_trainable(norm: nn.Module, *linears: nn.Module) -> bool:
+    """A plain LayerNorm and plain Linear layers, each with a trainable weight and bias (a hand-written backward
+    returns every gradient). Checked on every forward call (each layer): one parameter walk per module."""
+    return (type(norm) in (nn.LayerNorm, ln.LayerNorm) and all(type(m) in _LINEARS for m in linears)
+            and all(_WEIGHT_AND_BIAS <= m.trainable_parameters().keys() for m in (norm, *linears)))
 
 
 def mlp_block(norm: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear, activation, x: mx.array) -> mx.array:
@@ -60,10 +65,7 @@ def _block_vjp(activation, eps: float, primals, cotangents, outputs):
         a, dh = gpu_activation.value_and_grad(kind, h, g @ w2)
     else:
         a, (dh,) = _value_and_vjp(activation, [h], g @ w2)
-    if ln.applies():  # y recomputed, and the LayerNorm's gradients (layer_norm.py: fewer passes on the CPU)
-        y, dx, d_ln_w, d_ln_b = ln.value_and_grads(x, ln_w, ln_b, dh @ w1, eps)
-    else:
-        y, (dx, d_ln_w, d_ln_b) = _value_and_vjp(lambda *p: ln.layer_norm(*p, eps), [x, ln_w, ln_b], dh @ w1)
+    y, dx, d_ln_w, d_ln_b = ln.recomputed(x, ln_w, ln_b, dh @ w1, eps)  # y recomputed, and the LayerNorm's gradients
     dw2, db2 = rows(g).T @ rows(a), gpu_reduce.column_sum(rows(g))  # MLX's sum where the kernel does not apply
     dw1, db1 = rows(dh).T @ rows(y), gpu_reduce.column_sum(rows(dh))
     return dx, d_ln_w, d_ln_b, dw1, db1.astype(b1.dtype), dw2, db2.astype(b2.dtype)

@@ -11,7 +11,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_clip import cpu_streams, fastmath, mlp_block
+from mlx_clip import cpu_streams, fastmath, mlp_block, qkv_block
 from mlx_clip.layer_norm import LayerNorm
 from mlx_clip.linear import Linear
 from mlx_clip.config import CLIPConfig, TextConfig, VisionConfig
@@ -36,7 +36,10 @@ class Attention(nn.Module):
         self.chunk = 0  # > 0: attention in chunks of this many tokens, same output with less memory (mlx_clip.memory)
 
     def __call__(self, x: mx.array, mask=None) -> mx.array:
-        q, k, v = (p(x) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, L, D)
+        return self.attend(*(p(x) for p in (self.q_proj, self.k_proj, self.v_proj)), mask)
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask=None) -> mx.array:
+        """Attention of projected (B, L, D) queries, keys and values, then the output projection."""
         if self.chunk:
             heads = (fastmath.split_heads(t, self.num_heads) for t in (q, k, v))
             out = fastmath.merge_heads(sliced_attention(*heads, scale=self.scale, mask=mask, chunk=self.chunk))
@@ -101,7 +104,14 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def __call__(self, x: mx.array, mask=None) -> mx.array:
-        return self._mlp(x + self.self_attn(self.layer_norm1(x), mask))
+        return self._mlp(x + self._attention(x, mask))
+
+    def _attention(self, x: mx.array, mask=None) -> mx.array:
+        attn, norm = self.self_attn, self.layer_norm1
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        if qkv_block.applies(norm, *projections):  # same numbers, LayerNorm(x) not kept for the backward pass
+            return attn.attend(*qkv_block.qkv_block(norm, *projections, x), mask)
+        return attn(norm(x), mask)
 
     def pooled(self, x: mx.array, positions, mask=None) -> mx.array:
         """The block's output at the pooled positions only, (B, D) (or (B, n, D) for (B, n) positions): what a tower's

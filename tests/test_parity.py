@@ -234,15 +234,19 @@ def test_packed_text_rows_match_open_clip_on_full_rows(parts):
     assert rel(out, ref_txt) <= TOL
 
 
-@pytest.mark.parametrize("arch,packed", [("tiny", False), ("small", False), ("small", True)])
-def test_loss_gradients_match_open_clip(arch, packed):
+@pytest.mark.parametrize("arch,packed,qkv", [("tiny", False, False), ("small", False, False), ("small", True, False),
+                                             ("small", True, True)])
+def test_loss_gradients_match_open_clip(monkeypatch, arch, packed, qkv):
     """Gradients of the contrastive loss w.r.t. every weight against open_clip's autograd (its ClipLoss): the whole
     backward pass, the hand-written parts included (MLP block, LayerNorm, CPU attention, the last blocks that run
-    their pooled token only), with the caption rows as given or packed as the training loop packs them. Gradients go
-    through the same converter as weights (its layout changes are linear)."""
+    their pooled token only; with `qkv` the q/k/v block too), with the caption rows as given or packed as the training
+    loop packs them. Gradients go through the same converter as weights (its layout changes are linear)."""
     from mlx.utils import tree_flatten
     import mlx.nn as nn
+    from mlx_clip import qkv_block
     from mlx_clip.train.step import make_loss_fn
+
+    monkeypatch.setattr(qkv_block, "ENABLED", qkv)
 
     cfg, ref, ours = open_clip_pair(arch, seed=2)
     images, ids = inputs(cfg, batch=4, seed=2)
