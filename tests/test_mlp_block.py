@@ -7,10 +7,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 
 from mlx_clip import fastmath, mlp_block
 from mlx_clip.train.lora import LoRALinear
+from block_util import assert_matches_autodiff  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def _layers(seed=0, dims=24, hidden=96):
@@ -27,25 +27,9 @@ def test_block_matches_autodiff(activation, compiled):
     norm, fc1, fc2 = _layers()
     x = mx.random.normal((3, 7, 24), key=mx.random.key(1))
     w = mx.random.normal((3, 7, 24), key=mx.random.key(2))
-    modules = {"norm": norm, "fc1": fc1, "fc2": fc2}
-    params = {k: m.parameters() for k, m in modules.items()}
-
-    def loss(block):
-        def f(params, x):
-            for k, m in modules.items():
-                m.update(params[k])
-            out = mlp_block.mlp_block(norm, fc1, fc2, activation, x) if block else fc2(activation(fc1(norm(x))))
-            return (out * w).sum()
-        f = mx.value_and_grad(f, argnums=(0, 1))
-        return mx.compile(f) if compiled else f
-
-    (got, (got_p, got_x)), (want, (want_p, want_x)) = loss(True)(params, x), loss(False)(params, x)
-    for m, p in zip(modules.values(), params.values()):
-        m.update(p)
-    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
-    np.testing.assert_allclose(np.array(got_x), np.array(want_x), rtol=1e-4, atol=1e-5)
-    for (name, a), (_, b) in zip(tree_flatten(got_p), tree_flatten(want_p)):
-        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5, err_msg=name)
+    assert_matches_autodiff({"norm": norm, "fc1": fc1, "fc2": fc2},
+                            lambda x: (mlp_block.mlp_block(norm, fc1, fc2, activation, x) * w).sum(),
+                            lambda x: (fc2(activation(fc1(norm(x)))) * w).sum(), x, compiled)
 
 
 def test_only_plain_trainable_layers_take_it():

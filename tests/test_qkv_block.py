@@ -14,6 +14,7 @@ from mlx_clip import qkv_block
 from mlx_clip.config import VisionConfig
 from mlx_clip.model import EncoderLayer
 from mlx_clip.train.lora import LoRALinear
+from block_util import assert_matches_autodiff  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def _layers(seed=0, dims=32):
@@ -28,27 +29,11 @@ def _layers(seed=0, dims=32):
 def test_block_matches_autodiff(monkeypatch, compiled):
     monkeypatch.setattr(qkv_block, "ENABLED", True)
     norm, q, k, v = _layers()
-    modules = {"norm": norm, "q": q, "k": k, "v": v}
     x = mx.random.normal((3, 9, 32), key=mx.random.key(1))
     w = [mx.random.normal((3, 9, 32), key=mx.random.key(2 + i)) for i in range(3)]
-    params = {name: m.parameters() for name, m in modules.items()}
-
-    def loss(block):
-        def f(params, x):
-            for name, m in modules.items():
-                m.update(params[name])
-            outs = qkv_block.qkv_block(norm, q, k, v, x) if block else tuple(p(norm(x)) for p in (q, k, v))
-            return sum((o * t).sum() for o, t in zip(outs, w))
-        f = mx.value_and_grad(f, argnums=(0, 1))
-        return mx.compile(f) if compiled else f
-
-    (got, (got_p, got_x)), (want, (want_p, want_x)) = loss(True)(params, x), loss(False)(params, x)
-    for m, p in zip(modules.values(), params.values()):
-        m.update(p)
-    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
-    np.testing.assert_allclose(np.array(got_x), np.array(want_x), rtol=1e-4, atol=1e-5)
-    for (name, a), (_, b) in zip(tree_flatten(got_p), tree_flatten(want_p)):
-        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5, err_msg=name)
+    assert_matches_autodiff({"norm": norm, "q": q, "k": k, "v": v},
+                            lambda x: sum((o * t).sum() for o, t in zip(qkv_block.qkv_block(norm, q, k, v, x), w)),
+                            lambda x: sum((p(norm(x)) * t).sum() for p, t in zip((q, k, v), w)), x, compiled)
 
 
 def test_only_plain_trainable_layers_take_it_and_only_when_on(monkeypatch):
