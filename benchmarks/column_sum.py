@@ -1,6 +1,7 @@
 """Micro-benchmark of the gradients' column sums on the default device (issue 7, perf-notes change 30): a bias
 gradient (Σ over rows of a (tokens, width) gradient) by MLX's reduction, by the product ones(1, N) @ G, and by
-mlx_clip.gpu_reduce's kernel; and a LayerNorm backward (dx and the gain and bias gradients) by MLX's and by ours.
+mlx_clip.gpu_reduce's kernel; and a LayerNorm backward (dx and the gain and bias gradients) and forward by MLX's and
+by ours.
 Shapes: ViT-B/16's and ViT-B/32's image tokens at batch 256, trimmed text.
 
     python -m benchmarks.column_sum
@@ -56,6 +57,9 @@ def main():
         mx.eval(x, g, w, b)
         mlx_us, ours_us = (1e6 * time_call(_layer_norm_backward(o), (x, w, b, g)) for o in (False, True))
         print(f"layer norm backward {shape} bf16: mlx {mlx_us:.1f} us, ours {ours_us:.1f} us", flush=True)
+        mlx_us, ours_us = (1e6 * time_call(f, (x, w, b, 1e-5)) for f in (mx.fast.layer_norm,
+                                                                          gpu_reduce.layer_norm_forward))
+        print(f"layer norm forward {shape} bf16: mlx {mlx_us:.1f} us, ours {ours_us:.1f} us", flush=True)
 
 
 if __name__ == "__main__":

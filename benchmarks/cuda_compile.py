@@ -121,7 +121,7 @@ def kernel_units(lengths=(50, 77, 197, 256, 320), heads=12) -> list[tuple[str, s
 def reduce_units(widths=(520, 768, 1024, 3072, 4096), dtypes=("bfloat16", "float32", "float16"),
                  ) -> list[tuple[str, str]]:
     """(name, translation unit) for gpu_reduce's kernels: the column sum at each width and dtype, the LayerNorm
-    backward at the widths it takes (520: a partly used last 256-column chunk)."""
+    backward and forward at the widths they take (520: a partly used last 256-column chunk)."""
     from mlx_clip import gpu_reduce
 
     units = []
@@ -136,6 +136,9 @@ def reduce_units(widths=(520, 768, 1024, 3072, 4096), dtypes=("bfloat16", "float
                 units.append((name, wrap(name, gpu_reduce.HEADER, gpu_reduce.layer_norm_source(1e-5),
                                          [("x", dtype), ("w", dtype), ("g", dtype)],
                                          [("dx", dtype), ("partial", "float32")], template)))
+                name = f"{gpu_reduce.layer_norm_kernel_name(1e-5, True)}_C{width}_{dtype}"
+                units.append((name, wrap(name, gpu_reduce.HEADER, gpu_reduce.layer_norm_source(1e-5, True),
+                                         [("x", dtype), ("w", dtype), ("b", dtype)], [("y", dtype)], template)))
     return units
 
 

@@ -51,14 +51,15 @@ for step in "$@"; do
         i=$((i + 1)); env $v timeout 150 ${BENCH/mlx,torch/mlx} --runs 30 --arch ViT-B-32 --out $OUT/regime$i 2>&1 | grep items/s | sed "s/^/[$v] /"
         python3 -c "import json,sys; r=json.loads(open(sys.argv[1]).readline()); print(' runs ms:', ' '.join(f'{1e3*t:.1f}' for t in r['times_s']))" $OUT/regime$i/*.jsonl
       done | tee $OUT/regime.txt ;;
-    next-tests) MLX_ENABLE_TF32=0 timeout 300 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_activation.py tests/test_linear.py tests/test_qkv_block.py tests/test_mlp_block.py "tests/test_parity.py::test_loss_gradients_match_open_clip" 2>&1 | tail -15 | tee $OUT/next-tests.txt ;;
+    next-tests) MLX_ENABLE_TF32=0 timeout 300 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_activation.py tests/test_gpu_reduce.py tests/test_layer_norm.py tests/test_linear.py tests/test_qkv_block.py tests/test_mlp_block.py "tests/test_parity.py::test_loss_gradients_match_open_clip" 2>&1 | tail -15 | tee $OUT/next-tests.txt ;;
     next-mem) # session 14, prepared: ViT-B-16's peak in separate processes with the GELU backward as two kernels (did the
               # one-kernel form add its 1.2 GiB?) and with LayerNorm-1 recomputed (qkv_block)
       for v in "" MLXCLIP_GPU_ACTIVATION_FUSED=0 MLXCLIP_QKV_BLOCK=1 "MLXCLIP_GPU_ACTIVATION_FUSED=0 MLXCLIP_QKV_BLOCK=1" ""; do
         env $v timeout 150 ${BENCH/mlx,torch/mlx} --arch ViT-B-16 --out $OUT/next-mem 2>&1 | grep items/s | sed "s/^/[$v] /"; done | tee $OUT/next-mem.txt ;;
     next-ab) # session 14, prepared: the transposed weight gradients copied once at the source (AdamW read them strided),
-             # the GELU backward as two kernels, LayerNorm-1 recomputed, the multi-tensor optimizer without its copies
-      for a in ViT-B-32 ViT-B-16; do timeout 330 python3 -m benchmarks.gpu_ab --arch $a --variants default,gradcopy=1,actfused=0,qkv=on,gradcopy=1+optimizer=multi --rounds 6 2>&1; done | tee $OUT/next-ab.txt ;;
+             # the GELU backward as two kernels, LayerNorm-1 recomputed, our LayerNorm forward kernel, the multi-tensor
+             # optimizer without its copies
+      for a in ViT-B-32 ViT-B-16; do timeout 330 python3 -m benchmarks.gpu_ab --arch $a --variants default,gradcopy=1,actfused=0,qkv=on,lnforward=ours,gradcopy=1+optimizer=multi --rounds 6 2>&1; done | tee $OUT/next-ab.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -2,17 +2,21 @@
 traced with its switches set, then the variants are timed in alternation, so machine drift hits them all alike.
 
     python -m benchmarks.gpu_ab --arch ViT-B-32 --batch 256 --variants sdpa,fused
-    python -m benchmarks.gpu_ab --arch ViT-B-32 --task embed-image --batch 16 --dtype float32 --variants default,layernorm=mlx
-A variant is `default` (the process's settings) or settings joined by `+`: attention=sdpa|padded|matmul|fused|aligned
-(MLXCLIP_GPU_ATTENTION), memlimit=GiB (mx.set_memory_limit), optimizer=per-param|multi (MLXCLIP_MULTI_TENSOR, mlx_clip/train/multi_tensor.py),
-layernorm=ours|mlx (MLXCLIP_CPU_LAYER_NORM, mlx_clip/layer_norm.py), split=on|off (CPU batch-parallel mode,
-mlx_clip/cpu_streams.py), norm=auto|dot|reduce|concat (step.NORM_SQUARES), grads=autodiff|rowmajor (the GPU weight gradients'
-layout, linear.ROW_MAJOR_GRADS_ON_GPU), gradcopy=0|1 (MLXCLIP_GPU_CONTIGUOUS_GRADS),
-dqrows=16|32 (MLXCLIP_GPU_DQ_ROWS, mlx_clip/gpu_attention.py), dkdvrows=16|32 (MLXCLIP_GPU_DKDV_ROWS), ldmatrix=0|1|2 (MLXCLIP_GPU_LDMATRIX),
-reduce=ours|mlx (MLXCLIP_GPU_REDUCE, mlx_clip/gpu_reduce.py), activation=ours|mlx (MLXCLIP_GPU_ACTIVATION,
-mlx_clip/gpu_activation.py), actfused=1|0 (MLXCLIP_GPU_ACTIVATION_FUSED), qkv=on|off (MLXCLIP_QKV_BLOCK,
-mlx_clip/qkv_block.py); a bare attention
-mode means attention=MODE.
+    python -m benchmarks.gpu_ab --arch ViT-B-32 --task embed-image --batch 16 --dtype float32 \
+        --variants default,layernorm=mlx
+A variant is `default` (the process's settings) or settings joined by `+`:
+- attention=sdpa|padded|matmul|fused|aligned (MLXCLIP_GPU_ATTENTION; a bare mode means attention=MODE), dqrows=16|32
+  (MLXCLIP_GPU_DQ_ROWS, mlx_clip/gpu_attention.py), dkdvrows=16|32 (MLXCLIP_GPU_DKDV_ROWS), ldmatrix=0|1|2
+  (MLXCLIP_GPU_LDMATRIX);
+- memlimit=GiB (mx.set_memory_limit), optimizer=per-param|multi (MLXCLIP_MULTI_TENSOR, mlx_clip/train/multi_tensor.py),
+  norm=auto|dot|reduce|concat (step.NORM_SQUARES);
+- layernorm=ours|mlx (MLXCLIP_CPU_LAYER_NORM, mlx_clip/layer_norm.py), split=on|off (CPU batch-parallel mode,
+  mlx_clip/cpu_streams.py);
+- grads=autodiff|rowmajor (the GPU weight gradients' layout, linear.ROW_MAJOR_GRADS_ON_GPU), gradcopy=0|1
+  (MLXCLIP_GPU_CONTIGUOUS_GRADS);
+- reduce=ours|mlx (MLXCLIP_GPU_REDUCE, mlx_clip/gpu_reduce.py), lnforward=ours|mlx (MLXCLIP_GPU_LAYER_NORM_FORWARD),
+  activation=ours|mlx (MLXCLIP_GPU_ACTIVATION, mlx_clip/gpu_activation.py), actfused=1|0
+  (MLXCLIP_GPU_ACTIVATION_FUSED), qkv=on|off (MLXCLIP_QKV_BLOCK, mlx_clip/qkv_block.py).
 `--torch` adds torch.compile's step (CUDA, or the CPU when MLX runs there) to the rotation. Peak memory measured here
 depends on the order the variants were traced in (same-process allocations); compare memory across separate `mlxclip
 bench` runs.
@@ -48,6 +52,7 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "activation": (gpu_activation, "ENABLED", {"ours": True, "mlx": False}),  # the MLP's GELU forward and backward
     "actfused": (gpu_activation, "FUSED", {"1": True, "0": False}),  # its backward as one kernel or two
     "qkv": (qkv_block, "ENABLED", {"on": True, "off": False}),  # LayerNorm-1 recomputed in the backward
+    "lnforward": (gpu_reduce, "LN_FORWARD", {"ours": True, "mlx": False}),  # the GPU LayerNorm forward's kernel
 }
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr, _) in SETTINGS.items()}
 _LIMIT = mx.get_memory_limit()  # MLX's own memory limit, put back for each variant; memlimit=GiB sets another

@@ -25,6 +25,9 @@ import mlx.core as mx
 from mlx_clip.switches import env_switch
 
 ENABLED = env_switch("MLXCLIP_GPU_REDUCE", True)  # read when a graph is traced
+# The LayerNorm forward by our kernel too (opt-in until measured: MLX's took 98 us a (50432, 768) bf16 launch on an
+# H200, ~3x what its bytes take; results/gpu-s14-h200.md §4)
+LN_FORWARD = env_switch("MLXCLIP_GPU_LAYER_NORM_FORWARD", False)
 MIN_ROWS = 1024  # below, left to MLX: the kernels' fixed cost (a partial sum and a cast) would dominate (not measured)
 MAX_WIDTH = 4096  # the column sum's registers: 8 * ceil(width / 256) fp32 sums a lane
 MAX_LN_WIDTH = 1024  # the LayerNorm kernel keeps x, g and two sums of a row in registers
@@ -88,6 +91,30 @@ __device__ inline float warp_sum(float x) {
   return x;
 }
 
+// A row's NC chunks of 8 columns (lane l: columns 256 j + 8 l ..) into xv, and its mean and 1 / std (the variance
+// around the mean, in fp32, as MLX's LayerNorm computes them)
+template <int NC, int C, typename T>
+__device__ inline void row_stats(const T* row, float (*xv)[8], int lane, float eps, float* mean, float* rstd) {
+  float total = 0.0f;
+#pragma unroll
+  for (int j = 0; j < NC; ++j) {
+    const int col = 256 * j + 8 * lane;
+    if (col < C) load8(row + col, xv[j]);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) total += col < C ? xv[j][e] : 0.0f;
+  }
+  *mean = warp_sum(total) / C;
+  float squares = 0.0f;
+#pragma unroll
+  for (int j = 0; j < NC; ++j)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const float d = xv[j][e] - *mean;
+      squares += 256 * j + 8 * lane < C ? d * d : 0.0f;
+    }
+  *rstd = rsqrtf(warp_sum(squares) / C + eps);
+}
+
 // The block's warps add their column sums into sums (256 NC floats), warp after warp (a fixed order), then the block
 // writes columns [0, C) of its row of `partial`.
 template <int NC, int C>
@@ -142,27 +169,11 @@ LAYER_NORM_BACKWARD = r"""
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   float dw_acc[NC][8] = {}, db_acc[NC][8] = {};
   for (int row = blockIdx.x * warps + warp; row < N; row += gridDim.x * warps) {
-    float xv[NC][8], gv[NC][8], total = 0.0f;
-#pragma unroll
-    for (int j = 0; j < NC; ++j) {
-      const int col = 256 * j + 8 * lane;
-      if (col < C) {
-        load8(x + (size_t)row * C + col, xv[j]);
-        load8(g + (size_t)row * C + col, gv[j]);
-      }
-#pragma unroll
-      for (int e = 0; e < 8; ++e) total += col < C ? xv[j][e] : 0.0f;
-    }
-    const float mean = warp_sum(total) / C;
-    float squares = 0.0f;
+    float xv[NC][8], gv[NC][8], mean, rstd;
 #pragma unroll
     for (int j = 0; j < NC; ++j)
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const float d = xv[j][e] - mean;
-        squares += 256 * j + 8 * lane < C ? d * d : 0.0f;
-      }
-    const float rstd = rsqrtf(warp_sum(squares) / C + EPS);
+      if (256 * j + 8 * lane < C) load8(g + (size_t)row * C + 256 * j + 8 * lane, gv[j]);
+    row_stats<NC, C>(x + (size_t)row * C, xv, lane, EPS, &mean, &rstd);
     float s1 = 0.0f, s2 = 0.0f;  // Σ g w and Σ g w x̂ over the row
 #pragma unroll
     for (int j = 0; j < NC; ++j) {
@@ -197,6 +208,30 @@ LAYER_NORM_BACKWARD = r"""
   block_sums<NC, C>(dw_acc, sums, partial + (size_t)blockIdx.x * 2 * C, warp, lane);
   __syncthreads();
   block_sums<NC, C>(db_acc, sums, partial + ((size_t)blockIdx.x * 2 + 1) * C, warp, lane);
+"""
+
+
+# LayerNorm forward: y = (x - mean) / sqrt(var + EPS) w + b over the last axis of (N, C) x, a warp a row.
+LAYER_NORM_FORWARD = r"""
+  using namespace mlxclip_reduce;
+  const int N = x_shape[0];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  for (int row = blockIdx.x * warps + warp; row < N; row += gridDim.x * warps) {
+    float xv[NC][8], mean, rstd;
+    row_stats<NC, C>(x + (size_t)row * C, xv, lane, EPS, &mean, &rstd);
+#pragma unroll
+    for (int j = 0; j < NC; ++j) {
+      const int col = 256 * j + 8 * lane;
+      if (col < C) {
+        float wv[8], bv[8];
+        load8(w + col, wv);
+        load8(b + col, bv);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) xv[j][e] = (xv[j][e] - mean) * rstd * wv[e] + bv[e];
+        store8(y + (size_t)row * C + col, xv[j]);
+      }
+    }
+  }
 """
 
 
@@ -247,13 +282,25 @@ def column_sum(x: mx.array) -> mx.array:
     return partial.sum(axis=0).astype(x.dtype)
 
 
-def layer_norm_source(eps: float) -> str:
-    """The LayerNorm backward's source with its epsilon (a float cannot be a template argument)."""
-    return f"  constexpr float EPS = {float(eps)!r}f;\n" + LAYER_NORM_BACKWARD
+def layer_norm_source(eps: float, forward: bool = False) -> str:
+    """The LayerNorm backward's (or forward's) source with its epsilon (a float cannot be a template argument)."""
+    return f"  constexpr float EPS = {float(eps)!r}f;\n" + (LAYER_NORM_FORWARD if forward else LAYER_NORM_BACKWARD)
 
 
-def layer_norm_kernel_name(eps: float) -> str:
-    return "mlxclip_layer_norm_backward_" + f"{float(eps):.3e}".replace("-", "m").replace("+", "p").replace(".", "_")
+def layer_norm_kernel_name(eps: float, forward: bool = False) -> str:
+    return (f"mlxclip_layer_norm_{'forward' if forward else 'backward'}_"
+            + f"{float(eps):.3e}".replace("-", "m").replace("+", "p").replace(".", "_"))
+
+
+def layer_norm_forward(x: mx.array, w: mx.array, b: mx.array, eps: float) -> mx.array:
+    """LayerNorm(x) w + b over the last axis by our kernel (layer_norm_applies(x, w), b typed as w)."""
+    rows, width = _rows_and_width(x)
+    blocks = -(-rows // (4 * LN_WARPS))  # 4 rows a warp; no partial sums, so no cap on the blocks
+    kernel = _kernel(layer_norm_kernel_name(eps, True), layer_norm_source(eps, True), ("x", "w", "b"), ("y",))
+    (y,) = kernel(inputs=[x.reshape(rows, width), w, b], template=_template(x, width),
+                  grid=(blocks * 32 * LN_WARPS, 1, 1), threadgroup=(32 * LN_WARPS, 1, 1),
+                  output_shapes=[(rows, width)], output_dtypes=[x.dtype])
+    return y.reshape(x.shape)
 
 
 def layer_norm_grads(x: mx.array, w: mx.array, g: mx.array, eps: float) -> tuple[mx.array, mx.array, mx.array]:

@@ -88,11 +88,14 @@ def layer_norm(x: mx.array, w: mx.array, b: mx.array, eps: float) -> mx.array:
 
 @lru_cache(maxsize=None)
 def _gpu_layer_norm(eps: float):
-    """mx.fast.layer_norm whose backward is gpu_reduce's kernel: dx and the gain and bias gradients in one pass over x
-    and g (MLX's writes g·x̂ for every element, then runs two slow column reductions)."""
+    """mx.fast.layer_norm (or gpu_reduce's forward kernel, MLXCLIP_GPU_LAYER_NORM_FORWARD=1) whose backward is
+    gpu_reduce's kernel: dx and the gain and bias gradients in one pass over x and g (MLX's writes g·x̂ for every
+    element, then runs two slow column reductions)."""
 
     @mx.custom_function
     def layer_norm(x, w, b):
+        if gpu_reduce.LN_FORWARD:
+            return gpu_reduce.layer_norm_forward(x, w, b, eps)
         return mx.fast.layer_norm(x, w, b, eps)
 
     @layer_norm.vjp

@@ -85,6 +85,32 @@ def test_layer_norm_backward_matches_float64(shape, dtype):
 
 @cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape,dtype", [((64, 197, 768), mx.bfloat16), ((1100, 520), mx.float32),
+                                         ((2048, 1024), mx.float16), ((256, 32, 512), mx.bfloat16)])
+def test_layer_norm_forward_matches_float64(monkeypatch, shape, dtype):
+    """MLXCLIP_GPU_LAYER_NORM_FORWARD's kernel: LayerNorm(x) w + b within the dtype's rounding of float64, and no
+    further from it than mx.fast.layer_norm."""
+    eps = 1e-5
+    (x, _), (w, wr), (b, br) = (_values(s, dtype, i) for i, s in enumerate([shape, shape[-1:], shape[-1:]]))
+    x = (x * 3 + 1).astype(dtype)
+    xr = np.array(x.astype(mx.float32)).astype(np.float64).reshape(-1, shape[-1])
+    monkeypatch.setattr(gpu_reduce, "LN_FORWARD", True)
+    assert gpu_reduce.layer_norm_applies(x, w)
+    calls = []
+    real = gpu_reduce.layer_norm_forward
+    monkeypatch.setattr(gpu_reduce, "layer_norm_forward", lambda *a: calls.append(1) or real(*a))
+    got = layer_norm.layer_norm(x, w, b, eps)
+    assert calls == [1] and got.dtype == dtype and got.shape == shape
+    mean = xr.mean(-1, keepdims=True)
+    want = (xr - mean) / np.sqrt(((xr - mean) ** 2).mean(-1, keepdims=True) + eps) * wr + br
+    tol = 1e-6 if dtype == mx.float32 else 4e-3
+    assert _rel(got.reshape(-1, shape[-1]), want) <= tol
+    mlx = mx.fast.layer_norm(x, w, b, eps).reshape(-1, shape[-1])
+    assert _rel(got.reshape(-1, shape[-1]), want) <= _rel(mlx, want) + tol / 10
+
+
+@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
 def test_dense_layer_bias_gradient_by_the_kernel(monkeypatch, dtype):
     """linear.product's backward with the column-sum kernel gives MLX autodiff's gradients."""
