@@ -15,8 +15,8 @@ def test_settings_are_set_joined_and_reset():
         assert qkv_block.ENABLED and gpu_reduce.LN_FORWARD and linear.CONTIGUOUS_GRADS_ON_GPU
         assert not gpu_activation.FUSED
         gpu_ab._set("default")  # back to the process's settings
-        assert (qkv_block.ENABLED, gpu_reduce.LN_FORWARD, linear.CONTIGUOUS_GRADS_ON_GPU, gpu_activation.FUSED) == (
-            gpu_ab.DEFAULTS["qkv"], gpu_ab.DEFAULTS["lnforward"], gpu_ab.DEFAULTS["gradcopy"], gpu_ab.DEFAULTS["actfused"])
+        now = (qkv_block.ENABLED, gpu_reduce.LN_FORWARD, linear.CONTIGUOUS_GRADS_ON_GPU, gpu_activation.FUSED)
+        assert now == tuple(gpu_ab.DEFAULTS[name] for name in ("qkv", "lnforward", "gradcopy", "actfused"))
     finally:
         gpu_ab._set("default")
 
