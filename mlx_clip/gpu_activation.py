@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from mlx_clip.gpu_reduce import VECTORS
+from mlx_clip.gpu_reduce import VECTORS, cuda_device
 from mlx_clip.switches import env_switch
 
 ENABLED = env_switch("MLXCLIP_GPU_ACTIVATION", True)  # read when a graph is traced
@@ -96,8 +96,7 @@ SOURCES = {  # kernel -> (source, inputs, outputs)
 
 def applies(x: mx.array) -> bool:
     """Whether our kernels take x (decided when a graph is traced)."""
-    return (ENABLED and mx.default_device() == mx.gpu and mx.cuda.is_available() and x.dtype in _DTYPES
-            and x.size % 8 == 0 and 0 < x.size < 2**31)
+    return ENABLED and cuda_device() and x.dtype in _DTYPES and x.size % 8 == 0 and 0 < x.size < 2**31
 
 
 @lru_cache(maxsize=None)

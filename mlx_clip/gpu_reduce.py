@@ -235,8 +235,13 @@ LAYER_NORM_FORWARD = r"""
 """
 
 
+def cuda_device() -> bool:
+    """Whether the default device is a CUDA GPU (where our kernels run; gpu_activation asks too)."""
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
 def _on_cuda() -> bool:
-    return ENABLED and mx.default_device() == mx.gpu and mx.cuda.is_available()
+    return ENABLED and cuda_device()
 
 
 def _rows_and_width(x: mx.array) -> tuple[int, int]:

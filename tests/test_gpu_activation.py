@@ -7,6 +7,7 @@ import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -108,8 +109,6 @@ def test_compiled_step_through_fastmath_gelu_uses_the_kernels(monkeypatch):
 def test_mlp_block_backward_takes_one_pass(monkeypatch, activation):
     """The MLP block's backward recomputes the activation and its gradient with value_and_grad (one kernel), and its
     input gradient matches the block differentiated with MLX's ops (MLXCLIP_GPU_ACTIVATION off)."""
-    import mlx.nn as nn
-
     mx.random.seed(0)
     norm, fc1, fc2 = nn.LayerNorm(256), nn.Linear(256, 1024), nn.Linear(1024, 256)
     x = mx.random.normal((8, 50, 256))
