@@ -63,9 +63,10 @@ def test_value_and_grad_match_float64(monkeypatch, kind, shape, dtype):
     want_a, want_slope = _reference(kind, xr)
     a = gpu_activation.value(kind, x)
     both = gpu_activation.value_and_grad(kind, x, g)
-    monkeypatch.setattr(gpu_activation, "FUSED", False)  # the two-kernel form gives the same numbers
-    for fused, split in zip(both, gpu_activation.value_and_grad(kind, x, g)):
-        assert np.array_equal(_np(fused), _np(split))
+    # The two-kernel form is held to the same float64 bounds. It is not bit-equal to the fused one: on the H200
+    # (session 15) erf GELU's value differed in the last place, as NVRTC contracts each kernel's arithmetic its own way.
+    monkeypatch.setattr(gpu_activation, "FUSED", False)
+    split = gpu_activation.value_and_grad(kind, x, g)
     _, vjp = mx.vjp(gpu_activation.activation(kind), [x], [g])
     for got in (a, *both, vjp[0]):
         assert got.dtype == dtype and got.shape == shape
@@ -73,6 +74,8 @@ def test_value_and_grad_match_float64(monkeypatch, kind, shape, dtype):
     _assert_rounded(both[0], want_a, xr, dtype, "value_and_grad's value")
     _assert_rounded(both[1], gr * want_slope, xr, dtype, "value_and_grad's gradient")
     _assert_rounded(vjp[0], gr * want_slope, xr, dtype, "the custom function's gradient")
+    _assert_rounded(split[0], want_a, xr, dtype, "the two-kernel form's value")
+    _assert_rounded(split[1], gr * want_slope, xr, dtype, "the two-kernel form's gradient")
     if dtype == mx.float32:  # both round only at the end here: float64 above is the check
         return
     # in 16 bits, no further from float64 than MLX's own ops (nn.gelu / x sigmoid(1.702 x), autodiff), which round
