@@ -123,7 +123,7 @@ def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text",
             else:
                 print(f"{arch} {task} batch {rec['batch']} {backend} {mode} ({device}, {dtype}): "
                       f"{rec['items_per_s']:.2f} items/s, {rec['latency_ms_p50']:.1f} ms p50, "
-                      f"peak {rec['peak_mem_bytes'] / 2**20:.0f} MiB" + _rounds_note(rec), flush=True)
+                      f"peak {rec['peak_mem_bytes'] / 2**20:.0f} MiB" + _host_note(rec) + _rounds_note(rec), flush=True)
     for line in ratio_lines(records):
         (_say if as_json else print)(line)
     if out is not None:
@@ -143,6 +143,10 @@ def _median_round(recs: list[dict]) -> dict:
                min_s=min(r["min_s"] for r in recs), max_s=max(r["max_s"] for r in recs),
                peak_mem_bytes=max(r["peak_mem_bytes"] for r in recs))
     return rec
+
+
+def _host_note(rec: dict) -> str:
+    return f", host {rec['host_ms_p50']:.1f} ms" if "host_ms_p50" in rec else ""
 
 
 def _rounds_note(rec: dict) -> str:

@@ -159,6 +159,8 @@ def run_worker(spec: dict) -> dict:
                   load_avg=[round(load_before, 2), round(os.getloadavg()[0], 2)])  # other jobs on the machine
     if spec["task"] == "train":
         record["pairs_per_s"] = record["items_per_s"]  # one image and one caption per pair
+    if getattr(workload, "host_s", None):  # MLX's train step: the timed runs' host time (workloads_mlx.Workload)
+        record.update(host_s=workload.host_s[-runs:], host_ms_p50=1e3 * statistics.median(workload.host_s[-runs:]))
     return record
 
 

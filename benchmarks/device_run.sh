@@ -60,6 +60,12 @@ for step in "$@"; do
              # the GELU backward as two kernels, LayerNorm-1 recomputed, our LayerNorm forward kernel, the multi-tensor
              # optimizer without its copies
       for a in ViT-B-32 ViT-B-16; do timeout 330 python3 -m benchmarks.gpu_ab --arch $a --variants default,gradcopy=1,actfused=0,qkv=on,lnforward=ours,gradcopy=1+optimizer=multi --rounds 6 2>&1; done | tee $OUT/next-ab.txt ;;
+    mt-ab) # session 15: the ViT-B/32 step is host-bound (results/gpu-s15-h200.md §4) and the multi-tensor optimizer
+           # cuts its launches 3,717 -> 2,053 and its kernels 44.1 -> 33.9 ms; separate processes, alternating, the
+           # bench line now gives MLX's host time: does the host time fall with it? (then make it the CUDA default)
+      for a in ${MT_ARCHS:-ViT-B-32 ViT-B-16}; do for r in 1 2 3; do for v in 0 1; do
+        MLXCLIP_MULTI_TENSOR=$v timeout 150 ${BENCH/mlx,torch/mlx} --arch $a --out $OUT/mt-ab 2>&1 | grep items/s | sed "s/^/[multi-tensor $v] /"
+      done; done; done | tee $OUT/mt-ab.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

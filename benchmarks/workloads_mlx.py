@@ -7,6 +7,7 @@ normalized embeddings of a batch; "compiled" wraps the encoder in `mx.compile`. 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,6 +37,10 @@ class Workload:
     # train only: one step's lazy outputs (loss, norm, applied, model and optimizer state), not evaluated, so that
     # host-side graph building can be timed apart from the device's work (benchmarks/gpu_host.py)
     launch: Callable[[], list] | None = None
+    # train only: each run's host time, the calling thread's CPU seconds from the step's call until all its work is
+    # queued (`mx.async_eval` returns). On a GPU a step whose host time is close to its wall time is host-bound: its
+    # speed is the host CPU's, not the card's (benchmarks/results/gpu-s15-h200.md §4).
+    host_s: list[float] | None = None
 
 
 def _uncompiled(fn: Callable[[], None]) -> Callable[[], None]:
@@ -86,10 +91,16 @@ def mlx_workload(config: CLIPConfig, task: str, batch: int, mode: str = "compile
         def launch():
             return [step(images, ids, labels), model.state, optimizer.state]
 
-        def run():
-            mx.eval(launch())
+        host_s = []
 
-        return Workload(_in_mode(run if mode == "compiled" else _uncompiled(run), batch > 1), batch, launch)
+        def run():
+            tick = time.thread_time()
+            outputs = launch()
+            mx.async_eval(outputs)
+            host_s.append(time.thread_time() - tick)
+            mx.eval(outputs)
+
+        return Workload(_in_mode(run if mode == "compiled" else _uncompiled(run), batch > 1), batch, launch, host_s)
     encode = {
         "embed-image": lambda x, t: model.encode_image(x, normalize=True),
         "embed-text": lambda x, t: model.encode_text(t, normalize=True),

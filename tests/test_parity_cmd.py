@@ -175,6 +175,22 @@ def test_bench_json_lines(tmp_path, capsys):
         stem.with_suffix(".md").read_text()
 
 
+def test_bench_train_reports_mlx_host_time(tmp_path, capsys):
+    """MLX's train rows carry each timed run's host time (CPU time of the calling thread until the step is queued):
+    one per timed run, each within its run's wall time; torch's rows have none; the report names it."""
+    cli.main(["bench", "--arch", "tiny", "--backend", "mlx,torch", "--task", "train", "--mode", "compiled",
+              "--batch", "2", "--runs", "3", "--warmup", "1", "--device", "cpu", "--out", str(tmp_path), "--json"],
+             standalone_mode=False)
+    records = {r["backend"]: r for r in map(json.loads, capsys.readouterr().out.strip().splitlines())}
+    mlx_rec = records["mlx"]
+    assert len(mlx_rec["host_s"]) == len(mlx_rec["times_s"]) == 3
+    assert all(0 < h <= t for h, t in zip(mlx_rec["host_s"], mlx_rec["times_s"]))
+    assert mlx_rec["host_ms_p50"] == pytest.approx(1e3 * sorted(mlx_rec["host_s"])[1])
+    assert "host_s" not in records["torch"]
+    report = (tmp_path / "bench-cpu-tiny-float32-b2.md").read_text()
+    assert f"{mlx_rec['host_ms_p50']:.1f} ms of a {mlx_rec['latency_ms_p50']:.1f} ms step" in report
+
+
 def test_bench_runs_accumulate_in_one_table(tmp_path, capsys):
     """A second run with another task adds its rows; a task measured again replaces its own rows only. Captions set
     with --caption-tokens name the files and reach both backends (MLX trims the padding, so its text rows are short)."""
