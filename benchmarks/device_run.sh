@@ -66,6 +66,14 @@ for step in "$@"; do
       for a in ${MT_ARCHS:-ViT-B-32 ViT-B-16}; do for r in 1 2 3; do for v in 0 1; do
         MLXCLIP_MULTI_TENSOR=$v timeout 150 ${BENCH/mlx,torch/mlx} --arch $a --out $OUT/mt-ab 2>&1 | grep items/s | sed "s/^/[multi-tensor $v] /"
       done; done; done | tee $OUT/mt-ab.txt ;;
+    alloc) # session 15: on this 2-core CPU another malloc halved the compiled call's graph replay (small b2: 12.9-14.0 ->
+           # 5.1-7.3 ms, jemalloc / mimalloc; a third of it was glibc malloc) and cut MLX's host time per small b32 step
+           # 56.2 -> 45.0 ms, but not the CPU step's wall time. On the host-bound GPU step it may. Stage the libraries
+           # here first (Debian's need glibc 2.34): apt-get install libjemalloc2 libmimalloc2.0, then
+           # cp /usr/lib/x86_64-linux-gnu/lib{jemalloc,mimalloc}.so.2 .whlP/ and carry [".whlP"] with this call.
+      for r in 1 2; do for lib in "" $PWD/.whlP/libjemalloc.so.2 $PWD/.whlP/libmimalloc.so.2; do
+        LD_PRELOAD=$lib timeout 120 python3 -m benchmarks.gpu_host --arch ViT-B-32 --rounds 3 2>&1 | tail -1 | sed "s|^|[${lib##*/}] |"
+      done; done | tee $OUT/alloc.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done
