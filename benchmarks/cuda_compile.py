@@ -139,6 +139,10 @@ def reduce_units(widths=(520, 768, 1024, 3072, 4096), dtypes=("bfloat16", "float
                 name = f"{gpu_reduce.layer_norm_kernel_name(1e-5, True)}_C{width}_{dtype}"
                 units.append((name, wrap(name, gpu_reduce.HEADER, gpu_reduce.layer_norm_source(1e-5, True),
                                          [("x", dtype), ("w", dtype), ("b", dtype)], [("y", dtype)], template)))
+    for dtype in dtypes:  # the partials' finish (MLXCLIP_GPU_REDUCE_FINISH): any width, read at run time
+        name = f"mlxclip_reduce_finish_{dtype}"
+        units.append((name, wrap(name, gpu_reduce.HEADER, gpu_reduce.FINISH, [("partial", "float32")],
+                                 [("out", dtype)], {"T": dtype})))
     return units
 
 

@@ -74,6 +74,13 @@ for step in "$@"; do
       for r in 1 2; do for lib in "" $PWD/.whlP/libjemalloc.so.2 $PWD/.whlP/libmimalloc.so.2; do
         LD_PRELOAD=$lib timeout 120 python3 -m benchmarks.gpu_host --arch ViT-B-32 --rounds 3 2>&1 | tail -1 | sed "s|^|[${lib##*/}] |"
       done; done | tee $OUT/alloc.txt ;;
+    s15-tests) # session 15: the GPU tests of what changed since the last loan (the finish kernel, the GELU test's
+               # two-kernel form held to float64)
+      MLX_ENABLE_TF32=0 timeout 300 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_reduce.py tests/test_gpu_activation.py tests/test_layer_norm.py tests/test_mlp_block.py 2>&1 | tail -8 | tee $OUT/s15-tests.txt ;;
+    finish) # session 15, prepared: the column sums' partials summed and cast by one kernel (MLXCLIP_GPU_REDUCE_FINISH),
+            # ~230 fewer launches a ViT-B/32 step: host time in separate processes, then the same-process A/B
+      for r in 1 2; do for v in 0 1; do MLXCLIP_GPU_REDUCE_FINISH=$v timeout 120 python3 -m benchmarks.gpu_host --arch ViT-B-32 --rounds 3 2>&1 | tail -1 | sed "s/^/[finish $v] /"; done; done | tee $OUT/finish.txt
+      timeout 300 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --variants default,finish=1 --rounds 8 2>&1 | tail -2 | tee -a $OUT/finish.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -16,7 +16,8 @@ A variant is `default` (the process's settings) or settings joined by `+`:
   (MLXCLIP_GPU_CONTIGUOUS_GRADS);
 - reduce=ours|mlx (MLXCLIP_GPU_REDUCE, mlx_clip/gpu_reduce.py), lnforward=ours|mlx (MLXCLIP_GPU_LAYER_NORM_FORWARD),
   activation=ours|mlx (MLXCLIP_GPU_ACTIVATION, mlx_clip/gpu_activation.py), actfused=1|0
-  (MLXCLIP_GPU_ACTIVATION_FUSED), qkv=on|off (MLXCLIP_QKV_BLOCK, mlx_clip/qkv_block.py).
+  (MLXCLIP_GPU_ACTIVATION_FUSED), qkv=on|off (MLXCLIP_QKV_BLOCK, mlx_clip/qkv_block.py), finish=0|1
+  (MLXCLIP_GPU_REDUCE_FINISH).
 `--torch` adds torch.compile's step (CUDA, or the CPU when MLX runs there) to the rotation. Peak memory measured here
 depends on the order the variants were traced in (same-process allocations); compare memory across separate `mlxclip
 bench` runs.
@@ -53,6 +54,7 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "actfused": (gpu_activation, "FUSED", {"1": True, "0": False}),  # its backward as one kernel or two
     "qkv": (qkv_block, "ENABLED", {"on": True, "off": False}),  # LayerNorm-1 recomputed in the backward
     "lnforward": (gpu_reduce, "LN_FORWARD", {"ours": True, "mlx": False}),  # the GPU LayerNorm forward's kernel
+    "finish": (gpu_reduce, "FINISH_KERNEL", {"1": True, "0": False}),  # the column sums' partials summed by our kernel
 }
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr, _) in SETTINGS.items()}
 _LIMIT = mx.get_memory_limit()  # MLX's own memory limit, put back for each variant; memlimit=GiB sets another

@@ -28,6 +28,10 @@ ENABLED = env_switch("MLXCLIP_GPU_REDUCE", True)  # read when a graph is traced
 # The LayerNorm forward by our kernel too (opt-in until measured: MLX's took 98 us a (50432, 768) bf16 launch on an
 # H200, ~3x what its bytes take; results/gpu-s14-h200.md §4)
 LN_FORWARD = env_switch("MLXCLIP_GPU_LAYER_NORM_FORWARD", False)
+# The (blocks, width) partials summed and cast by our FINISH kernel, one launch, where MLX's column reduction and cast
+# take two (three for the LayerNorm's two gradients): ~230 fewer launches a ViT-B/32 step, whose time is the host's
+# (results/gpu-s15-h200.md §4). Opt-in until measured on a card.
+FINISH_KERNEL = env_switch("MLXCLIP_GPU_REDUCE_FINISH", False)
 MIN_ROWS = 1024  # below, left to MLX: the kernels' fixed cost (a partial sum and a cast) would dominate (not measured)
 MAX_WIDTH = 4096  # the column sum's registers: 8 * ceil(width / 256) fp32 sums a lane
 MAX_LN_WIDTH = 1024  # the LayerNorm kernel keeps x, g and two sums of a row in registers
@@ -132,6 +136,10 @@ __device__ inline void block_sums(float (*acc)[8], float* sums, float* partial, 
   }
   for (int c = threadIdx.x; c < C; c += blockDim.x) partial[c] = sums[c];
 }
+
+__device__ inline void store1(float* p, float v) { *p = v; }
+__device__ inline void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ inline void store1(__half* p, float v) { *p = __float2half_rn(v); }
 }  // namespace mlxclip_reduce
 """
 
@@ -235,6 +243,27 @@ LAYER_NORM_FORWARD = r"""
 """
 
 
+# Σ over the rows of a (R, W) fp32 partial, out (W) in T: a block takes 32 columns (a lane each) and its 8 warps every
+# 8th row, then the first warp adds the 8 warps' sums in warp order (no atomics: the same result every run).
+FINISH = r"""
+  using namespace mlxclip_reduce;
+  const int R = partial_shape[0], W = partial_shape[1];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, col = blockIdx.x * 32 + lane;
+  __shared__ float sums[8][33];
+  float s = 0.0f;
+  if (col < W)
+    for (int r = warp; r < R; r += 8) s += partial[(size_t)r * W + col];
+  sums[warp][lane] = s;
+  __syncthreads();
+  if (warp == 0 && col < W) {
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) total += sums[w][lane];
+    store1(out + col, total);
+  }
+"""
+
+
 def cuda_device() -> bool:
     """Whether the default device is a CUDA GPU (where our kernels run; gpu_activation asks too)."""
     return mx.default_device() == mx.gpu and mx.cuda.is_available()
@@ -274,6 +303,18 @@ def _template(x: mx.array, width: int) -> list:
     return [("T", x.dtype), ("C", width), ("NC", -(-width // 256))]
 
 
+def finish(partial: mx.array, dtype: mx.Dtype) -> mx.array:
+    """Σ over the first axis of a (blocks, W) fp32 partial, as `dtype`: one launch of FINISH with FINISH_KERNEL on,
+    else MLX's column reduction and cast."""
+    if not FINISH_KERNEL:
+        return partial.sum(axis=0).astype(dtype)
+    width = partial.shape[1]
+    (out,) = _kernel("mlxclip_reduce_finish", FINISH, ("partial",), ("out",))(
+        inputs=[partial], template=[("T", dtype)], grid=(-(-width // 32) * 256, 1, 1), threadgroup=(256, 1, 1),
+        output_shapes=[(width,)], output_dtypes=[dtype])
+    return out
+
+
 def column_sum(x: mx.array) -> mx.array:
     """Σ over every axis but the last, (..., C) -> (C,) in x's dtype: our kernel where it applies, else MLX's sum."""
     rows, width = _rows_and_width(x)
@@ -284,7 +325,7 @@ def column_sum(x: mx.array) -> mx.array:
     (partial,) = kernel(inputs=[x.reshape(rows, width)], template=_template(x, width),
                         grid=(blocks * 32 * SUM_WARPS, 1, 1), threadgroup=(32 * SUM_WARPS, 1, 1),
                         output_shapes=[(blocks, width)], output_dtypes=[mx.float32])
-    return partial.sum(axis=0).astype(x.dtype)
+    return finish(partial, x.dtype)
 
 
 def layer_norm_source(eps: float, forward: bool = False) -> str:
@@ -318,5 +359,8 @@ def layer_norm_grads(x: mx.array, w: mx.array, g: mx.array, eps: float) -> tuple
                          template=_template(x, width),
                          grid=(blocks * 32 * LN_WARPS, 1, 1), threadgroup=(32 * LN_WARPS, 1, 1),
                          output_shapes=[(rows, width), (blocks, 2, width)], output_dtypes=[x.dtype, mx.float32])
-    sums = partial.sum(axis=0)
+    if FINISH_KERNEL:  # both gradients in one launch: (blocks, 2 width) -> (2 width) in w's dtype
+        sums = finish(partial.reshape(blocks, 2 * width), w.dtype).reshape(2, width)
+        return dx.reshape(x.shape), sums[0], sums[1]
+    sums = partial.sum(axis=0)  # the measured default: MLX's reduction, then a cast for each
     return dx.reshape(x.shape), sums[0].astype(w.dtype), sums[1].astype(w.dtype)

@@ -46,7 +46,9 @@ def test_column_sum_falls_back_to_mlx_off_cuda():
 @pytest.mark.parametrize("shape,dtype", [((256, 197, 768), mx.bfloat16), ((2048, 520), mx.float32),
                                          ((8192, 3072), mx.bfloat16), ((1500, 4096), mx.float16),
                                          ((1024, 8), mx.float32)])
-def test_column_sum_matches_float64(shape, dtype):
+@pytest.mark.parametrize("finish", [False, True], ids=["mlx-finish", "kernel-finish"])
+def test_column_sum_matches_float64(monkeypatch, shape, dtype, finish):
+    monkeypatch.setattr(gpu_reduce, "FINISH_KERNEL", finish)  # the partials summed by MLX, or by our FINISH kernel
     x, ref = _values(shape, dtype, 1)
     rows = x.size // shape[-1]
     assert gpu_reduce.column_sum_fits(rows, shape[-1], dtype)
@@ -62,7 +64,9 @@ def test_column_sum_matches_float64(shape, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,dtype", [((64, 197, 768), mx.bfloat16), ((1100, 520), mx.float32),
                                          ((2048, 1024), mx.float16), ((256, 32, 512), mx.float32)])
-def test_layer_norm_backward_matches_float64(shape, dtype):
+@pytest.mark.parametrize("finish", [False, True], ids=["mlx-finish", "kernel-finish"])
+def test_layer_norm_backward_matches_float64(monkeypatch, shape, dtype, finish):
+    monkeypatch.setattr(gpu_reduce, "FINISH_KERNEL", finish)
     eps = 1e-5
     (x, xr), (w, wr), (b, _), (g, gr) = (_values(s, dtype, i) for i, s in
                                          enumerate([shape, shape[-1:], shape[-1:], shape]))
@@ -81,6 +85,27 @@ def test_layer_norm_backward_matches_float64(shape, dtype):
     assert _rel(dx, np.array(mlx_dx.astype(mx.float32)).astype(np.float64)) <= tol
     for ours, theirs, want in ((dw, mlx_dw, want_dw), (db, mlx_db, want_db)):
         assert _rel(ours, want) <= _rel(theirs, want) + tol / 10
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,width,dtype", [(512, 768, mx.bfloat16), (37, 1000, mx.float32), (1, 8, mx.float16),
+                                              (300, 2 * 520, mx.float32)])
+def test_finish_kernel_matches_float64(monkeypatch, rows, width, dtype):
+    """FINISH alone: any row count and width (a partly used last block of 32 columns), rounded once to the dtype, the
+    same bits on every run."""
+    monkeypatch.setattr(gpu_reduce, "FINISH_KERNEL", True)
+    partial, ref = _values((rows, width), mx.float32, 5)
+    got = gpu_reduce.finish(partial, dtype)
+    assert got.dtype == dtype and got.shape == (width,)
+    want = ref.sum(0)
+    err = np.abs(np.array(got.astype(mx.float32)).astype(np.float64) - want)
+    ulp = {mx.float32: 2.0**-23, mx.bfloat16: 2.0**-8, mx.float16: 2.0**-10}[dtype]
+    # fp32 adds over the rows (|terms| summed times rows · 2^-24), then one rounding to the dtype
+    bound = ulp * np.abs(want) + rows * 2.0**-24 * np.abs(ref).sum(0)
+    assert np.all(err <= bound)
+    again = gpu_reduce.finish(partial, dtype)
+    assert np.array_equal(np.array(got.astype(mx.float32)), np.array(again.astype(mx.float32)))
 
 
 @cuda
