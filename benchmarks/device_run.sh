@@ -81,6 +81,13 @@ for step in "$@"; do
             # ~230 fewer launches a ViT-B/32 step: host time in separate processes, then the same-process A/B
       for r in 1 2; do for v in 0 1; do MLXCLIP_GPU_REDUCE_FINISH=$v timeout 120 python3 -m benchmarks.gpu_host --arch ViT-B-32 --rounds 3 2>&1 | tail -1 | sed "s/^/[finish $v] /"; done; done | tee $OUT/finish.txt
       timeout 300 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --variants default,finish=1 --rounds 8 2>&1 | tail -2 | tee -a $OUT/finish.txt ;;
+    spy) # session 15: where the host's time goes in the steady state (py-spy --native, 100 Hz, 25 s, started once the
+         # first steps' NVRTC compilation is over; the one taken in session 15 from the start caught mostly that).
+         # Stage py-spy first: pip download --no-deps py-spy (manylinux x86-64) into .whlP/ and carry [".whlP"]
+      python3 -m pip install -q --no-index --no-deps --target /tmp/spy .whlP/py_spy-*.whl
+      python3 -m benchmarks.gpu_host --arch ${SPY_ARCH:-ViT-B-32} --rounds 20 > $OUT/spy-host.txt 2>&1 & pid=$!
+      sleep ${SPY_AFTER:-60}; timeout 60 /tmp/spy/bin/py-spy record --native --format raw -r 100 -d 25 -o $OUT/spy.txt --pid $pid 2>&1 | tail -2
+      kill $pid 2>/dev/null; wait $pid ;;
     *) echo "unknown step $step" ;;
   esac
 done
