@@ -104,8 +104,8 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
         lines += ["", "## MLX's host time (train)", "",
                   "The calling thread's CPU time from the step's call until all its work is queued (`mx.async_eval` "
                   "returns), median of the timed runs. On a GPU, a host time close to the step's time means the step "
-                  "is host-bound: it goes at the speed of the host's CPU, and its time moves with it. On the CPU this thread's "
-                  "work shares the cores with the computation.", "",
+                  "is host-bound: it goes at the speed of the host's CPU, and its time moves with it. On the CPU this "
+                  "thread's work shares the cores with the computation.", "",
                   *[f"- {r['task']} batch {r['batch']} {r['backend']} {r['mode']}: {r['host_ms_p50']:.1f} ms of a "
                     f"{r['latency_ms_p50']:.1f} ms step ({100 * r['host_ms_p50'] / r['latency_ms_p50']:.0f}%)"
                     for r in hosted]]
