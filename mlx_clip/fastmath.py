@@ -228,7 +228,8 @@ def token_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: fl
     """Attention over `heads` heads of (B, L, heads·Dh) projections, returned as (B, L, heads·Dh).
 
     On CUDA the fused kernels of mlx_clip.gpu_attention (up to 320 tokens) take it when they apply
-    (MLXCLIP_GPU_ATTENTION "fused"); they read the projections' layout directly. Otherwise the heads are split off and `attention` runs."""
+    (MLXCLIP_GPU_ATTENTION "fused"); they read the projections' layout directly. Otherwise the heads are split off
+    and `attention` runs."""
     if GPU_ATTENTION in ("fused", "aligned") and gpu_attention.supported(q, heads, scale, mask):
         return gpu_attention.fused(heads, isinstance(mask, str))(q, k, v)
     return merge_heads(attention(*(split_heads(t, heads) for t in (q, k, v)), scale=scale, mask=mask))
@@ -261,11 +262,12 @@ def _matmul_attention(q, k, v, scale: float, mask, softmax_fn) -> mx.array:
 # tokens with head width 64: one block per head up to 64 tokens (ViT-B/32 images, trimmed text; attention fwd+bwd 2x
 # faster, the ViT-B/32 step ~10%), tiled flash-style kernels above (ViT-B/16's 197 tokens: fwd+bwd 7.45 -> 2.39 ms on
 # an H200, the step -14 to -19%); longer sequences take sdpa); "sdpa" (mx.fast.scaled_dot_product_attention as is);
-# "padded" (q, k, v padded to the next multiple of 128 when that at most doubles the length, padded keys masked out, padded query rows computed and
-# dropped: ViT-B-16 train +9-15% img/s on the H100 but +20-27% peak memory); "matmul" (two batched matmuls around MLX's
-# softmax, differentiated by MLX: no fused kernel at all); "aligned" (as "fused", but sequences beyond the fused kernels
-# padded to the next multiple of 8 (ALIGN_BLOCK), padded keys masked: the unfused backward's batched GEMMs then get
-# 16-byte-aligned rows instead of cuBLAS's align-1 kernels; ViT-B/16 -6% on an H100 before the tiled kernels took 197).
+# "padded" (q, k, v padded to the next multiple of 128 when that at most doubles the length, padded keys masked out,
+# padded query rows computed and dropped: ViT-B-16 train +9-15% img/s on the H100 but +20-27% peak memory); "matmul"
+# (two batched matmuls around MLX's softmax, differentiated by MLX: no fused kernel at all); "aligned" (as "fused", but
+# sequences beyond the fused kernels padded to the next multiple of 8 (ALIGN_BLOCK), padded keys masked: the unfused
+# backward's batched GEMMs then get 16-byte-aligned rows instead of cuBLAS's align-1 kernels; ViT-B/16 -6% on an H100
+# before the tiled kernels took 197).
 GPU_ATTENTION_MODES = ("sdpa", "padded", "matmul", "fused", "aligned")
 GPU_ATTENTION = os.environ.get("MLXCLIP_GPU_ATTENTION", "fused").strip().lower() or "fused"
 if GPU_ATTENTION not in GPU_ATTENTION_MODES:

@@ -26,7 +26,8 @@ from mlx_clip.switches import env_switch
 ENABLED = env_switch("MLXCLIP_GPU_ACTIVATION", True)  # read when a graph is traced
 # value_and_grad as one kernel (a and dh from one read of h), or two (MLXCLIP_GPU_ACTIVATION_FUSED=0: a by the forward
 # kernel, dh by the gradient kernel, h read twice): the second lets a appear only where fc2's weight gradient uses it,
-# to test whether a's early appearance is what raised ViT-B/16's peak by 1.2 GiB (perf-notes change 31)
+# to test whether a's early appearance is what raised ViT-B/16's peak by 1.2 GiB (perf-notes change 31). It is not:
+# an H200's ViT-B/32 step peaked higher with two kernels (5.44 vs 4.85 GiB; results/gpu-s15-h200.md §2)
 FUSED = env_switch("MLXCLIP_GPU_ACTIVATION_FUSED", True)
 KINDS = {"gelu": 0, "quick_gelu": 1}  # the KIND template argument
 THREADS = 256

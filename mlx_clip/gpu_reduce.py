@@ -25,8 +25,8 @@ import mlx.core as mx
 from mlx_clip.switches import env_switch
 
 ENABLED = env_switch("MLXCLIP_GPU_REDUCE", True)  # read when a graph is traced
-# The LayerNorm forward by our kernel too (opt-in until measured: MLX's took 98 us a (50432, 768) bf16 launch on an
-# H200, ~3x what its bytes take; results/gpu-s14-h200.md §4)
+# The LayerNorm forward by our kernel too (opt-in: MLX's took 98 us a (50432, 768) bf16 launch on an H200, ~3x what
+# its bytes take, but an H200's ViT-B/32 step measured 84.7 vs 82.0 ms with ours; results/gpu-s15-h200.md §2)
 LN_FORWARD = env_switch("MLXCLIP_GPU_LAYER_NORM_FORWARD", False)
 # The (blocks, width) partials summed and cast by our FINISH kernel, one launch, where MLX's column reduction and cast
 # take two (three for the LayerNorm's two gradients): ~230 fewer launches a ViT-B/32 step, whose time is the host's

@@ -1,5 +1,5 @@
 """LayerNorm -> q, k, v projections with a hand-written backward that keeps the block's input, not the normalised
-activations (issue 7; opt-in, MLXCLIP_QKV_BLOCK=1, until measured on a GPU).
+activations (issue 7; opt-in, MLXCLIP_QKV_BLOCK=1: an H200's ViT-B/32 step measured no gain, 89.7 vs 82.0 ms).
 
 Differentiated by MLX, the attention half of a pre-norm block keeps y = LayerNorm(x), the three projections' input,
 for their weight gradients: one (tokens x width) activation per layer (77.5 MB a ViT-B/16 layer at batch 256, ~1 GB a
@@ -13,6 +13,9 @@ ordinary path).
 """
 
 from __future__ import annotations
+
+import operator
+from functools import reduce
 
 import mlx.core as mx
 
@@ -51,7 +54,7 @@ def _block_vjp(eps: float, primals, cotangents):
     x, ln_w, ln_b, *weights_and_biases = primals
     weights, biases = weights_and_biases[::2], weights_and_biases[1::2]
     rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (tokens of every batch row as one matrix)
-    dy = sum(g @ w for g, w in zip(cotangents, weights))
+    dy = reduce(operator.add, (g @ w for g, w in zip(cotangents, weights)))  # no 0 + ...: one add fewer a layer
     y, dx, d_ln_w, d_ln_b = ln.recomputed(x, ln_w, ln_b, dy.astype(x.dtype), eps)
     grads = []
     for g, w, b in zip(cotangents, weights, biases):
