@@ -19,6 +19,7 @@ from pathlib import Path
 from benchmarks.batches import CAPTION_HELP, parse_caption_tokens
 from benchmarks.bench_report import ratio_lines, write_report
 from benchmarks.workloads_mlx import MODES, TASKS
+from mlx_clip import host_malloc
 from mlx_clip.memory import parse_bytes
 
 BACKENDS = ("mlx", "torch")
@@ -52,6 +53,11 @@ def _split(value, allowed, what: str) -> list[str]:
 
 def _env(backend: str, device: str, dtype: str) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # MLX runs under the malloc the product would give it (host_malloc.py: mimalloc or jemalloc on a GPU), torch
+    # under the one torch users run it with
+    library, _ = host_malloc.choose(os.environ.get("MLXCLIP_MALLOC"), on_gpu=device != "cpu")
+    env = host_malloc.with_preload(env, library) if backend == "mlx" and library else \
+        host_malloc.without_preload(env, library)
     if backend == "torch":
         env["MLXCLIP_BLAS"] = "none"  # torch brings its own MKL; keep the MLX preload out of the torch process
     if backend == "mlx" and device == "cuda" and dtype == "float32":

@@ -60,7 +60,8 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
         "",
         f"Machine: {machine['label']}; MLX BLAS: `{machine['mlx_blas']}`; "
         f"MLX CPU kernel flags (`mlx_clip/cpu_jit.py`): {machine.get('mlx_cpu_jit', '—')}; "
-        f"torch threads: {machine.get('torch_threads', '—')}.",
+        f"torch threads: {machine.get('torch_threads', '—')}; MLX's malloc (`mlx_clip/host_malloc.py`): "
+        f"{machine.get('mlx_malloc', '—')}.",
         "",
         "Median of the timed runs after warm-up (first run, which includes compilation, reported apart); spread = "
         "(slowest − fastest) / median. Peak memory: see `benchmarks/bench_worker.py` (CPU: resident-set growth of "

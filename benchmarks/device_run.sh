@@ -88,6 +88,17 @@ for step in "$@"; do
       python3 -m benchmarks.gpu_host --arch ${SPY_ARCH:-ViT-B-32} --rounds 20 > $OUT/spy-host.txt 2>&1 & pid=$!
       sleep ${SPY_AFTER:-60}; timeout 60 /tmp/spy/bin/py-spy record --native --format raw -r 100 -d 25 -o $OUT/spy.txt --pid $pid 2>&1 | tail -2
       kill $pid 2>/dev/null; wait $pid ;;
+    tunables) # session 16: jemalloc / mimalloc cut the ViT-B/32 step's host time by a quarter; can glibc's own
+              # malloc, tuned, do the same without a library? (tcache holds more freed blocks; no mmap / trim churn)
+      M=glibc.malloc; for r in 1 2; do for v in "" "LD_PRELOAD=$PWD/.whlP/libmimalloc.so.2" "GLIBC_TUNABLES=$M.tcache_count=4096" \
+          "GLIBC_TUNABLES=$M.mmap_threshold=1073741824:$M.trim_threshold=1073741824" \
+          "GLIBC_TUNABLES=$M.tcache_count=4096:$M.mmap_threshold=1073741824:$M.trim_threshold=1073741824" "GLIBC_TUNABLES=$M.hugetlb=1"; do
+        env $v timeout 100 python3 -m benchmarks.gpu_host --arch ViT-B-32 --rounds 3 2>&1 | tail -1 | sed "s|^|[${v##*/}] |"
+      done; done | tee $OUT/tunables.txt ;;
+    malloc-ab) # session 16: mlxclip bench's MLX row with and without mimalloc (MLXCLIP_MALLOC), separate processes, alternating
+      for r in 1 2; do for m in "" $PWD/.whlP/libmimalloc.so.2; do
+        MLXCLIP_MALLOC=$m timeout 120 ${BENCH/mlx,torch/mlx} --arch ${MALLOC_ARCH:-ViT-B-32} --out $OUT/malloc-ab 2>&1 | grep items/s | sed "s|^|[${m##*/}] |"
+      done; done | tee $OUT/malloc-ab.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

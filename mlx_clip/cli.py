@@ -8,6 +8,7 @@ import sys
 import click
 
 import mlx_clip  # noqa: F401  (preloads the fast BLAS before anything imports mlx.core)
+from mlx_clip import host_malloc
 
 DTYPE = click.Choice(["float32", "bfloat16", "float16"])
 
@@ -412,6 +413,8 @@ def run():
     from mlx_clip.train.loop import NonFiniteLossError
 
     try:
+        if sys.argv[1:2] and sys.argv[1] in host_malloc.COMMANDS:
+            host_malloc.ensure(sys.argv[1:])  # may re-execute this process under mimalloc / jemalloc (GPU only)
         main(standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)

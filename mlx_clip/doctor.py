@@ -41,6 +41,17 @@ def torch_info() -> dict:
     return {"available": True, "version": torch.__version__, "device": device, "open_clip": _version("open_clip_torch")}
 
 
+def _malloc() -> str:
+    from mlx_clip import host_malloc
+
+    library, why = host_malloc.current()
+    if library is None:
+        return why
+    state = "loaded" if host_malloc.loaded(library) else f"not in this process; {', '.join(host_malloc.COMMANDS)} " \
+                                                          "re-execute under it"
+    return f"{library}, {state} ({why})"
+
+
 def report(measure: bool = True) -> dict:
     import mlx.core as mx
 
@@ -52,6 +63,7 @@ def report(measure: bool = True) -> dict:
         "mlx": mx.__version__,
         "device": str(mx.default_device()),
         "blas": _blas.LOADED or f"bundled ({_blas.REASON})",
+        "malloc": _malloc(),  # MLXCLIP_MALLOC: what `mlxclip finetune` / `serve` run MLX's host work under
         "cache_limit_bytes": cpu_cache.current_limit(),  # MLXCLIP_CPU_CACHE on CPU builds
         "cpu_jit": cpu_jit.STATUS,  # MLXCLIP_CPU_JIT: flags for MLX's CPU kernel compiler
         "cpu_jit_kernels": cpu_jit.KERNEL_DIR,  # where MLX's CPU kernels are built and cached while it is on
