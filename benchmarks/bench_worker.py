@@ -157,6 +157,10 @@ def run_worker(spec: dict) -> dict:
                   spread_pct=100 * (timing["max_s"] - timing["min_s"]) / timing["median_s"],
                   runs=runs, warmup=max(spec["warmup"], 1), **timing, **memory.read(),
                   load_avg=[round(load_before, 2), round(os.getloadavg()[0], 2)])  # other jobs on the machine
+    if spec["backend"] == "mlx":  # a host-bound GPU step's speed depends on the malloc (torch's process: glibc's)
+        from mlx_clip import host_malloc
+
+        record["malloc"] = host_malloc.in_use()
     if spec["task"] == "train":
         record["pairs_per_s"] = record["items_per_s"]  # one image and one caption per pair
     if getattr(workload, "host_s", None):  # MLX's train step: the timed runs' host time (workloads_mlx.Workload)

@@ -90,6 +90,12 @@ def loaded(library: str, maps_path: str = "/proc/self/maps") -> bool:
         return False
 
 
+def in_use(maps_path: str = "/proc/self/maps") -> str:
+    """The allocator this process runs under: "mimalloc", "jemalloc" or "system" (for run summaries and bench rows,
+    where a step's speed depends on it)."""
+    return next((name for name in LIBRARIES if loaded(f"lib{name}.so", maps_path)), "system")
+
+
 def on_gpu() -> bool:
     import mlx.core as mx
 

@@ -105,3 +105,11 @@ def test_cli_passes_a_bad_setting_as_one_error_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mlx_clip", "eval", "--help"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "error: MLXCLIP_MALLOC=" in out.stderr and "missing.so" in out.stderr
+
+
+def test_in_use_names_the_allocator_mapped(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 00000000 08:01 42 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n")
+    assert host_malloc.in_use(str(maps)) == "jemalloc"
+    maps.write_text("7f00-7f01 r-xp 00000000 08:01 42 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert host_malloc.in_use(str(maps)) == "system"

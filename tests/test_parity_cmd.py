@@ -7,6 +7,7 @@ when the MLX side is wrong. The full-size runs (`small` and ViT-B-32 over 100 st
 
 import json
 import math
+import os
 
 import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
 
@@ -261,3 +262,23 @@ def test_random_batch_caption_lengths():
     lengths = (ids != 0).sum(axis=1) - 2  # less SOT and EOT
     assert lengths.min() >= 4 and lengths.max() <= 6 and len(set(lengths.tolist())) == 3
     assert (ids[np.arange(64), lengths + 1] == 49407).all()
+
+
+def test_bench_runs_mlx_under_the_chosen_malloc(tmp_path, capsys, monkeypatch):
+    """MLXCLIP_MALLOC reaches MLX's worker process (its row says which allocator it ran under), not torch's; the
+    report's header names MLX's malloc."""
+    from mlx_clip import host_malloc
+
+    found = [(name, host_malloc.find(name)) for name in host_malloc.LIBRARIES]
+    name, library = next(((n, p) for n, p in found if p), (None, None))
+    if library is None:
+        pytest.skip("neither mimalloc nor jemalloc is installed (.ci/run installs libmimalloc2.0)")
+    monkeypatch.setenv("MLXCLIP_MALLOC", library)
+    cli.main(["bench", "--arch", "tiny", "--backend", "mlx,torch", "--task", "embed-text", "--mode", "eager",
+              "--batch", "2", "--runs", "1", "--warmup", "1", "--device", "cpu", "--out", str(tmp_path), "--json"],
+             standalone_mode=False)
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert {r["malloc"] for r in records if r["backend"] == "mlx"} == {name}
+    assert all("malloc" not in r for r in records if r["backend"] == "torch")
+    report = (tmp_path / "bench-cpu-tiny-float32-b2.md").read_text()
+    assert f"MLX's malloc (`mlx_clip/host_malloc.py`): {os.path.basename(library)} (MLXCLIP_MALLOC)" in report
