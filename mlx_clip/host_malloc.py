@@ -116,6 +116,9 @@ def ensure(argv: list[str]) -> None:
     if library is None or loaded(library):
         return
     env = dict(with_preload(dict(os.environ), library), **{_REEXEC_GUARD: "1"})
+    # `-m mlx_clip` must find this very package, also when it was put on sys.path by hand rather than installed
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [env.get("PYTHONPATH")])])
     sys.stdout.flush()
     sys.stderr.flush()
     # `-m`, not argv[0]: run as a script, mlx_clip/__main__.py would put mlx_clip/ first on sys.path, where io.py
