@@ -101,9 +101,9 @@ for step in "$@"; do
       done; done | tee $OUT/malloc-ab.txt ;;
     mt16) # session 16: with mimalloc ViT-B-16's step is kernel-bound (host 42.6 of 98.9 ms), and in its profile
           # AdamW's ~400 per-parameter kernels take ~7 ms and ~1,340 small launches around them (squares, sums,
-          # scales) ~3 ms (results/gpu-s14-h200.md §4): the multi-tensor
-          # optimizer (64 parameters a launch) cut ViT-B/32's kernels 44.1 -> 33.9 ms. Separate processes,
-          # alternating, both under mimalloc; its peak (+2-6 GiB on ViT-B-32) decides whether it can be the default
+          # scales) ~3 ms (results/gpu-s14-h200.md §4): the multi-tensor optimizer (64 parameters a launch) cut
+          # ViT-B/32's kernels 44.1 -> 33.9 ms. Separate processes, alternating, both under mimalloc; its peak
+          # (+2-6 GiB on ViT-B-32) decides whether it can be the default
       for r in 1 2; do for v in 0 1; do
         MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 MLXCLIP_MULTI_TENSOR=$v timeout 150 ${BENCH/mlx,torch/mlx} --arch ViT-B-16 --out $OUT/mt16 2>&1 | grep items/s | sed "s/^/[multi-tensor $v] /"
       done; done | tee $OUT/mt16.txt ;;
