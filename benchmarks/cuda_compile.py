@@ -19,7 +19,8 @@ import ctypes
 import importlib.util
 from pathlib import Path
 
-_CUDA_TYPES = {"bfloat16": "__nv_bfloat16", "float32": "float", "float16": "__half", "int32": "int32_t"}
+_CUDA_TYPES = {"bfloat16": "__nv_bfloat16", "float32": "float", "float16": "__half", "int32": "int32_t",
+               "bool": "bool"}
 
 
 def _cuda_root() -> Path | None:
@@ -35,9 +36,13 @@ def nvrtc_available() -> bool:
     return _cuda_root() is not None
 
 
-# MLX's default header defines Shape as cuda::std::array<int32_t, MAX_NDIM = 10>; the same layout without libcu++
-_SHAPE = ("struct Shape {\n  int data[10];\n"
-          "  __device__ int operator[](int i) const { return data[i]; }\n};\n")
+# MLX's default header defines Shape as cuda::std::array<int32_t, MAX_NDIM = 10> and Strides as the same of int64_t;
+# the same layouts without libcu++
+_SHAPE = ("typedef int int32_t;\n"  # as MLX's header gives it (the int32 inputs' type)
+          "struct Shape {\n  int data[10];\n"
+          "  __device__ int operator[](int i) const { return data[i]; }\n};\n"
+          "struct Strides {\n  long long data[10];\n"
+          "  __device__ long long operator[](int i) const { return data[i]; }\n};\n")
 
 
 def _constant(name: str, value: int | bool | str) -> str:
@@ -52,9 +57,10 @@ def wrap(name: str, header: str, source: str, inputs: list[tuple[str, str]], out
     """The translation unit MLX builds for one kernel; inputs/outputs are (name, mlx dtype name) pairs, a dtype template
     argument is a dtype name."""
     params = []
-    for n, t in inputs:  # MLX adds an input's shape when the source uses it (its Shape: an array of MAX_NDIM ints)
-        params += [f"    const {_CUDA_TYPES[t]}* {n}"] + ([f"    const __grid_constant__ Shape {n}_shape"]
-                                                         if f"{n}_shape" in source else [])
+    for n, t in inputs:  # MLX adds an input's shape, strides and ndim, in that order, when the source uses them
+        params += [f"    const {_CUDA_TYPES[t]}* {n}"]
+        params += [f"    const __grid_constant__ {kind} {n}{suffix}" for suffix, kind in
+                   (("_shape", "Shape"), ("_strides", "Strides"), ("_ndim", "int")) if f"{n}{suffix}" in source]
     params += [f"    {_CUDA_TYPES[t]}* {n}" for n, t in outputs]
     constants = "".join(_constant(k, v) for k, v in template.items())
     return (f"{_SHAPE}{header}\nnamespace mlx::core::cu {{\n\n__global__ void {name}(\n" + ",\n".join(params) + ") {\n"
@@ -160,8 +166,33 @@ def activation_units(dtypes=("bfloat16", "float32", "float16")) -> list[tuple[st
     return units
 
 
+def multi_tensor_units(dtypes=("bfloat16", "float32")) -> list[tuple[str, str]]:
+    """(name, translation unit) for the multi-tensor kernels (mlx_clip/train/multi_tensor.py): the sum of squares
+    (row-contiguous inputs, and strided ones read where they lie) and AdamW, at 3 arrays and at a full launch."""
+    from mlx_clip.train import multi_tensor as mt
+
+    units = []
+    for dtype in dtypes:
+        for count in (3, mt.STRIDED_MAX_TENSORS):
+            grads = [(f"g{i}", dtype) for i in range(count)] + [("tiles", "int32")]
+            name = f"mlxclip_multi_sumsq_strided_{count}_{dtype}"
+            units.append((name, wrap(name, mt._HEADER, mt.sumsq_strided_source(count), grads,
+                                     [("partial", "float32")], {})))
+        for count in (3, mt.MAX_TENSORS):
+            grads = [(f"g{i}", dtype) for i in range(count)] + [("tiles", "int32")]
+            name = f"mlxclip_multi_sumsq_{count}_{dtype}"
+            units.append((name, wrap(name, mt._HEADER, mt.sumsq_source(count), grads, [("partial", "float32")], {})))
+            inputs = ([(f"{k}{i}", dtype if k in "pg" else "float32") for k in "pgmv" for i in range(count)]
+                      + [("tiles", "int32"), ("hp", "float32"), ("lr", "float32"), ("step", "int32"),
+                         ("gscale", "float32"), ("finite", "bool")])
+            outputs = [(f"{k}{i}", dtype if k == "po" else "float32") for k in ("po", "mo", "vo") for i in range(count)]
+            name = f"mlxclip_multi_adamw_{count}_{dtype}"
+            units.append((name, wrap(name, mt._HEADER, mt.adamw_source(count, 0.9, 0.98, 1e-6), inputs, outputs, {})))
+    return units
+
+
 def main():
-    for name, unit in kernel_units() + reduce_units() + activation_units():
+    for name, unit in kernel_units() + reduce_units() + activation_units() + multi_tensor_units():
         ok, log, size = compile_ptx(unit)
         print(f"{name}: {'ok' if ok else 'FAILED'} ({size:,} bytes of PTX)")
         if log.strip():

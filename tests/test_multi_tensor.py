@@ -15,6 +15,7 @@ from mlx_clip.model import CLIP, init_weights
 from mlx_clip.train import multi_tensor
 from mlx_clip.train.args import TrainingArgs
 from mlx_clip.train.optim import build_optimizer
+from mlx_clip.train import step as step_module
 from mlx_clip.train.step import make_loss_fn, make_step
 
 pytestmark = pytest.mark.gpu
@@ -35,6 +36,30 @@ def test_sum_of_squares_matches_float64(dtype):
     arrays = [mx.array(a).astype(dtype) for a in _arrays(0)]
     want = sum(float(np.sum(np.array(a.astype(mx.float32), dtype=np.float64) ** 2)) for a in arrays)
     got = multi_tensor.sum_of_squares(arrays).item()
+    assert abs(got - want) / want < 1e-5
+
+
+def _layouts(dtype) -> list[mx.array]:
+    """Arrays as gradients come, none copied to row-major: row-major, transposed (column-major, as autodiff hands
+    back x @ W.T's weight gradient), a 4-D permutation, a broadcast, slices, a scalar; more than 24, so several
+    launches."""
+    rng = np.random.default_rng(3)
+    out = []
+    for i in range(9):
+        w = mx.array(rng.standard_normal((33 + i, 4096 + 7 * i)).astype(np.float32)).astype(dtype)
+        out += [w, w.T, w[:, ::3], w[1:]]
+    cube = mx.array(rng.standard_normal((6, 5, 4, 3)).astype(np.float32)).astype(dtype)
+    out += [cube.transpose(3, 1, 0, 2), mx.broadcast_to(mx.array([1.5, -2.0], dtype=dtype), (5000, 2)),
+            mx.array(0.75, dtype=dtype)]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_strided_sum_of_squares_reads_every_layout_in_place(dtype):
+    arrays = _layouts(dtype)
+    assert len(arrays) > 2 * multi_tensor.STRIDED_MAX_TENSORS
+    want = sum(float(np.sum(np.array(a.astype(mx.float32), dtype=np.float64) ** 2)) for a in arrays)
+    got = multi_tensor.sum_of_squares_strided(arrays).item()
     assert abs(got - want) / want < 1e-5
 
 
@@ -77,8 +102,9 @@ def test_adamw_matches_numpy_over_steps(finite):
         np.testing.assert_allclose(np.array(got_v[i]), vs[i], rtol=1e-5, atol=1e-12)
 
 
-def _train(enabled: bool, dtype: str, steps: int = 3):
+def _train(enabled: bool, dtype: str, steps: int = 3, norm: str = "auto"):
     saved, multi_tensor.ENABLED = multi_tensor.ENABLED, enabled
+    saved_norm, step_module.NORM_SQUARES = step_module.NORM_SQUARES, norm
     try:
         config = get_config("tiny")
         model = cast(init_weights(CLIP(config), 0), dtype)
@@ -98,6 +124,23 @@ def _train(enabled: bool, dtype: str, steps: int = 3):
         return {k: v - start[k] for k, v in end.items()}, float(out[1].item())
     finally:
         multi_tensor.ENABLED = saved
+        step_module.NORM_SQUARES = saved_norm
+
+
+# The clip factors differ by fp32 summation order only; in bf16 that can flip a weight's rounding (one ulp of the
+# weight, more than its move), so there only the whole model's move is compared, as above.
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 1e-2)])
+def test_norm_kernel_gives_the_per_parameter_steps(dtype, tol):
+    """NORM_SQUARES = "kernel" (MLXCLIP_GPU_NORM_KERNEL=1) changes only how the clip norm is summed: the same norm
+    to fp32 rounding, and the same moves."""
+    fast, fast_norm = _train(False, dtype, norm="kernel")
+    slow, slow_norm = _train(False, dtype)
+    assert abs(fast_norm - slow_norm) <= 1e-5 * slow_norm
+    total = np.sqrt(sum(np.sum(w**2) for w in slow.values()))
+    assert total > 0 and np.sqrt(sum(np.sum((fast[k] - w) ** 2) for k, w in slow.items())) <= tol * total
+    for name, want in slow.items() if dtype == "float32" else ():
+        if not name.endswith("k_proj.bias"):  # round-off gradients (see above)
+            assert np.linalg.norm(fast[name] - want) <= 1e-3 * np.linalg.norm(want), name
 
 
 # Compared: how far each parameter moved in 3 steps, and the last gradient norm. The key projections' biases get

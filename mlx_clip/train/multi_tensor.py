@@ -26,6 +26,8 @@ import mlx.core as mx
 from mlx_clip.switches import env_switch
 
 MAX_TENSORS = 64  # per launch: 7 pointers each (p, g, m, v in; p, m, v out) stay under the classic 4 KB of arguments
+# the strided sum of squares: each tensor adds its pointer, Shape (40 B) and Strides (80 B) to the arguments
+STRIDED_MAX_TENSORS = 24
 THREADS = 256
 TILE = THREADS * 16  # elements per thread block
 
@@ -70,6 +72,38 @@ __device__ float sum_squares(const G* g, int start, int end) {
   return acc;
 }
 
+// Σ x² of one tensor whatever its layout, so nothing is copied first: a dense tensor (row- or column-major, as the
+// transposed weight gradients autodiff hands back) is read in memory order, since a sum of squares does not depend on
+// the order; anything else (a broadcast, a slice) element by element through its strides.
+template <typename G, typename S, typename T>
+__device__ float sum_squares_strided(const G* g, const S& shape, const T& strides, int ndim, int start, int end) {
+  bool row = true, col = true;
+  long long step_r = 1, step_c = 1;
+  for (int d = ndim - 1; d >= 0; --d) {
+    row = row && (shape[d] == 1 || strides[d] == step_r);
+    step_r *= shape[d];
+  }
+  for (int d = 0; d < ndim; ++d) {
+    col = col && (shape[d] == 1 || strides[d] == step_c);
+    step_c *= shape[d];
+  }
+  float acc = 0.0f;
+  for (int j = start + threadIdx.x; j < end; j += blockDim.x) {
+    long long loc = j;
+    if (!row && !col) {
+      loc = 0;
+      long long rest = j;
+      for (int d = ndim - 1; d >= 0; --d) {
+        loc += (rest % shape[d]) * strides[d];
+        rest /= shape[d];
+      }
+    }
+    const float x = to_float(g[loc]);
+    acc += x * x;
+  }
+  return acc;
+}
+
 // The block's total lands in thread 0 (warp shuffles, then one value per warp through shared memory).
 __device__ float block_sum(float x) {
   __shared__ float warps[32];
@@ -106,15 +140,19 @@ _SUMSQ_HEAD = r"""
   switch (t) {
 """
 _SUMSQ_CASE = "    case {i}: acc = mlxclip_mt::sum_squares(g{i}, start, end); break;\n"
+_SUMSQ_STRIDED_CASE = ("    case {i}: acc = mlxclip_mt::sum_squares_strided(g{i}, g{i}_shape, g{i}_strides, g{i}_ndim, "
+                       "start, end); break;\n")
 _SUMSQ_TAIL = r"""
   acc = mlxclip_mt::block_sum(acc);
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 """
 
 
-def applies(arrays: list[mx.array]) -> bool:
-    """Whether the multi-tensor kernels take these arrays: switched on, a CUDA device, float arrays."""
-    return (ENABLED and mx.default_device() == mx.gpu and mx.cuda.is_available() and len(arrays) > 0
+def applies(arrays: list[mx.array], switched_on: bool | None = None) -> bool:
+    """Whether the multi-tensor kernels take these arrays: switched on (ENABLED unless given), a CUDA device, float
+    arrays."""
+    on = ENABLED if switched_on is None else switched_on
+    return (on and mx.default_device() == mx.gpu and mx.cuda.is_available() and len(arrays) > 0
             and all(mx.issubdtype(a.dtype, mx.floating) for a in arrays))
 
 
@@ -122,21 +160,40 @@ def _literal(x: float) -> str:
     return f"{float(x)!r}f"
 
 
+def adamw_source(count: int, b1: float, b2: float, eps: float) -> str:
+    return "".join([f"  constexpr float B1 = {_literal(b1)}, B2 = {_literal(b2)}, EPS = {_literal(eps)};\n",
+                    _ADAMW_HEAD, *(_ADAMW_CASE.format(i=i) for i in range(count)), "  }\n"])
+
+
 @lru_cache(maxsize=None)
 def _adamw_kernel(count: int, b1: float, b2: float, eps: float):
     names = [f"{k}{i}" for k in "pgmv" for i in range(count)]
-    source = "".join([f"  constexpr float B1 = {_literal(b1)}, B2 = {_literal(b2)}, EPS = {_literal(eps)};\n",
-                      _ADAMW_HEAD, *(_ADAMW_CASE.format(i=i) for i in range(count)), "  }\n"])
-    return mx.fast.cuda_kernel(name=f"mlxclip_multi_adamw_{count}", header=_HEADER, source=source,
+    return mx.fast.cuda_kernel(name=f"mlxclip_multi_adamw_{count}", header=_HEADER,
+                               source=adamw_source(count, b1, b2, eps),
                                input_names=names + ["tiles", "hp", "lr", "step", "gscale", "finite"],
                                output_names=[f"{k}{i}" for k in ("po", "mo", "vo") for i in range(count)])
 
 
+def sumsq_source(count: int) -> str:
+    return "".join([_SUMSQ_HEAD, *(_SUMSQ_CASE.format(i=i) for i in range(count)), "  }\n", _SUMSQ_TAIL])
+
+
 @lru_cache(maxsize=None)
 def _sumsq_kernel(count: int):
-    source = "".join([_SUMSQ_HEAD, *(_SUMSQ_CASE.format(i=i) for i in range(count)), "  }\n", _SUMSQ_TAIL])
-    return mx.fast.cuda_kernel(name=f"mlxclip_multi_sumsq_{count}", header=_HEADER, source=source,
+    return mx.fast.cuda_kernel(name=f"mlxclip_multi_sumsq_{count}", header=_HEADER, source=sumsq_source(count),
                                input_names=[f"g{i}" for i in range(count)] + ["tiles"], output_names=["partial"])
+
+
+def sumsq_strided_source(count: int) -> str:
+    return "".join([_SUMSQ_HEAD, *(_SUMSQ_STRIDED_CASE.format(i=i) for i in range(count)), "  }\n", _SUMSQ_TAIL])
+
+
+@lru_cache(maxsize=None)
+def _sumsq_strided_kernel(count: int):
+    # ensure_row_contiguous=False: MLX would otherwise copy every transposed gradient before the launch
+    return mx.fast.cuda_kernel(name=f"mlxclip_multi_sumsq_strided_{count}", header=_HEADER,
+                               source=sumsq_strided_source(count), output_names=["partial"],
+                               input_names=[f"g{i}" for i in range(count)] + ["tiles"], ensure_row_contiguous=False)
 
 
 @lru_cache(maxsize=None)
@@ -151,8 +208,8 @@ def _hp(hparams: tuple[tuple[float, float], ...]) -> mx.array:
     return mx.array(hparams, dtype=mx.float32)
 
 
-def _chunks(n: int) -> list[range]:
-    return [range(i, min(i + MAX_TENSORS, n)) for i in range(0, n, MAX_TENSORS)]
+def _chunks(n: int, size: int = MAX_TENSORS) -> list[range]:
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def sum_of_squares(grads: list[mx.array]) -> mx.array:
@@ -166,6 +223,21 @@ def sum_of_squares(grads: list[mx.array]) -> mx.array:
                                             output_dtypes=[mx.float32])
         totals.append(partial.sum())
     return sum(totals[1:], totals[0])
+
+
+def sum_of_squares_strided(grads: list[mx.array]) -> mx.array:
+    """Σ g² over all `grads` (fp32 scalar), each read where it lies: no copies (transposed gradients included), one
+    launch per STRIDED_MAX_TENSORS arrays, and one sum of all the launches' partials: ~20 graph nodes for a ViT-B/32
+    step's ~400 gradients, where the per-gradient way makes ~4 each (`train.step.NORM_SQUARES = "kernel"`)."""
+    partials = []
+    for chunk in _chunks(len(grads), STRIDED_MAX_TENSORS):
+        gs = [grads[i] if grads[i].ndim else grads[i].reshape(1) for i in chunk]  # MLX passes no shape for 0-d inputs
+        tiles = _tiles(tuple(g.size for g in gs))
+        (partial,) = _sumsq_strided_kernel(len(gs))(inputs=[*gs, tiles], grid=(tiles.shape[0] * THREADS, 1, 1),
+                                                    threadgroup=(THREADS, 1, 1), output_shapes=[(tiles.shape[0],)],
+                                                    output_dtypes=[mx.float32])
+        partials.append(partial)
+    return (mx.concatenate(partials) if len(partials) > 1 else partials[0]).sum()
 
 
 def adamw(params: list[mx.array], grads: list[mx.array], ms: list[mx.array], vs: list[mx.array],

@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_clip import cpu_streams
 from mlx_clip.cpu_streams import Spread
 from mlx_clip.losses import accumulated_value_and_grad, combined_loss, parse_loss_spec
+from mlx_clip.switches import env_switch
 from mlx_clip.train import distributed as dist
 from mlx_clip.train import multi_tensor
 from mlx_clip.train.distributed import average_gradients, global_batch
@@ -171,13 +172,17 @@ def _assign(target, source) -> None:
 # ~4 graph nodes per 64 parameters where the other ways make ~4 per parameter (the ViT-B/32 step's norm is ~1,600 of
 # its 6,782 nodes), for one extra copy of the gradients: on an H100 the ViT-B/32 step -3% for +2.9 GiB of peak
 # (benchmarks/results/gpu-aligned-h100-s11.md), so not the GPU default.
-NORM_SQUARES = "auto"
+# "kernel" (opt-in, MLXCLIP_GPU_NORM_KERNEL=1; CUDA, else as "auto"): multi_tensor.sum_of_squares_strided, our kernel
+# reading up to 24 gradients a launch where they lie (transposed ones too, so no copies and no extra memory): ~20 graph
+# nodes in all. Prepared in session 16 for the host-bound ViT-B/32 step; not yet measured on a card.
+NORM_SQUARES = "kernel" if env_switch("MLXCLIP_GPU_NORM_KERNEL", False) else "auto"
 NORM_CHUNK = 64
 
 
 def _sum_of_squares(g: mx.array) -> mx.array:
     flat = g.reshape(-1).astype(mx.float32)
-    by_dot = NORM_SQUARES == "dot" or (NORM_SQUARES == "auto" and cpu_streams.on_cpu())
+    mode = "auto" if NORM_SQUARES == "kernel" else NORM_SQUARES  # "kernel" off CUDA
+    by_dot = mode == "dot" or (mode == "auto" and cpu_streams.on_cpu())
     return flat @ flat if by_dot else mx.sum(flat * flat)
 
 
@@ -185,6 +190,8 @@ def _global_norm(grads) -> mx.array:
     arrays = [g for _, g in tree_flatten(grads)]
     if multi_tensor.applies(arrays):  # CUDA: a few launches instead of one reduction (and its views) per array
         return mx.sqrt(multi_tensor.sum_of_squares(arrays))
+    if multi_tensor.applies(arrays, switched_on=NORM_SQUARES == "kernel"):  # the same, without the copies
+        return mx.sqrt(multi_tensor.sum_of_squares_strided(arrays))
     if NORM_SQUARES == "concat":
         joined = (mx.concatenate([g.reshape(-1) for g in arrays[i:i + NORM_CHUNK]]).astype(mx.float32)
                   for i in range(0, len(arrays), NORM_CHUNK))
