@@ -60,7 +60,8 @@ def test_grouped_adamw_matches_torch_adamw(lr_scale, wd, scheduled, update_path)
 def test_guarded_update_clips_and_skips_like_torch(device, monkeypatch, update_path):
     """The training step's update: gradients times a clip factor, and a step flagged non-finite (its gradients hold
     nan and inf) leaves weights and moments as they were; vs torch AdamW on the clipped gradients, skipping that step.
-    The guard zeroes a bad step's gradient elementwise on the CPU and by the flag on a GPU: both ways run here."""
+    The guard zeroes a bad step's gradient elementwise on the CPU and by the flag on a GPU, where the clip factor goes
+    into the moments' coefficients instead of the gradient: both ways run here."""
     from mlx_clip.train import optim as optim_mod
 
     if device == "gpu":  # the GPU branch of the guard, traced and run on the CPU
@@ -77,7 +78,8 @@ def test_guarded_update_clips_and_skips_like_torch(device, monkeypatch, update_p
     p = torch.nn.Parameter(torch.tensor(w0))
     ref = torch.optim.AdamW([p], lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
     for i, (g, ok) in enumerate(zip(grads, good)):
-        opt.guarded_update(model, {"weight": mx.array(g)}, mx.array(clip), mx.array(ok))
+        # a bad step's clip factor is nan too (its norm is), and must not reach the moments either
+        opt.guarded_update(model, {"weight": mx.array(g)}, mx.array(clip if ok else np.nan), mx.array(ok))
         mx.eval(model.parameters(), opt.state)
         if ok:
             p.grad = torch.tensor(g * clip)

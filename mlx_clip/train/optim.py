@@ -98,7 +98,7 @@ class GroupedAdamW(optim.Adam):
     def __init__(self, learning_rate, hparams: dict[str, tuple[float, float]], betas=(0.9, 0.98), eps=1e-6):
         super().__init__(learning_rate=learning_rate, betas=list(betas), eps=eps, bias_correction=True)
         self.hparams = hparams
-        self._gradient_scale, self._finite, self._ok = None, None, None
+        self._gradient_scale, self._finite, self._ok, self._moment_scale = None, None, None, None
         self._spread, self._tags = None, {}
 
     def apply_gradients(self, gradients: dict, parameters: dict):
@@ -121,13 +121,16 @@ class GroupedAdamW(optim.Adam):
         if on_cpu():  # made apart (stop_gradient is not fused): no bool in the kernels (_zeroed)
             ok = mx.stop_gradient(ok)
         self._gradient_scale, self._finite, self._ok = gradient_scale * ok, finite, ok
+        # Off the CPU the clip factor goes into the moments' coefficients, one scalar per step (_adamw_arrays says
+        # why); 0 on a skipped step, where the factor itself may be nan (a nan norm)
+        self._moment_scale = None if on_cpu() else mx.where(finite, gradient_scale, 0.0)
         try:
             counters = {k: self.state[k] for k in ("step", "learning_rate") if k in self.state}  # the schedule's too
             self.update(model, gradients)
             for name, old in counters.items():
                 self.state[name] = mx.where(finite, self.state[name], old)
         finally:
-            self._gradient_scale, self._finite, self._ok = None, None, None
+            self._gradient_scale, self._finite, self._ok, self._moment_scale = None, None, None, None
 
     def _apply_multi_tensor(self, flat_gradients: list, parameters: dict) -> dict:
         """The guarded update of every parameter in a few CUDA launches (multi_tensor.py); the same state layout. Each
@@ -199,7 +202,12 @@ class GroupedAdamW(optim.Adam):
         c1 = lr / (1 - b1**step)  # bias corrections from the true betas, also on a skipped step (no 1/0 there)
         c2 = own(mx.rsqrt(1 - b2**step))
         keep_m, keep_v = own(b1), own(b2)  # the old moments' weights, (1 - those) the gradient's
-        if self._gradient_scale is not None:
+        # On a GPU the clip factor multiplies the moments' coefficients (m's by s, v's by s²), not the gradient: as
+        # its own multiply the gradient's scaling stayed out of the update's fused kernel (mlx/compile.cpp bounds a
+        # fused kernel's depth, 11, and inputs, 24), one more launch and graph node per parameter, ~400 a ViT step
+        # (a host-bound step there). Also the scaled gradient is no longer rounded to the gradient's dtype (bf16).
+        fold = self._moment_scale is not None
+        if self._gradient_scale is not None and not fold:
             gradient = gradient * own(self._gradient_scale).astype(gradient.dtype)
         if self._finite is not None:
             # A skipped step writes the old values back through the same kernels: gradient 0 (so inf/nan cannot
@@ -209,8 +217,12 @@ class GroupedAdamW(optim.Adam):
             gradient = _zeroed(gradient, self._finite, own)
             keep_m, keep_v = 1 - own((1 - b1) * ok), 1 - own((1 - b2) * ok)
             lr, c1 = lr * ok, c1 * ok
-        m = keep_m * m + (1 - keep_m) * gradient
-        v = keep_v * v + (1 - keep_v) * mx.square(gradient)
+        into_m, into_v = 1 - keep_m, 1 - keep_v
+        if fold:  # the unclipped gradient squared in fp32: in fp16 a large one (the steps clipping is for) overflows
+            into_m, into_v = into_m * self._moment_scale, into_v * mx.square(self._moment_scale)
+            gradient = gradient.astype(mx.float32)
+        m = keep_m * m + into_m * gradient
+        v = keep_v * v + into_v * mx.square(gradient)
         update = c1 * m / (mx.sqrt(v) * c2 + own(self.eps))
         new = parameter * (1 - lr * state["wd"]).astype(parameter.dtype) - update.astype(parameter.dtype)
         return new, m, v
