@@ -17,7 +17,7 @@ A variant is `default` (the process's settings) or settings joined by `+`:
 - reduce=ours|mlx (MLXCLIP_GPU_REDUCE, mlx_clip/gpu_reduce.py), lnforward=ours|mlx (MLXCLIP_GPU_LAYER_NORM_FORWARD),
   activation=ours|mlx (MLXCLIP_GPU_ACTIVATION, mlx_clip/gpu_activation.py), actfused=1|0
   (MLXCLIP_GPU_ACTIVATION_FUSED), qkv=on|off (MLXCLIP_QKV_BLOCK, mlx_clip/qkv_block.py), finish=0|1
-  (MLXCLIP_GPU_REDUCE_FINISH).
+  (MLXCLIP_GPU_REDUCE_FINISH), fold=1|0 (optim.FOLD_CLIP_GPU: the clip factor in AdamW's moment coefficients).
 `--torch` adds torch.compile's step (CUDA, or the CPU when MLX runs there) to the rotation. Peak memory measured here
 depends on the order the variants were traced in (same-process allocations); compare memory across separate `mlxclip
 bench` runs.
@@ -35,7 +35,7 @@ from benchmarks.workloads_mlx import TASKS, mlx_workload
 from mlx_clip import cpu_streams, fastmath, gpu_activation, gpu_attention, gpu_reduce, layer_norm, linear, qkv_block
 from mlx_clip.config import get_config
 from mlx_clip.memory import parse_bytes
-from mlx_clip.train import multi_tensor, step
+from mlx_clip.train import multi_tensor, optim, step
 
 
 SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the process's own (environment) values
@@ -55,6 +55,7 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "actfused": (gpu_activation, "FUSED", {"1": True, "0": False}),  # its backward as one kernel or two
     "qkv": (qkv_block, "ENABLED", {"on": True, "off": False}),  # LayerNorm-1 recomputed in the backward
     "lnforward": (gpu_reduce, "LN_FORWARD", {"ours": True, "mlx": False}),  # the GPU LayerNorm forward's kernel
+    "fold": (optim, "FOLD_CLIP_GPU", {"1": True, "0": False}),  # the clip factor in AdamW's moment coefficients
     "finish": (gpu_reduce, "FINISH_KERNEL", {"1": True, "0": False}),  # the column sums' partials summed by our kernel
 }
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr, _) in SETTINGS.items()}

@@ -22,6 +22,11 @@ NO_DECAY = re.compile(r"(bias$|layer_?norm|layrnorm|logit_scale|logit_bias|token
 _LAYER = re.compile(r"^(vision_model|text_model)\.encoder\.layers\.(\d+)\.")
 
 
+# Off the CPU the clip factor goes into AdamW's moment coefficients (GroupedAdamW._adamw_arrays); gpu_ab's fold=0 is the
+# old way (each gradient multiplied first), for an A/B on a card (session 16: not yet measured there)
+FOLD_CLIP_GPU = True
+
+
 def lr_schedule(lr: float, total_steps: int, warmup: int = 0, kind: str = "cosine", min_lr_ratio: float = 0.0):
     """LR as a pure function of the 0-based optimizer step (an mx.array or int): linear warm-up from lr/warmup to lr,
     then cosine to lr*min_lr_ratio at total_steps, or constant."""
@@ -123,7 +128,7 @@ class GroupedAdamW(optim.Adam):
         self._gradient_scale, self._finite, self._ok = gradient_scale * ok, finite, ok
         # Off the CPU the clip factor goes into the moments' coefficients, one scalar per step (_adamw_arrays says
         # why); 0 on a skipped step, where the factor itself may be nan (a nan norm)
-        self._moment_scale = None if on_cpu() else mx.where(finite, gradient_scale, 0.0)
+        self._moment_scale = None if on_cpu() or not FOLD_CLIP_GPU else mx.where(finite, gradient_scale, 0.0)
         try:
             counters = {k: self.state[k] for k in ("step", "learning_rate") if k in self.state}  # the schedule's too
             self.update(model, gradients)
