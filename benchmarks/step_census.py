@@ -6,12 +6,17 @@
 - fixed: the step timed at several batch sizes and fitted as fixed + per-sample cost, the two numbers that say whether
   a backend is behind per sample (compute) or per step (optimizer, graph, launches).
 
+- the GPU branch (`--gpu-branch`): the step as the product builds it off the CPU (cpu_streams.on_cpu() false: no
+  batch-parallel slices, no CPU kernels; MLX's SDPA, LayerNorm and reductions), traced and run here. Our CUDA kernels
+  (gpu_attention, gpu_reduce, gpu_activation, multi_tensor) need a CUDA device, so this is the Metal graph and, but
+  for those kernels, the CUDA one: where a host-bound GPU step's graph nodes come from, counted without a card.
 - without attention (`--no-attention`, with `--fit`): each attention replaced by its value input (projections kept;
   wrong numbers, right shapes), the upper bound of what a faster attention could save.
 
     python -m benchmarks.step_census --arch small --batch 32
     python -m benchmarks.step_census --arch small --fit 2,8,32
     python -m benchmarks.step_census --arch small --fit 32 --no-attention
+    python -m benchmarks.step_census --arch ViT-B-32 --batch 2 --gpu-branch
 
 The workload is `mlxclip bench`'s train step (benchmarks/workloads_mlx.py), in the product's CPU mode.
 """
@@ -37,13 +42,16 @@ from mlx_clip.config import get_config
 VIEWS = {"Reshape", "Transpose", "ExpandDims", "Squeeze", "Flatten", "Unflatten", "Broadcast", "View", "Slice"}
 
 
+DTYPE = "float32"  # bfloat16 with --gpu-branch, as a GPU trains
+
+
 def _workload(arch: str, batch: int):
     words = None if arch in ("tiny", "small") else (5, 30)
-    return mlx_workload(get_config(arch), "train", batch, "compiled", "float32", words=words)
+    return mlx_workload(get_config(arch), "train", batch, "compiled", DTYPE, words=words)
 
 
-def census(arch: str, batch: int) -> collections.Counter:
-    """{primitive name: nodes} of one traced train step (after a warm-up step, so the trace is the cached one)."""
+def _step_dot(arch: str, batch: int) -> str:
+    """The traced train step as `mx.export_to_dot` writes it (after a warm-up step, so the trace is the cached one)."""
     load = _workload(arch, batch)
     load.run()
     with cpu_streams.batch_parallel_mode(batch > 1):  # the mode the workload runs in (workloads_mlx._in_mode)
@@ -53,9 +61,42 @@ def census(arch: str, batch: int) -> collections.Counter:
         path = os.path.join(tmp, "step.dot")
         mx.export_to_dot(path, *leaves)
         with open(path) as f:
-            labels = re.findall(r'label ?= ?"([^"]*)"', f.read())
+            text = f.read()
     mx.eval(leaves)
-    return collections.Counter(label.split()[0] for label in labels if label)
+    return text
+
+
+def _primitives(text: str) -> dict[str, str]:
+    """{node id: primitive name} of a dot graph (arrays are the other nodes)."""
+    return {m.group(1): m.group(2).split()[0] for m in re.finditer(r'(\w+) \[label ?= ?"([^"]*)"', text)
+            if m.group(2)}
+
+
+def census(arch: str, batch: int) -> collections.Counter:
+    """{primitive name: nodes} of one traced train step."""
+    return collections.Counter(_primitives(_step_dot(arch, batch)).values())
+
+
+def context(text: str, kind: str) -> collections.Counter:
+    """{(the primitives making its inputs, the primitives reading its output): nodes} for every `kind` node: where a
+    kind of node comes from in the step."""
+    prims = _primitives(text)
+    made_by, read_by = {}, collections.defaultdict(list)
+    ins, outs = collections.defaultdict(list), collections.defaultdict(list)
+    for a, b in re.findall(r'"?(\w+)"? -> "?(\w+)"?', text):
+        if a in prims:  # primitive -> the array it makes
+            made_by[b] = a
+            outs[a].append(b)
+        else:  # array -> the primitive reading it
+            read_by[a].append(b)
+            ins[b].append(a)
+    pairs = collections.Counter()
+    for node, name in prims.items():
+        if name == kind:
+            sources = tuple(prims.get(made_by.get(a), "input")[:40] for a in ins[node])
+            readers = tuple(sorted({prims[r][:40] for o in outs[node] for r in read_by[o]})) or ("output",)
+            pairs[(sources, readers)] += 1
+    return pairs
 
 
 def step_ms(arch: str, batch: int, steps: int) -> float:
@@ -69,6 +110,15 @@ def step_ms(arch: str, batch: int, steps: int) -> float:
         load.run()
         times.append(time.perf_counter() - start)
     return 1e3 * float(np.median(times))
+
+
+def _gpu_branch() -> None:
+    from mlx_clip.train import optim
+
+    global DTYPE
+    cpu_streams.on_cpu = lambda: False  # read through the module by everything but optim, which imported it
+    optim.on_cpu = cpu_streams.on_cpu
+    DTYPE = "bfloat16"
 
 
 def _cut_attention() -> None:
@@ -93,7 +143,12 @@ def main():
                                               "per-sample cost (instead of the census)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-attention", action="store_true", help="time the steps with attention cut out (see above)")
+    ap.add_argument("--gpu-branch", action="store_true", help="the step as built off the CPU (see above)")
+    ap.add_argument("--context", default="", help="comma-separated primitive names: for each, what makes its inputs "
+                                                  "and what reads its output, most common first")
     args = ap.parse_args()
+    if args.gpu_branch:
+        _gpu_branch()
     if args.no_attention:
         _cut_attention()
     if args.fit:
@@ -105,6 +160,13 @@ def main():
             return
         fixed, per_sample = fit(batches, ms)
         print(f"{args.arch}: fixed {fixed:.1f} ms per step + {per_sample:.2f} ms per sample")
+        return
+    if args.context:
+        text = _step_dot(args.arch, args.batch)
+        for kind in args.context.split(","):
+            print(f"== {kind}: inputs made by -> output read by")
+            for (sources, readers), n in context(text, kind).most_common(args.top):
+                print(f"{n:6d}  {', '.join(sources)} -> {', '.join(readers)}")
         return
     counts = census(args.arch, args.batch)
     views = sum(n for name, n in counts.items() if name in VIEWS)
