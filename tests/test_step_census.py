@@ -24,3 +24,26 @@ def test_census_sees_one_update_kernel_per_small_parameter_and_split_updates_for
 def test_fit_recovers_a_line():
     fixed, per_sample = step_census.fit([2, 8, 32], [10 + 2 * 3.5, 10 + 8 * 3.5, 10 + 32 * 3.5])
     assert fixed == pytest.approx(10.0) and per_sample == pytest.approx(3.5)
+
+
+def test_gpu_branch_takes_two_norm_nodes_and_one_update_kernel_per_parameter(monkeypatch):
+    """Off the CPU (traced here with the GPU branch, in bf16), each gradient's sum of squares is one fused square and
+    one sum read by the total, no flattening or squeeze per gradient; the clip factor goes into AdamW's update kernel
+    rather than a multiply of its own per gradient (optim.FOLD_CLIP_GPU), one node per parameter fewer."""
+    from mlx_clip import cpu_streams
+
+    monkeypatch.setattr(cpu_streams, "on_cpu", lambda: False)
+    monkeypatch.setattr(optim, "on_cpu", lambda: False)
+    monkeypatch.setattr(step_census, "DTYPE", "bfloat16")
+    params = [p for _, p in tree_flatten(CLIP(get_config("tiny")).trainable_parameters())]
+    n, arrays = len(params), sum(p.ndim > 0 for p in params)  # a 0-d one's square and "sum" fuse into the total
+    text = step_census._step_dot("tiny", 2)
+    kinds = ("CompiledAsTypeSquare", "Square")  # bf16 gradients are cast first; fp32 ones (logit_scale's) are not
+    squares = step_census.context(text, kinds[0]) + step_census.context(text, kinds[1])
+    assert sum(squares.values()) == arrays and all(readers == ("Sum",) for (_, readers) in squares)
+    sums = step_census.context(text, "Sum")
+    norm_sums = {key: count for key, count in sums.items() if key[0] in ((kinds[0],), (kinds[1],))}
+    assert sum(norm_sums.values()) == arrays and not any("Squeeze" in readers for (_, readers) in norm_sums)
+    folded = sum(step_census.census("tiny", 2).values())
+    monkeypatch.setattr(optim, "FOLD_CLIP_GPU", False)
+    assert sum(step_census.census("tiny", 2).values()) - folded == n
