@@ -110,10 +110,11 @@ for step in "$@"; do
     normk) # session 16, prepared: the clip norm's ~400 sums of squares (~1,600 graph nodes of the host-bound ViT-B/32
            # step) as ~17 launches of our strided kernel, no copies (MLXCLIP_GPU_NORM_KERNEL, step.NORM_SQUARES =
            # "kernel"): its tests on the card, host time in separate processes under mimalloc, then same process,
-           # with fold=0 (session 16's clip factor in AdamW's moment coefficients, the default, switched off)
+           # against fold=0+norm=flat: session 16's two default changes (the clip factor in AdamW's moment
+           # coefficients; each gradient's squares summed where it lies, no flattening) both switched off
       MLX_ENABLE_TF32=0 timeout 200 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_multi_tensor.py "tests/test_optim.py::test_global_norm_matches_torch_clip_grad_norm" 2>&1 | tail -4 | tee $OUT/normk.txt
       for r in 1 2; do for v in 0 1; do LD_PRELOAD=$PWD/.whlP/libmimalloc.so.2 MLXCLIP_GPU_NORM_KERNEL=$v timeout 120 python3 -m benchmarks.gpu_host --arch ViT-B-32 --rounds 3 2>&1 | tail -1 | sed "s/^/[norm kernel $v] /"; done; done | tee -a $OUT/normk.txt
-      LD_PRELOAD=$PWD/.whlP/libmimalloc.so.2 timeout 240 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --variants default,norm=kernel,fold=0 --rounds 6 2>&1 | tail -3 | tee -a $OUT/normk.txt ;;
+      LD_PRELOAD=$PWD/.whlP/libmimalloc.so.2 timeout 240 python3 -m benchmarks.gpu_ab --arch ViT-B-32 --variants default,norm=kernel,fold=0+norm=flat --rounds 6 2>&1 | tail -3 | tee -a $OUT/normk.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

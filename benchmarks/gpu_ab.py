@@ -9,7 +9,7 @@ A variant is `default` (the process's settings) or settings joined by `+`:
   (MLXCLIP_GPU_DQ_ROWS, mlx_clip/gpu_attention.py), dkdvrows=16|32 (MLXCLIP_GPU_DKDV_ROWS), ldmatrix=0|1|2
   (MLXCLIP_GPU_LDMATRIX);
 - memlimit=GiB (mx.set_memory_limit), optimizer=per-param|multi (MLXCLIP_MULTI_TENSOR, mlx_clip/train/multi_tensor.py),
-  norm=auto|dot|reduce|concat|kernel (step.NORM_SQUARES);
+  norm=auto|dot|reduce|concat|kernel|flat (step.NORM_SQUARES);
 - layernorm=ours|mlx (MLXCLIP_CPU_LAYER_NORM, mlx_clip/layer_norm.py), split=on|off (CPU batch-parallel mode,
   mlx_clip/cpu_streams.py);
 - grads=autodiff|rowmajor (the GPU weight gradients' layout, linear.ROW_MAJOR_GRADS_ON_GPU), gradcopy=0|1
@@ -44,7 +44,7 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "layernorm": (layer_norm, "ENABLED", {"ours": True, "mlx": False}),
     "split": (cpu_streams, "ALLOWED", {"on": True, "off": False}),  # CPU batch-parallel mode (when a task has one)
     "norm": (step, "NORM_SQUARES", {"auto": "auto", "dot": "dot", "reduce": "reduce", "concat": "concat",
-                                    "kernel": "kernel"}),  # clip norm
+                                    "kernel": "kernel", "flat": "flat"}),  # clip norm
     "grads": (linear, "ROW_MAJOR_GRADS_ON_GPU", {"autodiff": False, "rowmajor": True}),  # GPU weight-gradient layout
     "gradcopy": (linear, "CONTIGUOUS_GRADS_ON_GPU", {"0": False, "1": True}),  # autodiff's layout copied to W's
     "dqrows": (gpu_attention, "DQ_ROWS", {"16": 16, "32": 32}),  # the tiled dq kernel's query rows per warp

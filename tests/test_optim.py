@@ -267,7 +267,7 @@ def test_freeze_towers_trains_exactly_the_expected_names(tiny_dir, lock_image, l
 # ---- options: YAML < flags, errors, --help --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("way", ["dot", "reduce", "auto", "concat", "kernel"])
+@pytest.mark.parametrize("way", ["dot", "reduce", "auto", "concat", "kernel", "flat"])
 def test_global_norm_matches_torch_clip_grad_norm(way, monkeypatch):
     """The step's gradient norm (what clipping divides by), each way its sums of squares can be taken (dot on the
     CPU, reduce on a GPU; "kernel" is CUDA's, as auto elsewhere), against torch's clip_grad_norm_ total norm of the same

@@ -166,12 +166,13 @@ def _assign(target, source) -> None:
 
 # How each gradient's sum of squares is taken: "dot" (one BLAS dot product: one kernel and one read, where
 # square-then-sum is two kernels and a squared copy; BLAS spreads it over the CPU's cores) or "reduce" (square, then
-# MLX's sum). "auto": dot on the CPU, reduce on a GPU, where each cuBLAS call costs ~28 us of host work (stream
-# capture, heuristics, workspace; measured with py-spy on an H200) against a few us for MLX's own kernels. "concat"
-# (opt-in, for host-bound GPUs): the flattened gradients joined NORM_CHUNK at a time and each join squared and summed,
-# ~4 graph nodes per 64 parameters where the other ways make ~4 per parameter (the ViT-B/32 step's norm is ~1,600 of
-# its 6,782 nodes), for one extra copy of the gradients: on an H100 the ViT-B/32 step -3% for +2.9 GiB of peak
-# (benchmarks/results/gpu-aligned-h100-s11.md), so not the GPU default.
+# MLX's sum, over the gradient as it lies: 2 graph nodes each). "auto": dot on the CPU, reduce on a GPU, where each
+# cuBLAS call costs ~28 us of host work (stream capture, heuristics, workspace; measured with py-spy on an H200)
+# against a few us for MLX's own kernels. "flat": reduce as it was before session 16 (flattened first, which copies a
+# transposed gradient, and squeezed: 4 nodes each), for an A/B on a card. "concat" (opt-in, for host-bound GPUs): the
+# flattened gradients joined NORM_CHUNK at a time and each join squared and summed, ~4 graph nodes per 64 parameters
+# (the ViT-B/32 step's norm was ~1,600 of its 6,782 nodes), for one extra copy of the gradients: on an H100 the
+# ViT-B/32 step -3% for +2.9 GiB of peak (benchmarks/results/gpu-aligned-h100-s11.md), so not the GPU default.
 # "kernel" (opt-in, MLXCLIP_GPU_NORM_KERNEL=1; CUDA, else as "auto"): multi_tensor.sum_of_squares_strided, our kernel
 # reading up to 24 gradients a launch where they lie (transposed ones too, so no copies and no extra memory): ~20 graph
 # nodes in all. Prepared in session 16 for the host-bound ViT-B/32 step; not yet measured on a card.
@@ -185,6 +186,9 @@ def _sum_of_squares(g: mx.array) -> mx.array:
     if mode == "dot" or (mode == "auto" and cpu_streams.on_cpu()):
         flat = g.reshape(-1).astype(mx.float32)
         return flat @ flat
+    if mode == "flat":  # the way before session 16, kept for an A/B on a card (gpu_ab norm=flat)
+        flat = g.reshape(-1).astype(mx.float32)
+        return mx.sum(flat * flat)
     # Reduced where it lies, dimensions kept: flattening first copied every transposed weight gradient (autodiff's
     # (xᵀg)ᵀ), and a full reduction's result is squeezed by a node of its own; so 2 graph nodes an array, not 4
     # (~800 fewer in a ViT-B/32 step, whose GPU step is host-bound). _global_norm squeezes the total once.
