@@ -228,7 +228,7 @@ def sum_of_squares(grads: list[mx.array]) -> mx.array:
 def sum_of_squares_strided(grads: list[mx.array]) -> mx.array:
     """Σ g² over all `grads` (fp32 scalar), each read where it lies: no copies (transposed gradients included), one
     launch per STRIDED_MAX_TENSORS arrays, and one sum of all the launches' partials: ~20 graph nodes for a ViT-B/32
-    step's ~400 gradients, where the per-gradient way makes ~4 each (`train.step.NORM_SQUARES = "kernel"`)."""
+    step's ~400 gradients, where the per-gradient way makes 2 each (`train.step.NORM_SQUARES = "kernel"`)."""
     partials = []
     for chunk in _chunks(len(grads), STRIDED_MAX_TENSORS):
         gs = [grads[i] if grads[i].ndim else grads[i].reshape(1) for i in chunk]  # MLX passes no shape for 0-d inputs

@@ -175,7 +175,8 @@ def _assign(target, source) -> None:
 # ViT-B/32 step -3% for +2.9 GiB of peak (benchmarks/results/gpu-aligned-h100-s11.md), so not the GPU default.
 # "kernel" (opt-in, MLXCLIP_GPU_NORM_KERNEL=1; CUDA, else as "auto"): multi_tensor.sum_of_squares_strided, our kernel
 # reading up to 24 gradients a launch where they lie (transposed ones too, so no copies and no extra memory): ~20 graph
-# nodes in all. Prepared in session 16 for the host-bound ViT-B/32 step; not yet measured on a card.
+# nodes in all, where "reduce" makes ~800. Prepared in session 16 for the host-bound ViT-B/32 step; not yet measured
+# on a card.
 NORM_SQUARES = "kernel" if env_switch("MLXCLIP_GPU_NORM_KERNEL", False) else "auto"
 NORM_CHUNK = 64
 
