@@ -39,8 +39,7 @@ def find(name: str, dirs: list[str] | None = None) -> str | None:
         hits = sorted(glob.glob(os.path.join(folder, f"lib{name}.so*")))
         if hits:
             return hits[0]
-    found = ctypes.util.find_library(name) if dirs is None else None  # ldconfig's cache: a soname, not a path
-    return found
+    return ctypes.util.find_library(name) if dirs is None else None  # ldconfig's cache: a soname, not a path
 
 
 def choose(setting: str | None, on_gpu: bool, platform: str = sys.platform,

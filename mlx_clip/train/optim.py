@@ -104,6 +104,7 @@ class GroupedAdamW(optim.Adam):
         super().__init__(learning_rate=learning_rate, betas=list(betas), eps=eps, bias_correction=True)
         self.hparams = hparams
         self._gradient_scale, self._finite, self._ok, self._moment_scale = None, None, None, None
+        self._moment_scale_sq = None
         self._spread, self._tags = None, {}
 
     def apply_gradients(self, gradients: dict, parameters: dict):
@@ -129,6 +130,7 @@ class GroupedAdamW(optim.Adam):
         # Off the CPU the clip factor goes into the moments' coefficients, one scalar per step (_adamw_arrays says
         # why); 0 on a skipped step, where the factor itself may be nan (a nan norm)
         self._moment_scale = None if on_cpu() or not FOLD_CLIP_GPU else mx.where(finite, gradient_scale, 0.0)
+        self._moment_scale_sq = None if self._moment_scale is None else mx.square(self._moment_scale)
         try:
             counters = {k: self.state[k] for k in ("step", "learning_rate") if k in self.state}  # the schedule's too
             self.update(model, gradients)
@@ -136,6 +138,7 @@ class GroupedAdamW(optim.Adam):
                 self.state[name] = mx.where(finite, self.state[name], old)
         finally:
             self._gradient_scale, self._finite, self._ok, self._moment_scale = None, None, None, None
+            self._moment_scale_sq = None
 
     def _apply_multi_tensor(self, flat_gradients: list, parameters: dict) -> dict:
         """The guarded update of every parameter in a few CUDA launches (multi_tensor.py); the same state layout. Each
@@ -224,7 +227,7 @@ class GroupedAdamW(optim.Adam):
             lr, c1 = lr * ok, c1 * ok
         into_m, into_v = 1 - keep_m, 1 - keep_v
         if fold:  # the unclipped gradient squared in fp32: in fp16 a large one (the steps clipping is for) overflows
-            into_m, into_v = into_m * self._moment_scale, into_v * mx.square(self._moment_scale)
+            into_m, into_v = into_m * self._moment_scale, into_v * self._moment_scale_sq
             gradient = gradient.astype(mx.float32)
         m = keep_m * m + into_m * gradient
         v = keep_v * v + into_v * mx.square(gradient)
