@@ -84,7 +84,7 @@ def loaded(library: str, maps_path: str = "/proc/self/maps") -> bool:
     name = os.path.basename(library)
     try:
         with open(maps_path) as f:
-            return any(line.rstrip().endswith(name) or f"/{name}" in line for line in f)
+            return any(f"/{name}" in line for line in f)  # a mapping's line ends with the file's whole path
     except OSError:
         return False
 

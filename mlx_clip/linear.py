@@ -30,10 +30,10 @@ ROW_MAJOR_GRADS = env_switch("MLXCLIP_ROW_MAJOR_GRADS", True)  # read when a gra
 # The same on a GPU (cuBLAS makes either layout at one cost): opt-in, as an H100 measured no gain in speed and peaks
 # that vary more between runs of one setting than between settings (benchmarks/results/gpu-rowmajor-h100-s10.md)
 ROW_MAJOR_GRADS_ON_GPU = env_switch("MLXCLIP_ROW_MAJOR_GRADS_GPU", False)
-# Or, on a GPU, autodiff's (xᵀ g)ᵀ copied to the weight's layout (MLXCLIP_GPU_CONTIGUOUS_GRADS=1, opt-in): the clip
-# norm's reshape already copies each such gradient, and AdamW then reads the transposed view again, strided (98 updates
-# of a ViT-B/16 step took 36 us each against ~12 us for the rest: results/gpu-s14-h200.md §4); one copy at the source
-# serves both. No gain on an H200's ViT-B/32 step (83.7 vs 82.0 ms, results/gpu-s15-h200.md §2), so off
+# Or, on a GPU, autodiff's (xᵀ g)ᵀ copied to the weight's layout (MLXCLIP_GPU_CONTIGUOUS_GRADS=1, opt-in): AdamW
+# reads the transposed view strided (98 updates of a ViT-B/16 step took 36 us each against ~12 us for the rest:
+# results/gpu-s14-h200.md §4), and until session 16 the clip norm's reshape copied each such gradient too, so one copy
+# at the source was to serve both. No gain on an H200's ViT-B/32 step (83.7 vs 82.0 ms, results/gpu-s15-h200.md §2)
 CONTIGUOUS_GRADS_ON_GPU = env_switch("MLXCLIP_GPU_CONTIGUOUS_GRADS", False)
 
 

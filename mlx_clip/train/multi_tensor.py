@@ -23,6 +23,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
+from mlx_clip.gpu_reduce import cuda_device
 from mlx_clip.switches import env_switch
 
 MAX_TENSORS = 64  # per launch: 7 pointers each (p, g, m, v in; p, m, v out) stay under the classic 4 KB of arguments
@@ -152,8 +153,7 @@ def applies(arrays: list[mx.array], switched_on: bool | None = None) -> bool:
     """Whether the multi-tensor kernels take these arrays: switched on (ENABLED unless given), a CUDA device, float
     arrays."""
     on = ENABLED if switched_on is None else switched_on
-    return (on and mx.default_device() == mx.gpu and mx.cuda.is_available() and len(arrays) > 0
-            and all(mx.issubdtype(a.dtype, mx.floating) for a in arrays))
+    return on and cuda_device() and len(arrays) > 0 and all(mx.issubdtype(a.dtype, mx.floating) for a in arrays)
 
 
 def _literal(x: float) -> str:
