@@ -22,6 +22,21 @@ def env_choice(name: str, choices: tuple[int, ...], default: int) -> int:
         return default
     if value.lstrip("-").isdigit() and int(value) in choices:
         return int(value)
+    return _refused(name, value, choices, default)
+
+
+def env_word(name: str, choices: tuple[str, ...], default: str) -> str:
+    """A named setting that must be one of `choices` (lower case; read in any case): `default` when unset; anything
+    else is named in a warning and replaced by `default`."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if value.lower() in choices:
+        return value.lower()
+    return _refused(name, value, choices, default)
+
+
+def _refused(name: str, value: str, choices: tuple, default):
     expected = ", ".join(map(str, choices[:-1])) + f" or {choices[-1]}"
-    warnings.warn(f"{name}={value!r}: expected {expected}; using {default}", stacklevel=2)
+    warnings.warn(f"{name}={value!r}: expected {expected}; using {default}", stacklevel=3)
     return default

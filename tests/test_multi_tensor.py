@@ -45,7 +45,7 @@ def _layouts(dtype) -> list[mx.array]:
     launches."""
     rng = np.random.default_rng(3)
     out = []
-    for i in range(9):
+    for i in range(12):
         w = mx.array(rng.standard_normal((33 + i, 4096 + 7 * i)).astype(np.float32)).astype(dtype)
         out += [w, w.T, w[:, ::3], w[1:]]
     cube = mx.array(rng.standard_normal((6, 5, 4, 3)).astype(np.float32)).astype(dtype)

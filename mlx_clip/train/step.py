@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_clip import cpu_streams
 from mlx_clip.cpu_streams import Spread
 from mlx_clip.losses import accumulated_value_and_grad, combined_loss, parse_loss_spec
-from mlx_clip.switches import env_switch
+from mlx_clip.switches import env_switch, env_word
 from mlx_clip.train import distributed as dist
 from mlx_clip.train import multi_tensor
 from mlx_clip.train.distributed import average_gradients, global_batch
@@ -175,9 +175,12 @@ def _assign(target, source) -> None:
 # ViT-B/32 step -3% for +2.9 GiB of peak (benchmarks/results/gpu-aligned-h100-s11.md), so not the GPU default.
 # "kernel" (opt-in, MLXCLIP_GPU_NORM_KERNEL=1; CUDA, else as "auto"): multi_tensor.sum_of_squares_strided, our kernel
 # reading up to 24 gradients a launch where they lie (transposed ones too, so no copies and no extra memory): ~20 graph
-# nodes in all, where "reduce" makes ~800. Prepared in session 16 for the host-bound ViT-B/32 step; not yet measured
-# on a card.
-NORM_SQUARES = "kernel" if env_switch("MLXCLIP_GPU_NORM_KERNEL", False) else "auto"
+# nodes in all, where "reduce" makes ~800. Made in session 16 for the host-bound ViT-B/32 step; on an H200 (session 17)
+# correct to 1e-7 of float64 and no faster (benchmarks/results/gpu-s17-h200.md §2).
+NORM_WAYS = ("auto", "dot", "reduce", "flat", "concat", "kernel")
+# MLXCLIP_NORM_SQUARES names any of them (separate-process A/Bs on a card); unset: "kernel" if the switch says so
+NORM_SQUARES = env_word("MLXCLIP_NORM_SQUARES", NORM_WAYS,
+                        "kernel" if env_switch("MLXCLIP_GPU_NORM_KERNEL", False) else "auto")
 NORM_CHUNK = 64
 
 
