@@ -56,16 +56,17 @@ def test_grouped_adamw_matches_torch_adamw(lr_scale, wd, scheduled, update_path)
         np.testing.assert_allclose(np.array(params["w"]), p.detach().numpy(), rtol=1e-6, atol=1e-6, err_msg=f"step {i}")
 
 
-@pytest.mark.parametrize("device", ["cpu", "gpu"])
+@pytest.mark.parametrize("device", ["cpu", "gpu", "gpu-fold"])
 def test_guarded_update_clips_and_skips_like_torch(device, monkeypatch, update_path):
     """The training step's update: gradients times a clip factor, and a step flagged non-finite (its gradients hold
     nan and inf) leaves weights and moments as they were; vs torch AdamW on the clipped gradients, skipping that step.
-    The guard zeroes a bad step's gradient elementwise on the CPU and by the flag on a GPU, where the clip factor goes
-    into the moments' coefficients instead of the gradient: both ways run here."""
+    The guard zeroes a bad step's gradient elementwise on the CPU and by the flag on a GPU, where the clip factor may go
+    into the moments' coefficients instead of the gradient (optim.FOLD_CLIP_GPU): every way runs here."""
     from mlx_clip.train import optim as optim_mod
 
-    if device == "gpu":  # the GPU branch of the guard, traced and run on the CPU
+    if device != "cpu":  # the GPU branch of the guard, traced and run on the CPU
         monkeypatch.setattr(optim_mod, "on_cpu", lambda: False)
+        monkeypatch.setattr(optim_mod, "FOLD_CLIP_GPU", device == "gpu-fold")
     rng = np.random.default_rng(1)
     w0 = rng.standard_normal((6, 5)).astype(np.float32)
     grads = rng.standard_normal((5, 6, 5)).astype(np.float32)

@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_clip.cpu_streams import Spread, in_own_shape, on_cpu
 from mlx_clip.model import CLIP
+from mlx_clip.switches import env_switch
 from mlx_clip.train import multi_tensor
 
 # Decoupled weight decay is not applied to these (as open_clip excludes gains/biases/logit_scale, plus lookup tables,
@@ -22,9 +23,11 @@ NO_DECAY = re.compile(r"(bias$|layer_?norm|layrnorm|logit_scale|logit_bias|token
 _LAYER = re.compile(r"^(vision_model|text_model)\.encoder\.layers\.(\d+)\.")
 
 
-# Off the CPU the clip factor goes into AdamW's moment coefficients (GroupedAdamW._adamw_arrays); gpu_ab's fold=0 is the
-# old way (each gradient multiplied first), for an A/B on a card (session 16: not yet measured there)
-FOLD_CLIP_GPU = True
+# Opt-in (MLXCLIP_GPU_FOLD_CLIP=1, gpu_ab fold=1): off the CPU, the clip factor folded into AdamW's moment coefficients
+# (GroupedAdamW._adamw_arrays), one graph node per parameter fewer than multiplying each gradient first. On an H200
+# (session 17, ViT-B/32 b256, mimalloc) the step was slower with it: 51.1 / 47.1 / 51.9 ms against 49.5 / 44.1 / 43.5
+# without, separate processes, and 51.1 vs 47.7 ms in one process (benchmarks/results/gpu-s17-h200.md), so not the default
+FOLD_CLIP_GPU = env_switch("MLXCLIP_GPU_FOLD_CLIP", False)
 
 
 def lr_schedule(lr: float, total_steps: int, warmup: int = 0, kind: str = "cosine", min_lr_ratio: float = 0.0):
@@ -127,8 +130,8 @@ class GroupedAdamW(optim.Adam):
         if on_cpu():  # made apart (stop_gradient is not fused): no bool in the kernels (_zeroed)
             ok = mx.stop_gradient(ok)
         self._gradient_scale, self._finite, self._ok = gradient_scale * ok, finite, ok
-        # Off the CPU the clip factor goes into the moments' coefficients, one scalar per step (_adamw_arrays says
-        # why); 0 on a skipped step, where the factor itself may be nan (a nan norm)
+        # With FOLD_CLIP_GPU (off the CPU) the clip factor goes into the moments' coefficients, one scalar per step
+        # (_adamw_arrays says why); 0 on a skipped step, where the factor itself may be nan (a nan norm)
         self._moment_scale = None if on_cpu() or not FOLD_CLIP_GPU else mx.where(finite, gradient_scale, 0.0)
         self._moment_scale_sq = None if self._moment_scale is None else mx.square(self._moment_scale)
         try:
@@ -210,10 +213,11 @@ class GroupedAdamW(optim.Adam):
         c1 = lr / (1 - b1**step)  # bias corrections from the true betas, also on a skipped step (no 1/0 there)
         c2 = own(mx.rsqrt(1 - b2**step))
         keep_m, keep_v = own(b1), own(b2)  # the old moments' weights, (1 - those) the gradient's
-        # On a GPU the clip factor multiplies the moments' coefficients (m's by s, v's by s²), not the gradient: as
-        # its own multiply the gradient's scaling stayed out of the update's fused kernel (mlx/compile.cpp bounds a
-        # fused kernel's depth, 11, and inputs, 24), one more launch and graph node per parameter, ~400 a ViT step
-        # (a host-bound step there). Also the scaled gradient is no longer rounded to the gradient's dtype (bf16).
+        # Folded (FOLD_CLIP_GPU, opt-in) the clip factor multiplies the moments' coefficients (m's by s, v's by s²),
+        # not the gradient: as its own multiply the gradient's scaling stays out of the update's fused kernel
+        # (mlx/compile.cpp bounds a fused kernel's depth, 11, and inputs, 24), one more launch and graph node per
+        # parameter, ~400 a ViT step; folded, the scaled gradient is not rounded to the gradient's dtype (bf16). Yet
+        # the H200 ran the step faster unfolded (the note at FOLD_CLIP_GPU).
         fold = self._moment_scale is not None
         if self._gradient_scale is not None and not fold:
             gradient = gradient * own(self._gradient_scale).astype(gradient.dtype)
