@@ -1,0 +1,59 @@
+"""Is the training step run-to-run deterministic on this device? The same steps twice from the same weights, then every
+parameter and moment that differs, by how much (session 17: on an H200 the vision tower's weights differed after two
+identical runs of `tests/test_finetune.py::test_a_nonfinite_step_is_as_if_it_never_happened`; on the CPU they do not).
+
+    python -m benchmarks.determinism [--arch tiny] [--steps 2] [--batch 8]
+
+Each MLXCLIP_GPU_* switch applies as in training, so a suspect kernel can be switched off and the run repeated."""
+
+from __future__ import annotations
+
+import argparse
+
+import mlx_clip  # noqa: F401  (before mlx.core: preloads the fast BLAS)
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mlx_clip.config import get_config
+
+from mlx_clip.model import CLIP
+from mlx_clip.train.args import TrainingArgs
+from mlx_clip.train.optim import build_optimizer
+from mlx_clip.train.step import make_loss_fn, make_step
+
+
+def _run(arch: str, steps: int, batch: int) -> dict[str, np.ndarray]:
+    mx.random.seed(0)
+    cfg = get_config(arch)
+    model = CLIP(cfg)
+    optimizer = build_optimizer(model, TrainingArgs(lr=1e-3), total_steps=10)
+    step = make_step(model, optimizer, make_loss_fn("clip"))
+    rng = np.random.default_rng(0)
+    size, ctx = cfg.vision_config.image_size, cfg.text_config.max_position_embeddings
+    for _ in range(steps):
+        images = mx.array(rng.standard_normal((batch, size, size, 3)).astype(np.float32))
+        ids = mx.array(rng.integers(1, cfg.text_config.vocab_size - 1, (batch, ctx)).astype(np.int32))
+        step(images, ids, mx.arange(batch))
+    tree = [model.parameters(), optimizer.state]
+    mx.eval(tree)
+    return {k: np.array(v) for k, v in tree_flatten(tree)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="tiny")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args(argv)
+    a, b = _run(args.arch, args.steps, args.batch), _run(args.arch, args.steps, args.batch)
+    differ = [(k, float(np.max(np.abs(a[k].astype(np.float64) - b[k])))) for k in a if not np.array_equal(a[k], b[k])]
+    print(f"{args.arch}, {args.steps} steps of batch {args.batch} on {mx.default_device()}: "
+          f"{len(differ)} of {len(a)} arrays differ between two identical runs")
+    for k, d in differ:
+        print(f"  {k}: max |a - b| = {d:.3e}")
+
+
+if __name__ == "__main__":
+    main()
