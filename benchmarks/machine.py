@@ -38,7 +38,7 @@ def machine_info(device: str) -> dict:
         "device": device,
         "gpu": gpu_name(device),
         "mlx": mx.__version__,
-        "mlx_blas": _blas.LOADED or f"bundled ({_blas.REASON})",
+        "mlx_blas": _blas.describe(),
         "mlx_cpu_jit": cpu_jit.STATUS,  # MLX's CPU kernel compiler flags (cpu_jit.py)
         "mlx_malloc": _malloc_label(host_malloc, device),  # MLXCLIP_MALLOC (host_malloc.py)
     }

@@ -16,6 +16,8 @@ import glob
 import os
 import sys
 
+from mlx_clip import onednn_blas
+
 # What was loaded (path) or why nothing was (a sentence); read by `mlxclip doctor`.
 LOADED: str | None = None
 REASON: str = "not attempted"
@@ -47,6 +49,8 @@ def load() -> str | None:
     paths = [choice] if choice else _candidates()
     errors = []
     for path in paths:
+        if "mkl" in os.path.basename(path):  # opt-in: MLX's sgemm by oneDNN, MKL for the rest (onednn_blas.py)
+            onednn_blas.load(path)
         try:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError as exc:  # keep trying the others, report all if none loads
@@ -77,3 +81,10 @@ def get_threads() -> int | None:
     """MKL's current thread count for GEMMs; None when the loaded BLAS is not MKL."""
     mkl = _mkl()
     return None if mkl is None else int(mkl.MKL_Get_Max_Threads())
+
+
+def describe() -> str:
+    """The BLAS MLX's CPU matmuls use, in words (`mlxclip doctor`, the bench report)."""
+    if LOADED is None:
+        return f"bundled ({REASON})"
+    return f"{LOADED}; sgemm by oneDNN: {onednn_blas.STATUS}" if onednn_blas.STATUS.startswith("on") else LOADED

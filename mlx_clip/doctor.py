@@ -7,7 +7,7 @@ import platform
 import statistics
 import time
 
-from mlx_clip import _blas
+from mlx_clip import _blas, onednn_blas
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 7, dtype: str = "float32") -> float:
@@ -62,7 +62,8 @@ def report(measure: bool = True) -> dict:
         "platform": f"{platform.system()} {platform.machine()}",
         "mlx": mx.__version__,
         "device": str(mx.default_device()),
-        "blas": _blas.LOADED or f"bundled ({_blas.REASON})",
+        "blas": _blas.describe(),
+        "onednn_sgemm": onednn_blas.STATUS,  # MLXCLIP_ONEDNN: MLX's sgemm by oneDNN (onednn_blas.py)
         "malloc": _malloc(),  # MLXCLIP_MALLOC: what `mlxclip finetune` / `serve` run MLX's host work under
         "cache_limit_bytes": cpu_cache.current_limit(),  # MLXCLIP_CPU_CACHE on CPU builds
         "cpu_jit": cpu_jit.STATUS,  # MLXCLIP_CPU_JIT: flags for MLX's CPU kernel compiler
