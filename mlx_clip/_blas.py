@@ -49,7 +49,7 @@ def load() -> str | None:
     paths = [choice] if choice else _candidates()
     errors = []
     for path in paths:
-        if "mkl" in os.path.basename(path):  # opt-in: MLX's sgemm by oneDNN, MKL for the rest (onednn_blas.py)
+        if "mkl" in os.path.basename(path):  # MLX's sgemm by oneDNN where installed, MKL the rest (onednn_blas.py)
             onednn_blas.load(path)
         try:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)

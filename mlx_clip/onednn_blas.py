@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from mlx_clip.switches import env_switch
@@ -36,9 +37,11 @@ MIN_MNK = 1 << 20
 
 
 def min_mnk() -> float:
+    value = os.environ.get("MLXCLIP_ONEDNN_MIN_MNK", "").strip()
     try:
-        return float(os.environ.get("MLXCLIP_ONEDNN_MIN_MNK", MIN_MNK))
+        return float(value) if value else float(MIN_MNK)
     except ValueError:
+        warnings.warn(f"MLXCLIP_ONEDNN_MIN_MNK={value!r}: expected a number; using {MIN_MNK}", stacklevel=2)
         return float(MIN_MNK)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from mlx_clip import onednn_blas
 
-pytestmark = pytest.mark.skipif(
+needs_onednn = pytest.mark.skipif(
     not sys.platform.startswith("linux") or onednn_blas.find_dnnl() is None or not (shutil.which("cc") or shutil.which("gcc")),
     reason="needs Linux, a C compiler and oneDNN (pip install onednn-cpu-gomp)")
 
@@ -66,6 +66,7 @@ def _probe(on: bool, min_mnk: int = 0) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@needs_onednn
 def test_onednn_sgemm_matches_float64_every_layout_and_hands_the_rest_to_mkl():
     got = _probe(on=True)
     assert got["status"].startswith("on (oneDNN"), got["status"]
@@ -81,6 +82,7 @@ def test_onednn_sgemm_matches_float64_every_layout_and_hands_the_rest_to_mkl():
     assert 0 < default["taken"] < got["taken"] and default["counts"][1] > got["counts"][1] and default["worst"] < 1e-5
 
 
+@needs_onednn
 def test_model_with_onednn_sgemm_matches_open_clip():
     """The issue's fp32 parity, with every MLX GEMM run by oneDNN."""
     env = {**os.environ, "MLXCLIP_ONEDNN": "1"}
@@ -89,3 +91,13 @@ def test_model_with_onednn_sgemm_matches_open_clip():
                          env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:]
     assert " passed" in out.stdout and "failed" not in out.stdout
+
+
+def test_min_mnk_reads_its_setting_and_names_a_bad_one(monkeypatch):
+    monkeypatch.delenv("MLXCLIP_ONEDNN_MIN_MNK", raising=False)
+    assert onednn_blas.min_mnk() == onednn_blas.MIN_MNK
+    monkeypatch.setenv("MLXCLIP_ONEDNN_MIN_MNK", "0")
+    assert onednn_blas.min_mnk() == 0
+    monkeypatch.setenv("MLXCLIP_ONEDNN_MIN_MNK", "big")
+    with pytest.warns(UserWarning, match="MLXCLIP_ONEDNN_MIN_MNK='big': expected a number"):
+        assert onednn_blas.min_mnk() == onednn_blas.MIN_MNK
