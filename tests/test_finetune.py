@@ -423,6 +423,9 @@ def test_metrics_lines_and_report(run_a, data_dir):
     assert run_a.summary["top1_after"] == evals[-1]["top1"] and run_a.summary["top1_before"] == evals[0]["top1"]
     summary_md = (run_a.dir / "summary.md").read_text()
     assert "top1_after" in summary_md and "## Evaluation" in summary_md
+    from mlx_clip import _blas  # the run names the BLAS its CPU products ran on (MKL, oneDNN's sgemm)
+
+    assert run_a.summary["blas"] == _blas.describe() and f"| blas | {_blas.describe()} |" in summary_md
     with Image.open(run_a.dir / "curves.png") as png:
         assert png.format == "PNG" and png.width > 100
 
