@@ -26,7 +26,7 @@ def test_fit_recovers_a_line():
     assert fixed == pytest.approx(10.0) and per_sample == pytest.approx(3.5)
 
 
-def test_gpu_branch_takes_two_norm_nodes_and_one_update_kernel_per_parameter(monkeypatch):
+def test_gpu_branch_takes_two_norm_nodes_and_the_fold_saves_a_node_per_parameter(monkeypatch):
     """Off the CPU (traced here with the GPU branch, in bf16), each gradient's sum of squares is one fused square and
     one sum read by the total, no flattening or squeeze per gradient; with optim.FOLD_CLIP_GPU the clip factor goes into
     AdamW's update kernel rather than a multiply of its own per gradient, one node per parameter fewer."""
