@@ -40,10 +40,11 @@ KERNEL_DIR: str | None = None
 
 def flags() -> tuple[str, ...]:
     """The flags added to MLX's kernel builds on this machine."""
-    return _BASE_FLAGS + (("-mavx2",) if _cpu_has("avx2") else ())
+    return _BASE_FLAGS + (("-mavx2",) if cpu_has("avx2") else ())
 
 
-def _cpu_has(feature: str) -> bool:
+def cpu_has(feature: str) -> bool:
+    """Whether /proc/cpuinfo lists `feature` (e.g. avx2, avx512f); False where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
             return any(line.startswith("flags") and feature in line.split() for line in f)

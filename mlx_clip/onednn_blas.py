@@ -1,4 +1,4 @@
-"""MLX's CPU matmuls through oneDNN's matmul primitive (Linux x86-64 with MKL; MLXCLIP_ONEDNN=0 turns it off).
+"""MLX's CPU matmuls through oneDNN's matmul primitive (Linux x86-64, with MKL; on by default with AVX-512).
 
 MLX's CPU matmul is one `cblas_sgemm` call per product. On this project's 2-core AVX-512 VM oneDNN's brgemm matmul runs
 the models' products at ~195-210 GFLOP/s on two threads where MKL runs 145-195, and 90-105 on one thread where MKL runs
@@ -23,6 +23,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from mlx_clip.cpu_jit import cpu_has
 from mlx_clip.switches import env_switch
 
 SOURCE = Path(__file__).with_name("onednn_sgemm.c")
@@ -46,8 +47,10 @@ def min_mnk() -> float:
 
 
 def enabled() -> bool:
-    """On unless MLXCLIP_ONEDNN=0 (it still needs oneDNN, a C compiler and MKL: STATUS says what was missing)."""
-    return env_switch("MLXCLIP_ONEDNN", True)
+    """MLXCLIP_ONEDNN=1 / 0; unset, on where the gains were measured: a CPU with AVX-512 (oneDNN's brgemm kernels there;
+    on AVX2-only CPUs MKL's own kernels have not been compared). It still needs oneDNN, a C compiler and MKL: STATUS
+    says what was missing."""
+    return env_switch("MLXCLIP_ONEDNN", cpu_has("avx512f"))
 
 
 def find_dnnl() -> str | None:
@@ -93,7 +96,8 @@ def load(mkl: str) -> str:
     if STATUS != "not attempted":
         return STATUS
     if not enabled():
-        STATUS = "off (MLXCLIP_ONEDNN=0)"
+        unset = not os.environ.get("MLXCLIP_ONEDNN")
+        STATUS = "off (no AVX-512: MLXCLIP_ONEDNN=1 turns it on)" if unset else "off (MLXCLIP_ONEDNN=0)"
         return STATUS
     dnnl = find_dnnl()
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")

@@ -182,7 +182,8 @@ static int run(const entry* e, const float* A, const float* B, float* C) {
 
 void cblas_sgemm(int layout, int ta, int tb, int M, int N, int K, float alpha, const float* A, int lda,
                  const float* B, int ldb, float beta, float* C, int ldc) {
-  if (engine && (double)M * N * K >= min_mnk && layout == RowMajor && alpha == 1.0f && (beta == 0.0f || beta == 1.0f) && M > 0 && N > 0 && K > 0) {
+  const int ours = layout == RowMajor && alpha == 1.0f && (beta == 0.0f || beta == 1.0f) && M > 0 && N > 0 && K > 0;
+  if (engine && ours && (double)M * N * K >= min_mnk) {
     // MKL's thread count for this call (1 per GEMM in batch-parallel mode, where two streams call at once)
     const int threads = fallback_threads ? fallback_threads() : 0;
     const int64_t key[KEY] = {ldc, M, N, K, lda, ldb, ta, tb, beta == 1.0f, threads};

@@ -1,5 +1,5 @@
-"""MLX's sgemm by oneDNN (on by default where it is installed) (mlx_clip/onednn_blas.py, onednn_sgemm.c), against float64 numpy and
-open_clip. Each check runs in a fresh process, as the shim must be loaded before MLX is."""
+"""MLX's sgemm by oneDNN (mlx_clip/onednn_blas.py, onednn_sgemm.c; on by default with AVX-512), against float64 numpy
+and open_clip. Each check runs in a fresh process, as the shim must be loaded before MLX is."""
 
 import json
 import os
@@ -12,7 +12,8 @@ import pytest
 from mlx_clip import onednn_blas
 
 needs_onednn = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or onednn_blas.find_dnnl() is None or not (shutil.which("cc") or shutil.which("gcc")),
+    not sys.platform.startswith("linux") or onednn_blas.find_dnnl() is None
+    or not (shutil.which("cc") or shutil.which("gcc")),
     reason="needs Linux, a C compiler and oneDNN (pip install onednn-cpu-gomp)")
 
 PROBE = r"""
@@ -86,8 +87,9 @@ def test_onednn_sgemm_matches_float64_every_layout_and_hands_the_rest_to_mkl():
 def test_model_with_onednn_sgemm_matches_open_clip():
     """The issue's fp32 parity, with every MLX GEMM run by oneDNN."""
     env = {**os.environ, "MLXCLIP_ONEDNN": "1"}
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "tests/test_parity.py::test_open_clip_parity_small", "tests/test_parity.py::test_loss_gradients_match_open_clip"],
+    tests = ["tests/test_parity.py::test_open_clip_parity_small",
+             "tests/test_parity.py::test_loss_gradients_match_open_clip"]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
                          env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:]
     assert " passed" in out.stdout and "failed" not in out.stdout
@@ -101,3 +103,16 @@ def test_min_mnk_reads_its_setting_and_names_a_bad_one(monkeypatch):
     monkeypatch.setenv("MLXCLIP_ONEDNN_MIN_MNK", "big")
     with pytest.warns(UserWarning, match="MLXCLIP_ONEDNN_MIN_MNK='big': expected a number"):
         assert onednn_blas.min_mnk() == onednn_blas.MIN_MNK
+
+
+def test_on_by_default_only_where_measured(monkeypatch):
+    """Unset, MLXCLIP_ONEDNN follows the CPU: on with AVX-512 (where oneDNN's gains were measured), off without; the
+    setting overrides either way."""
+    monkeypatch.delenv("MLXCLIP_ONEDNN", raising=False)
+    for avx512, want in ((True, True), (False, False)):
+        monkeypatch.setattr(onednn_blas, "cpu_has", lambda feature, a=avx512: a and feature == "avx512f")
+        assert onednn_blas.enabled() is want
+        for value, forced in (("1", True), ("0", False)):
+            monkeypatch.setenv("MLXCLIP_ONEDNN", value)
+            assert onednn_blas.enabled() is forced
+        monkeypatch.delenv("MLXCLIP_ONEDNN")
