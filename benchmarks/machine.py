@@ -19,7 +19,9 @@ def gpu_name(device: str) -> str | None:
     return None
 
 
-def _malloc_label(host_malloc, device: str) -> str:
+def _malloc_label(device: str) -> str:
+    from mlx_clip import host_malloc
+
     library, why = host_malloc.choose(os.environ.get("MLXCLIP_MALLOC"), on_gpu=device != "cpu")
     return f"{os.path.basename(library)} ({why})" if library else why
 
@@ -28,7 +30,7 @@ def machine_info(device: str) -> dict:
     """A dict for the JSON reports; `label` is the one line the markdown tables are headed with."""
     import mlx.core as mx
 
-    from mlx_clip import _blas, cpu_jit, host_malloc
+    from mlx_clip import _blas, cpu_jit
 
     info = {
         "date": str(date.today()),
@@ -40,7 +42,7 @@ def machine_info(device: str) -> dict:
         "mlx": mx.__version__,
         "mlx_blas": _blas.describe(),
         "mlx_cpu_jit": cpu_jit.STATUS,  # MLX's CPU kernel compiler flags (cpu_jit.py)
-        "mlx_malloc": _malloc_label(host_malloc, device),  # MLXCLIP_MALLOC (host_malloc.py)
+        "mlx_malloc": _malloc_label(device),  # MLXCLIP_MALLOC (host_malloc.py)
     }
     try:
         import open_clip

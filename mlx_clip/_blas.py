@@ -12,23 +12,14 @@ MLXCLIP_BLAS=none to keep the wheel's own BLAS.
 from __future__ import annotations
 
 import ctypes
-import glob
 import os
 import sys
 
-from mlx_clip import onednn_blas
+from mlx_clip import _libs, onednn_blas
 
 # What was loaded (path) or why nothing was (a sentence); read by `mlxclip doctor`.
 LOADED: str | None = None
 REASON: str = "not attempted"
-
-
-def _candidates() -> list[str]:
-    prefixes = dict.fromkeys([sys.prefix, sys.base_prefix, os.environ.get("CONDA_PREFIX", "")])
-    found = []
-    for prefix in filter(None, prefixes):
-        found += sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")))
-    return found
 
 
 def load() -> str | None:
@@ -46,7 +37,7 @@ def load() -> str | None:
     if "mlx.core" in sys.modules:
         REASON = "mlx.core was imported before mlx_clip, too late to preload a BLAS"
         return None
-    paths = [choice] if choice else _candidates()
+    paths = [choice] if choice else _libs.in_prefixes("libmkl_rt.so*")
     errors = []
     for path in paths:
         if "mkl" in os.path.basename(path):  # MLX's sgemm by oneDNN where installed, MKL the rest (onednn_blas.py)

@@ -21,6 +21,8 @@ import glob
 import os
 import sys
 
+from mlx_clip import _libs
+
 # the CLI commands that run MLX long enough for its host work to matter: they re-execute under the chosen malloc
 COMMANDS = ("finetune", "serve", "embed", "eval", "memory")
 LIBRARIES = ("mimalloc", "jemalloc")  # the order they are preferred in: mimalloc measured a little faster
@@ -28,9 +30,8 @@ _REEXEC_GUARD = "MLXCLIP_MALLOC_REEXEC"  # set in the re-executed process: never
 
 
 def _search_dirs() -> list[str]:
-    prefixes = dict.fromkeys(filter(None, [sys.prefix, sys.base_prefix, os.environ.get("CONDA_PREFIX", "")]))
-    return [os.path.join(p, "lib") for p in prefixes] + ["/usr/local/lib", "/usr/lib/x86_64-linux-gnu",
-                                                         "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"]
+    return _libs.prefix_lib_dirs() + ["/usr/local/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
+                                      "/usr/lib64", "/usr/lib"]
 
 
 def find(name: str, dirs: list[str] | None = None) -> str | None:
@@ -64,17 +65,21 @@ def choose(setting: str | None, on_gpu: bool, platform: str = sys.platform,
     return None, "glibc's malloc (install libmimalloc2.0 or libjemalloc2 for a faster GPU step)"
 
 
+def _preloads_but(env: dict, library: str | None) -> list[str]:
+    """LD_PRELOAD's entries (space- or colon-separated) other than `library`."""
+    return [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p != library]
+
+
 def with_preload(env: dict, library: str) -> dict:
     """`env` with `library` first in LD_PRELOAD (kept once)."""
-    others = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p != library]
-    return dict(env, LD_PRELOAD=" ".join([library, *others]))
+    return dict(env, LD_PRELOAD=" ".join([library, *_preloads_but(env, library)]))
 
 
 def without_preload(env: dict, library: str | None) -> dict:
     """`env` with `library` taken out of LD_PRELOAD (torch's benchmark process runs as torch users run it)."""
     if not library or "LD_PRELOAD" not in env:
         return dict(env)
-    kept = [p for p in env["LD_PRELOAD"].replace(":", " ").split() if p != library]
+    kept = _preloads_but(env, library)
     out = {k: v for k, v in env.items() if k != "LD_PRELOAD"}
     return dict(out, LD_PRELOAD=" ".join(kept)) if kept else out
 

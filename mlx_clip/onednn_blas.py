@@ -13,16 +13,15 @@ b16 train step -16%, its image embedding -16% (b1) and -19% (b16), the image + t
 from __future__ import annotations
 
 import ctypes
-import glob
 import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import warnings
 from pathlib import Path
 
+from mlx_clip import _libs
 from mlx_clip.cpu_jit import cpu_has
 from mlx_clip.switches import env_switch
 
@@ -55,12 +54,7 @@ def enabled() -> bool:
 
 def find_dnnl() -> str | None:
     """oneDNN's shared library as pip's onednn-cpu-gomp installs it (PREFIX/lib), or None."""
-    prefixes = dict.fromkeys([sys.prefix, sys.base_prefix, os.environ.get("CONDA_PREFIX", "")])
-    for prefix in filter(None, prefixes):
-        found = sorted(glob.glob(os.path.join(prefix, "lib", "libdnnl.so.3*")))
-        if found:
-            return found[0]
-    return None
+    return next(iter(_libs.in_prefixes("libdnnl.so.3*")), None)
 
 
 def _cache_dir() -> Path:
@@ -111,6 +105,7 @@ def load(mkl: str) -> str:
             code = lib.mlxclip_onednn_init(mkl.encode(), ctypes.c_double(min_mnk()))
             if code:
                 raise RuntimeError(f"init returned {code} (1: {mkl} did not load, 2: no cblas_sgemm, 3: no engine)")
+            lib.mlxclip_onednn_taken.restype = lib.mlxclip_onednn_passed_on.restype = ctypes.c_longlong
             _LIB, STATUS = lib, f"on (oneDNN {dnnl})"
         except (OSError, RuntimeError) as e:
             STATUS = f"off (the shim failed: {e})"
@@ -121,5 +116,4 @@ def counts() -> tuple[int, int]:
     """(sgemm calls oneDNN ran, calls handed to MKL) in this process; (0, 0) when the shim is not loaded."""
     if _LIB is None:
         return 0, 0
-    _LIB.mlxclip_onednn_taken.restype = _LIB.mlxclip_onednn_passed_on.restype = ctypes.c_longlong
     return int(_LIB.mlxclip_onednn_taken()), int(_LIB.mlxclip_onednn_passed_on())

@@ -187,12 +187,10 @@ NORM_CHUNK = 64
 def _sum_of_squares(g: mx.array) -> mx.array:
     """Σ g² in fp32: 0-d by a dot product, or (reduce) with g's dimensions kept as 1s."""
     mode = "auto" if NORM_SQUARES == "kernel" else NORM_SQUARES  # "kernel" off CUDA
-    if mode == "dot" or (mode == "auto" and cpu_streams.on_cpu()):
+    by_dot = mode == "dot" or (mode == "auto" and cpu_streams.on_cpu())
+    if by_dot or mode == "flat":  # "flat": the way before session 16, kept for an A/B on a card (gpu_ab norm=flat)
         flat = g.reshape(-1).astype(mx.float32)
-        return flat @ flat
-    if mode == "flat":  # the way before session 16, kept for an A/B on a card (gpu_ab norm=flat)
-        flat = g.reshape(-1).astype(mx.float32)
-        return mx.sum(flat * flat)
+        return flat @ flat if by_dot else mx.sum(flat * flat)
     # Reduced where it lies, dimensions kept: flattening first copied every transposed weight gradient (autodiff's
     # (xᵀg)ᵀ), and a full reduction's result is squeezed by a node of its own; so 2 graph nodes an array, not 4
     # (~800 fewer in a ViT-B/32 step, whose GPU step is host-bound). _global_norm squeezes the total once.
