@@ -131,8 +131,18 @@ for step in "$@"; do
       done; done | tee $OUT/fold-ab.txt ;;
     determinism) # session 17: the tiny model's step twice from the same weights, the arrays that differ (on the H200 the
                  # skipped-step test's two runs ended with different vision weights), with suspect kernels switched off
-      for v in "" MLXCLIP_GPU_ATTENTION=sdpa MLXCLIP_GPU_REDUCE=0 MLXCLIP_GPU_ACTIVATION=0; do echo "== $v"
-        env $v timeout 100 python3 -m benchmarks.determinism 2>&1 | grep -v -i warn | head -12; done | tee $OUT/determinism.txt ;;
+                 # (session 18: one unclipped step, so the first moments name the gradients that differ; the stem as
+                 # a product is the default since, "conv" is cuDNN's convolution)
+      for v in MLXCLIP_PATCH_EMBED=conv "" MLXCLIP_GPU_ATTENTION=sdpa MLXCLIP_GPU_REDUCE=0 MLXCLIP_GPU_ACTIVATION=0; do
+        echo "== $v"; env $v timeout 100 python3 -m benchmarks.determinism 2>&1 | grep -v -i warn | head -20
+      done | tee $OUT/determinism.txt
+      timeout 200 python3 -m pytest -q -x -p no:cacheprovider \
+        "tests/test_finetune.py::test_a_nonfinite_step_is_as_if_it_never_happened" 2>&1 | tail -3 ;;
+    stem-ab) # session 18: the patch stem as one product (the default since) against cuDNN's convolution, ViT-B-16
+             # (196 patches an image), separate processes, alternating, under mimalloc
+      for r in 1 2; do for v in conv matmul; do
+        MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 MLXCLIP_PATCH_EMBED=$v timeout 140 ${BENCH/mlx,torch/mlx} --arch ViT-B-16 --out $OUT/stem-ab 2>&1 | grep items/s | sed "s/^/[stem $v] /"
+      done; done | tee $OUT/stem-ab.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

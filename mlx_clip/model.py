@@ -11,7 +11,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_clip import cpu_streams, fastmath, mlp_block, qkv_block
+from mlx_clip import cpu_streams, fastmath, mlp_block, qkv_block, switches
 from mlx_clip.layer_norm import LayerNorm
 from mlx_clip.linear import Linear
 from mlx_clip.config import CLIPConfig, TextConfig, VisionConfig
@@ -22,6 +22,13 @@ from mlx_clip.resolution import drop_patches, resample_position_embedding
 # "gelu" is the erf GELU (open_clip's nn.GELU(), HF's "gelu"), not the tanh approximation; both are rational
 # approximations to float precision that fuse into one kernel (mlx_clip.fastmath says why).
 ACTIVATIONS = {"gelu": fastmath.gelu, "quick_gelu": fastmath.quick_gelu}
+
+# The patch stem (a convolution whose stride is its kernel) as "conv" (mx.conv2d) or "matmul" (the image cut into
+# patches by a reshape and a transpose, then one product with the flattened kernel: the same sums). On a GPU the
+# convolution's weight gradient is cuDNN's choice of algorithm, which may add in a different order run to run
+# (benchmarks/determinism.py); cuBLAS's products do not. On the CPU the product is also faster (`small`'s stem at
+# b32, forward + weight gradient: 2.5 -> 1.9 ms). MLXCLIP_PATCH_EMBED=conv restores the convolution.
+PATCH_EMBED = switches.env_word("MLXCLIP_PATCH_EMBED", ("matmul", "conv"), "matmul")
 
 
 class Attention(nn.Module):
@@ -158,13 +165,27 @@ class VisionEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.num_positions, cfg.hidden_size)
 
     def __call__(self, images: mx.array) -> mx.array:
-        x = self.patch_embedding(images)  # (B, H/p, W/p, D)
+        x = self.patches(images)  # (B, H/p, W/p, D)
         B, grid, D = x.shape[0], x.shape[1:3], x.shape[-1]
         x = x.reshape(B, -1, D)  # (B, N, D), row-major patches as open_clip's flatten
         cls = mx.broadcast_to(self.class_embedding.astype(x.dtype), (B, 1, D))
         x = mx.concatenate([cls, x], axis=1)
         # Another image size: the grid of position embeddings is resampled (bicubic, traced once per size).
         return x + resample_position_embedding(self.position_embedding.weight, grid).astype(x.dtype)
+
+    def patches(self, images: mx.array) -> mx.array:
+        """The patch stem's output (B, H/p, W/p, D), by PATCH_EMBED's route."""
+        conv = self.patch_embedding
+        if PATCH_EMBED == "conv":
+            return conv(images)
+        batch, height, width, channels = images.shape
+        p = conv.weight.shape[1]
+        rows, cols = height // p, width // p
+        if (rows * p, cols * p) != (height, width):  # the convolution drops the remainder; so does the cut
+            images = images[:, : rows * p, : cols * p]
+        cut = images.reshape(batch, rows, p, cols, p, channels).transpose(0, 1, 3, 2, 4, 5)
+        flat = cut.reshape(batch, rows, cols, p * p * channels)  # each patch as (kh, kw, C), the kernel's order
+        return flat @ conv.weight.reshape(conv.weight.shape[0], -1).T
 
 
 class VisionTransformer(nn.Module):
