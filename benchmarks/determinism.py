@@ -2,11 +2,16 @@
 parameter and moment that differs, by how much (session 17: on an H200 the vision tower's weights differed after two
 identical runs of `tests/test_finetune.py::test_a_nonfinite_step_is_as_if_it_never_happened`; on the CPU they do not).
 
-    python -m benchmarks.determinism [--arch tiny] [--steps 1] [--batch 8] [--grad-clip 0]
+    python -m benchmarks.determinism [--arch tiny] [--steps 1] [--batch 8] [--grad-clip 0] [--lazy-second]
 
 Each MLXCLIP_* switch applies as in training, so a suspect kernel can be switched off and the run repeated. One step
 without clipping keeps a difference where it arose: the first moments (m = (1 - beta1) g after one step) name the
-gradients that differ; with clipping, or after a second step, one differing gradient moves every array."""
+gradients that differ; with clipping, or after a second step, one differing gradient moves every array.
+
+--lazy-second: the first run evaluates after every step (as the training loop does), the second builds all its steps
+as one lazy graph evaluated at the end (as the skipped-step test's run without the bad step did). Session 18: two
+identical runs agree bit for bit on an H200, yet that test fails there; this tells whether evaluation boundaries alone
+change a CUDA step's result."""
 
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from mlx_clip.train.optim import build_optimizer
 from mlx_clip.train.step import make_loss_fn, make_step
 
 
-def _run(arch: str, steps: int, batch: int, grad_clip: float) -> dict[str, np.ndarray]:
+def _run(arch: str, steps: int, batch: int, grad_clip: float, eval_each: bool = True) -> dict[str, np.ndarray]:
     mx.random.seed(0)
     cfg = get_config(arch)
     model = CLIP(cfg)
@@ -37,7 +42,9 @@ def _run(arch: str, steps: int, batch: int, grad_clip: float) -> dict[str, np.nd
     for _ in range(steps):
         images = mx.array(rng.standard_normal((batch, size, size, 3)).astype(np.float32))
         ids = mx.array(rng.integers(1, cfg.text_config.vocab_size - 1, (batch, ctx)).astype(np.int32))
-        step(images, ids, mx.arange(batch))
+        outputs = step(images, ids, mx.arange(batch))
+        if eval_each:
+            mx.eval(outputs, model.parameters(), optimizer.state)
     tree = [model.parameters(), optimizer.state]
     mx.eval(tree)
     return {k: np.array(v) for k, v in tree_flatten(tree)}
@@ -49,11 +56,14 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--grad-clip", type=float, default=0.0, help="0: no clipping (see above)")
+    ap.add_argument("--lazy-second", action="store_true", help="the second run evaluates once, at the end (see above)")
     args = ap.parse_args(argv)
-    a, b = (_run(args.arch, args.steps, args.batch, args.grad_clip) for _ in range(2))
+    a, b = (_run(args.arch, args.steps, args.batch, args.grad_clip, eval_each=not (second and args.lazy_second))
+            for second in (False, True))
     differ = [(k, float(np.max(np.abs(a[k].astype(np.float64) - b[k])))) for k in a if not np.array_equal(a[k], b[k])]
+    how = "one evaluated step by step, one lazily" if args.lazy_second else "two identical runs"
     print(f"{args.arch}, {args.steps} steps of batch {args.batch} on {mx.default_device()}: "
-          f"{len(differ)} of {len(a)} arrays differ between two identical runs")
+          f"{len(differ)} of {len(a)} arrays differ between {how}")
     for k, d in differ:
         print(f"  {k}: max |a - b| = {d:.3e}")
 

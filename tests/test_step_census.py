@@ -6,7 +6,7 @@ from mlx.utils import tree_flatten
 from benchmarks import step_census
 from mlx_clip.config import get_config
 from mlx_clip.model import CLIP
-from mlx_clip.train import optim
+from mlx_clip.train import optim, step
 
 
 def test_census_sees_one_update_kernel_per_small_parameter_and_split_updates_for_large_ones():
@@ -26,15 +26,17 @@ def test_fit_recovers_a_line():
     assert fixed == pytest.approx(10.0) and per_sample == pytest.approx(3.5)
 
 
-def test_gpu_branch_takes_two_norm_nodes_and_the_fold_saves_a_node_per_parameter(monkeypatch):
-    """Off the CPU (traced here with the GPU branch, in bf16), each gradient's sum of squares is one fused square and
-    one sum read by the total, no flattening or squeeze per gradient; with optim.FOLD_CLIP_GPU the clip factor goes into
-    AdamW's update kernel rather than a multiply of its own per gradient, one node per parameter fewer."""
+def test_gpu_branch_reduce_takes_two_norm_nodes_and_the_fold_saves_a_node_per_parameter(monkeypatch):
+    """Off the CPU (traced here with the GPU branch, in bf16) with MLXCLIP_NORM_SQUARES=reduce, each gradient's sum of
+    squares is one fused square and one sum read by the total, no flattening or squeeze per gradient; with
+    optim.FOLD_CLIP_GPU the clip factor goes into AdamW's update kernel rather than a multiply of its own per gradient,
+    one node per parameter fewer."""
     from mlx_clip import cpu_streams
 
     monkeypatch.setattr(cpu_streams, "on_cpu", lambda: False)
     monkeypatch.setattr(optim, "on_cpu", lambda: False)
     monkeypatch.setattr(step_census, "DTYPE", "bfloat16")
+    monkeypatch.setattr(step, "NORM_SQUARES", "reduce")
     params = [p for _, p in tree_flatten(CLIP(get_config("tiny")).trainable_parameters())]
     n, arrays = len(params), sum(p.ndim > 0 for p in params)  # a 0-d one's square and "sum" fuse into the total
     text = step_census._step_dot("tiny", 2)
@@ -51,3 +53,18 @@ def test_gpu_branch_takes_two_norm_nodes_and_the_fold_saves_a_node_per_parameter
     folded = sum(step_census.census("tiny", 2).values())
     monkeypatch.setattr(optim, "FOLD_CLIP_GPU", False)
     assert sum(step_census.census("tiny", 2).values()) - folded == n
+
+
+def test_gpu_branch_auto_norm_is_flat(monkeypatch):
+    """Off the CPU "auto" is "flat" since session 18 (reduce raised ViT-B-16's peak by 1.4 GiB on an H200): the traced
+    GPU-branch step has flat's node census, not reduce's."""
+    from mlx_clip import cpu_streams
+
+    monkeypatch.setattr(cpu_streams, "on_cpu", lambda: False)
+    monkeypatch.setattr(optim, "on_cpu", lambda: False)
+    monkeypatch.setattr(step_census, "DTYPE", "bfloat16")
+    counts = {}
+    for way in ("auto", "flat", "reduce"):
+        monkeypatch.setattr(step, "NORM_SQUARES", way)
+        counts[way] = step_census.census("tiny", 2)
+    assert counts["auto"] == counts["flat"] != counts["reduce"]

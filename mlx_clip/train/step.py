@@ -165,11 +165,14 @@ def _assign(target, source) -> None:
 
 
 # How each gradient's sum of squares is taken: "dot" (one BLAS dot product: one kernel and one read, where
-# square-then-sum is two kernels and a squared copy; BLAS spreads it over the CPU's cores) or "reduce" (square, then
-# MLX's sum, over the gradient as it lies: 2 graph nodes each). "auto": dot on the CPU, reduce on a GPU, where each
-# cuBLAS call costs ~28 us of host work (stream capture, heuristics, workspace; measured with py-spy on an H200)
-# against a few us for MLX's own kernels. "flat": reduce as it was before session 16 (flattened first, which copies a
-# transposed gradient, and squeezed: 4 nodes each), for an A/B on a card. "concat" (opt-in, for host-bound GPUs): the
+# square-then-sum is two kernels and a squared copy; BLAS spreads it over the CPU's cores), "flat" (flattened, squared
+# and summed by MLX: 4 graph nodes each, a copy of a transposed gradient) or "reduce" (square, then MLX's sum, over
+# the gradient as it lies: 2 graph nodes each). "auto": dot on the CPU, flat on a GPU, where each cuBLAS call costs
+# ~28 us of host work (stream capture, heuristics, workspace; measured with py-spy on an H200) against a few us for
+# MLX's own kernels. "reduce" was the GPU's way in sessions 16-17 (~800 fewer nodes for the host-bound ViT-B/32
+# step); on an H200 in session 18 it raised ViT-B-16's peak 21,979 -> 23,423 MiB (four runs at 23,423) at the same
+# step time (102.5-104.0 vs 104.3 ms), and ViT-B-32's step moved with the host either way
+# (benchmarks/results/gpu-s18-h200.md), so the GPU is back on "flat". "concat" (opt-in, for host-bound GPUs): the
 # flattened gradients joined NORM_CHUNK at a time and each join squared and summed, ~4 graph nodes per 64 parameters
 # (the ViT-B/32 step's norm was ~1,600 of its 6,782 nodes), for one extra copy of the gradients: on an H100 the
 # ViT-B/32 step -3% for +2.9 GiB of peak (benchmarks/results/gpu-aligned-h100-s11.md), so not the GPU default.
@@ -188,7 +191,7 @@ def _sum_of_squares(g: mx.array) -> mx.array:
     """Σ g² in fp32: 0-d by a dot product, or (reduce) with g's dimensions kept as 1s."""
     mode = "auto" if NORM_SQUARES == "kernel" else NORM_SQUARES  # "kernel" off CUDA
     by_dot = mode == "dot" or (mode == "auto" and cpu_streams.on_cpu())
-    if by_dot or mode == "flat":  # "flat": the way before session 16, kept for an A/B on a card (gpu_ab norm=flat)
+    if by_dot or mode in ("flat", "auto"):
         flat = g.reshape(-1).astype(mx.float32)
         return flat @ flat if by_dot else mx.sum(flat * flat)
     # Reduced where it lies, dimensions kept: flattening first copied every transposed weight gradient (autodiff's
