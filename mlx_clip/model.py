@@ -11,7 +11,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_clip import cpu_streams, fastmath, mlp_block, qkv_block, switches
+from mlx_clip import cpu_streams, fastmath, mlp_block, packed_attention, qkv_block, switches
 from mlx_clip.layer_norm import LayerNorm
 from mlx_clip.linear import Linear
 from mlx_clip.config import CLIPConfig, TextConfig, VisionConfig
@@ -50,6 +50,8 @@ class Attention(nn.Module):
         if self.chunk:
             heads = (fastmath.split_heads(t, self.num_heads) for t in (q, k, v))
             out = fastmath.merge_heads(sliced_attention(*heads, scale=self.scale, mask=mask, chunk=self.chunk))
+        elif isinstance(mask, packed_attention.RowWindows):  # packed caption rows: key windows, not (T, T)
+            out = packed_attention.attend(q, k, v, self.num_heads, self.scale, mask)
         else:
             out = fastmath.token_attention(q, k, v, self.num_heads, self.scale, mask)
         return self.out_proj(out)
@@ -57,12 +59,15 @@ class Attention(nn.Module):
     def pooled(self, x: mx.array, positions, mask=None) -> mx.array:
         """The attention output at the pooled positions only, (B, n, D): keys and values from every token, the query,
         attention and output projection for those positions. `positions`: an int or (B,) ints (n = 1) or (B, n) ints;
-        `mask`: None, "causal" (a position sees itself and the tokens before it) or the tower's additive (B, 1, L, L)
-        array, whose rows for the pooled positions are used."""
+        `mask`: None, "causal" (a position sees itself and the tokens before it), packed rows' windows
+        (packed_attention.RowWindows) or the tower's additive (B, 1, L, L) array, whose rows for the pooled positions
+        are used."""
         q = self.q_proj(take_rows(x, positions))
         k, v = self.k_proj(x), self.v_proj(x)
         if isinstance(mask, str):
             mask = _causal_row_mask(positions, x.shape[0], x.shape[1]).astype(q.dtype)
+        elif isinstance(mask, packed_attention.RowWindows):
+            mask = mask.pooled_rows(positions).astype(q.dtype)
         elif mask is not None:
             rows = mx.array(positions) if isinstance(positions, int) else positions
             mask = mx.take_along_axis(mask, rows.reshape(-1, 1, q.shape[1], 1), axis=2)
@@ -249,9 +254,12 @@ class TextTransformer(nn.Module):
         each array (1, T), eot (1, n), and its embeddings "embedded" (1, T, D): `embed_packed`) -> (n, D). Each token
         attends to its own row's tokens up to itself."""
         seg, eot, x = part["segments"], part["eot"], part["embedded"]
-        order = mx.arange(seg.shape[-1])
-        seen = (seg[:, :, None] == seg[:, None, :]) & (order[None, :] <= order[:, None])  # own row, up to itself
-        mask = mx.where(seen, 0.0, -mx.inf)[:, None].astype(x.dtype)  # (1, 1, T, T)
+        if "window" in part:  # every row short enough for key windows (packed_attention)
+            mask = packed_attention.RowWindows(part["window"], seg)
+        else:
+            order = mx.arange(seg.shape[-1])
+            seen = (seg[:, :, None] == seg[:, None, :]) & (order[None, :] <= order[:, None])  # own row, up to itself
+            mask = mx.where(seen, 0.0, -mx.inf)[:, None].astype(x.dtype)  # (1, 1, T, T)
         out = self.encoder(x, mask, pool=eot)  # (1, n, D)
         return self.final_layer_norm(out[0])
 

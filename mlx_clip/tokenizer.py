@@ -52,7 +52,7 @@ def trim_padding(ids, multiple: int = 16, pad_id: int = 0):
     return ids[:, :keep]
 
 
-def pack_rows(ids, eot, parts: int = 1, multiple: int = 32, max_length: int = 512) -> dict | None:
+def pack_rows(ids, eot, parts: int = 1, multiple: int = 32, max_length: int = 512, windowed: bool = True) -> dict | None:
     """Token rows packed for the text tower: `ids` (B, L) and each row's pooled position `eot` (B,) -> the rows shared
     out over `parts` groups of B / parts rows (longest first, each to the group with the fewest tokens so far, so the
     groups come out about equally long), a group's rows laid one after another, each row up to and including its pooled
@@ -60,13 +60,17 @@ def pack_rows(ids, eot, parts: int = 1, multiple: int = 32, max_length: int = 51
 
       ids (parts, T), positions (parts, T) (a token's place in its own row), segments (parts, T) (the row's slot in
       its group, -1 on padding), eot (parts, B / parts) (where each slot's pooled token landed), rows (B,) (where row
-      r's features come out when the groups' outputs are concatenated).
+      r's features come out when the groups' outputs are concatenated), and, where it applies, window (parts, T / s,
+      s, 2s) float32 (mlx_clip.packed_attention: each block of s tokens' additive mask over the block before it and
+      its own, 0 where a token may look, -inf elsewhere).
 
     Exact for the text tower when a token attends only to its own row's tokens up to itself (`segments`): the pooled
     token never sees what followed it, so dropping that changes nothing, and the dense layers then run on real tokens
-    only (5-30-word captions fill ~60% of their padded rows). None when B does not split into `parts` equal groups,
-    packing would not shorten the work (parts x T not below B x L), or T would pass `max_length` (a group's attention
-    is T x T: past ~512 tokens it costs more than the padding it saves)."""
+    only (5-30-word captions fill ~60% of their padded rows). The window applies when `windowed`, every row is at
+    most s + 1 tokens for a block s (a multiple of `multiple` dividing T) and T is at least 3s: attention then costs
+    T x 2s instead of T x T. None when B does not split into `parts` equal groups, packing would not shorten the work
+    (parts x T not below B x L), or, without a window, T would pass `max_length` (a group's attention is then T x T:
+    past ~512 tokens it costs more than the padding it saves)."""
     ids, eot = np.asarray(ids), np.asarray(eot)
     batch, length = ids.shape
     if parts < 1 or batch == 0 or batch % parts:
@@ -78,7 +82,8 @@ def pack_rows(ids, eot, parts: int = 1, multiple: int = 32, max_length: int = 51
         members[group].append(int(row))
         used[group] += lengths[row]
     total = -(-int(used.max()) // multiple) * multiple
-    if total * parts >= batch * length or total > max_length:
+    block = _window_block(int(lengths.max()), total, multiple) if windowed else 0
+    if total * parts >= batch * length or (total > max_length and not block):
         return None
     out = {k: np.zeros((parts, total), np.int32) for k in ("ids", "positions")}
     out["segments"] = np.full((parts, total), -1, np.int32)
@@ -93,7 +98,31 @@ def pack_rows(ids, eot, parts: int = 1, multiple: int = 32, max_length: int = 51
             out["eot"][group, slot] = start + n - 1
             out["rows"][row] = group * size + slot
             start += n
+    if block:
+        out["window"] = _window_mask(out["segments"], block)
     return out
+
+
+def _window_block(longest: int, total: int, multiple: int) -> int:
+    """The smallest block s (a multiple of `multiple` dividing `total`) holding any row's earlier tokens within the
+    block before (rows of at most s + 1 tokens); 0 where the window would not cut the scores (T under 3s)."""
+    units, k = total // multiple, max(1, -(-(longest - 1) // multiple))
+    while units % k:
+        k += 1
+    return multiple * k if units // k >= 3 else 0
+
+
+def _window_mask(segments: np.ndarray, block: int) -> np.ndarray:
+    """(parts, T) row slots -> (parts, T / s, s, 2s) additive masks: a query sees a key of its own slot (padding: -1)
+    at or before it; the first block's "block before" is no token (slot -2)."""
+    parts, total = segments.shape
+    own = segments.reshape(parts, -1, block)
+    before = np.concatenate([np.full((parts, 1, block), -2, own.dtype), own[:, :-1]], axis=1)
+    keys = np.concatenate([before, own], axis=2)  # (parts, nb, 2s)
+    place = np.arange(total).reshape(-1, block)
+    key_place = np.concatenate([place - block, place], axis=1)
+    seen = (own[..., :, None] == keys[..., None, :]) & (key_place[:, None, :] <= place[:, :, None])
+    return np.where(seen, 0.0, -np.inf).astype(np.float32)
 
 
 @lru_cache(maxsize=1)

@@ -209,20 +209,23 @@ def test_trimmed_text_rows_match_transformers_eos_pooling():
     assert rel(np.array(ours.encode_text(mx.array(trimmed))), ref_txt) <= TOL
 
 
-def _packed(ours, ids: np.ndarray, parts: int) -> dict:
-    """The rows packed as the training loop packs them (tokenizer.pack_rows), as mx arrays."""
+def _packed(ours, ids: np.ndarray, parts: int, windowed: bool | None = None) -> dict:
+    """The rows packed as the training loop packs them (tokenizer.pack_rows), as mx arrays; `windowed` True / False
+    asserts that key windows (mlx_clip.packed_attention) were / were not made, None takes what comes."""
     from mlx_clip.tokenizer import pack_rows
 
-    packed = pack_rows(ids, np.array(ours.text_model.eot_positions(ids)), parts, multiple=16)
+    packed = pack_rows(ids, np.array(ours.text_model.eot_positions(ids)), parts, multiple=16,
+                       windowed=windowed is not False)
     assert packed is not None and packed["ids"].size < ids.size  # the padding really went
+    assert windowed is None or ("window" in packed) == windowed
     return {k: mx.array(v) for k, v in packed.items()}
 
 
-@pytest.mark.parametrize("parts", [1, 2])
-def test_packed_text_rows_match_open_clip_on_full_rows(parts):
+@pytest.mark.parametrize("parts,windowed", [(1, False), (1, True), (2, False)])
+def test_packed_text_rows_match_open_clip_on_full_rows(parts, windowed):
     """The training loop packs a batch's captions (each row's tokens up to its EOT, one row after another, a row's
     tokens attending to their own row only), in batch-parallel mode one group per CPU stream; open_clip runs every
-    77-token row. The embeddings must not change."""
+    77-token row. The embeddings must not change, with a (T, T) mask or with key windows (96 tokens in blocks of 32)."""
     from mlx_clip import cpu_streams
 
     cfg, ref, ours = open_clip_pair("tiny", seed=5)
@@ -230,7 +233,7 @@ def test_packed_text_rows_match_open_clip_on_full_rows(parts):
     with torch.no_grad():
         ref_txt = ref.encode_text(torch.from_numpy(ids)).numpy()
     with cpu_streams.batch_parallel_mode(parts > 1):
-        out = np.array(ours.encode_text(_packed(ours, ids.astype(np.int32), parts)))
+        out = np.array(ours.encode_text(_packed(ours, ids.astype(np.int32), parts, windowed)))
     assert rel(out, ref_txt) <= TOL
 
 

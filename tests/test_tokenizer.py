@@ -419,5 +419,7 @@ def test_pack_rows_declines_what_it_cannot_shorten_or_split():
     assert pack_rows(ids, eot, 2) is None  # 3 rows do not split into 2 equal groups
     ids, eot = _ragged_rows([20] * 20, 77)
     assert pack_rows(ids, eot, 1) is not None  # 400 tokens in one group
-    assert pack_rows(ids, eot, 1, max_length=256) is None  # past the longest group asked for: attention T x T
-    assert pack_rows(ids, eot, 2, max_length=256) is not None  # two groups of 200
+    # past the longest group asked for, where attention is T x T
+    assert pack_rows(ids, eot, 1, max_length=256, windowed=False) is None
+    assert pack_rows(ids, eot, 2, max_length=256, windowed=False) is not None  # two groups of 200
+    assert "window" in pack_rows(ids, eot, 1, max_length=256)  # key windows: attention T x 2s, so no limit

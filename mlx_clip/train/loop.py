@@ -17,8 +17,10 @@ from mlx_clip.tokenizer import pack_rows, trim_padding
 from mlx_clip.train import distributed as dist
 
 # Text batches packed on the CPU (tokenizer.pack_rows; `packed_rows`): the text tower's dense layers run on real
-# tokens only. MLXCLIP_PACK_TEXT=0 keeps the padded rows.
+# tokens only. MLXCLIP_PACK_TEXT=0 keeps the padded rows. Their attention by key windows where the rows allow
+# (mlx_clip.packed_attention); MLXCLIP_PACK_WINDOWS=0 keeps the (T, T) mask.
 PACK_TEXT = env_switch("MLXCLIP_PACK_TEXT", True)
+PACK_WINDOWS = env_switch("MLXCLIP_PACK_WINDOWS", True)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,7 +56,7 @@ def packed_rows(model) -> Callable[[np.ndarray], mx.array | dict]:
     def rows(ids: np.ndarray):
         trimmed = trim_padding(ids)
         eot = np.array(model.text_model.eot_positions(trimmed))
-        packed = pack_rows(trimmed, eot, cpu_streams.groups_for(len(trimmed)))
+        packed = pack_rows(trimmed, eot, cpu_streams.groups_for(len(trimmed)), windowed=PACK_WINDOWS)
         return mx.array(trimmed) if packed is None else {k: mx.array(v) for k, v in packed.items()}
 
     return rows
