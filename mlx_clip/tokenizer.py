@@ -52,7 +52,8 @@ def trim_padding(ids, multiple: int = 16, pad_id: int = 0):
     return ids[:, :keep]
 
 
-def pack_rows(ids, eot, parts: int = 1, multiple: int = 32, max_length: int = 512, windowed: bool = True) -> dict | None:
+def pack_rows(ids, eot, parts: int = 1, multiple: int = 32, max_length: int = 512,
+              windowed: bool = True) -> dict | None:
     """Token rows packed for the text tower: `ids` (B, L) and each row's pooled position `eot` (B,) -> the rows shared
     out over `parts` groups of B / parts rows (longest first, each to the group with the fewest tokens so far, so the
     groups come out about equally long), a group's rows laid one after another, each row up to and including its pooled

@@ -188,7 +188,7 @@ NORM_CHUNK = 64
 
 
 def _sum_of_squares(g: mx.array) -> mx.array:
-    """Σ g² in fp32: 0-d by a dot product, or (reduce) with g's dimensions kept as 1s."""
+    """Σ g² in fp32: 0-d (dot, flat), or with g's dimensions kept as 1s (reduce)."""
     mode = "auto" if NORM_SQUARES == "kernel" else NORM_SQUARES  # "kernel" off CUDA
     by_dot = mode == "dot" or (mode == "auto" and cpu_streams.on_cpu())
     if by_dot or mode in ("flat", "auto"):
