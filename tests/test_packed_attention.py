@@ -15,14 +15,7 @@ from mlx_clip.config import get_config
 from mlx_clip.model import CLIP
 from mlx_clip.packed_attention import RowWindows, attend
 from mlx_clip.tokenizer import pack_rows
-
-
-def _rows(lengths, width, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = np.zeros((len(lengths), width), np.int32)
-    for row, n in enumerate(lengths):
-        ids[row, 0], ids[row, 1:n - 1], ids[row, n - 1] = 49406, rng.integers(1, 49405, n - 2), 49407
-    return ids, np.asarray(lengths) - 1
+from token_rows import ragged_rows  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def _dense_rule(segments: np.ndarray) -> np.ndarray:
@@ -36,7 +29,7 @@ LENGTHS = [33, 7, 29, 12, 33, 3, 30, 18, 25, 9, 31, 14]  # up to s + 1 = 33 toke
 
 @pytest.mark.parametrize("parts", [1, 2])
 def test_window_mask_allows_what_the_full_mask_allows(parts):
-    ids, eot = _rows(LENGTHS, 40)
+    ids, eot = ragged_rows(LENGTHS, 40)
     packed = pack_rows(ids, eot, parts)
     window = packed["window"]
     _, blocks, size, keys = window.shape
@@ -58,9 +51,9 @@ def test_window_mask_allows_what_the_full_mask_allows(parts):
 
 
 def test_no_window_for_long_rows_or_short_groups():
-    ids, eot = _rows([40, 5, 6, 7, 8, 9], 48)  # a 40-token row needs blocks of 64; 96 tokens are under 3 of them
+    ids, eot = ragged_rows([40, 5, 6, 7, 8, 9], 48)  # a 40-token row needs blocks of 64; 96 tokens are under 3 of them
     assert "window" not in pack_rows(ids, eot, 1)
-    ids, eot = _rows([20, 20], 32)  # 40 tokens, two blocks of 32 at most
+    ids, eot = ragged_rows([20, 20], 32)  # 40 tokens, two blocks of 32 at most
     packed = pack_rows(ids, eot, 1, multiple=16)
     assert packed is not None and "window" not in packed
 
@@ -76,7 +69,7 @@ def _torch_attention(q, k, v, heads, scale, allowed):
 
 def test_attend_equals_full_mask_attention_in_float64_torch():
     heads, width = 2, 32
-    ids, eot = _rows(LENGTHS, 40)
+    ids, eot = ragged_rows(LENGTHS, 40)
     packed = pack_rows(ids, eot, 1)
     segments, total = packed["segments"][0], packed["ids"].shape[1]
     rng = np.random.default_rng(1)
@@ -101,7 +94,7 @@ def test_attend_equals_full_mask_attention_in_float64_torch():
 
 def test_text_tower_gradients_equal_the_full_mask_packing():
     model = CLIP(get_config("tiny"))
-    ids, eot = _rows(LENGTHS, 77)
+    ids, eot = ragged_rows(LENGTHS, 77)
     probe = mx.array(np.random.default_rng(2).standard_normal((len(LENGTHS), model.config.projection_dim)),
                      dtype=mx.float32)
     results = []

@@ -15,6 +15,7 @@ from mlx_clip.tokenizer import (  # before mlx.core (fast BLAS preload)
 )
 
 import mlx.core as mx  # noqa: E402
+from token_rows import ragged_rows  # noqa: E402  (tests/ is on sys.path under pytest)
 
 open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
 transformers = pytest.importorskip("transformers")
@@ -381,19 +382,10 @@ def test_trim_padding_edge_rows():
         trim_padding(np.zeros(77, np.int32))
 
 
-def _ragged_rows(lengths, width, seed=0):
-    """Rows shaped as the tokenizer's: SOT, words, EOT at `lengths - 1`, zero padding; and those EOT positions."""
-    rng = np.random.default_rng(seed)
-    ids = np.zeros((len(lengths), width), np.int32)
-    for row, n in enumerate(lengths):
-        ids[row, 0], ids[row, 1:n - 1], ids[row, n - 1] = 49406, rng.integers(1, 49405, n - 2), 49407
-    return ids, np.asarray(lengths) - 1
-
-
 @pytest.mark.parametrize("parts", [1, 2, 4])
 def test_pack_rows_keeps_every_token_once_in_its_own_segment(parts):
     lengths = [7, 32, 19, 3, 25, 12, 30, 9]
-    ids, eot = _ragged_rows(lengths, 32)
+    ids, eot = ragged_rows(lengths, 32)
     packed = pack_rows(ids, eot, parts, multiple=16)
     assert packed["ids"].shape[0] == parts and packed["ids"].shape[1] % 16 == 0
     assert packed["ids"].shape[1] * parts < ids.size  # shorter than the padded rows
@@ -413,11 +405,11 @@ def test_pack_rows_keeps_every_token_once_in_its_own_segment(parts):
 
 
 def test_pack_rows_declines_what_it_cannot_shorten_or_split():
-    ids, eot = _ragged_rows([30, 31, 29, 32], 32)
+    ids, eot = ragged_rows([30, 31, 29, 32], 32)
     assert pack_rows(ids, eot, 1, multiple=32) is None  # 122 tokens round up to the 128 of the padded rows
-    ids, eot = _ragged_rows([5, 6, 7], 32)
+    ids, eot = ragged_rows([5, 6, 7], 32)
     assert pack_rows(ids, eot, 2) is None  # 3 rows do not split into 2 equal groups
-    ids, eot = _ragged_rows([20] * 20, 77)
+    ids, eot = ragged_rows([20] * 20, 77)
     assert pack_rows(ids, eot, 1) is not None  # 400 tokens in one group
     # past the longest group asked for, where attention is T x T
     assert pack_rows(ids, eot, 1, max_length=256, windowed=False) is None
