@@ -47,11 +47,11 @@ class Attention(nn.Module):
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, mask=None) -> mx.array:
         """Attention of projected (B, L, D) queries, keys and values, then the output projection."""
-        if self.chunk:
+        if isinstance(mask, packed_attention.RowWindows):  # packed caption rows: key windows, T x 2s scores at most
+            out = packed_attention.attend(q, k, v, self.num_heads, self.scale, mask)
+        elif self.chunk:
             heads = (fastmath.split_heads(t, self.num_heads) for t in (q, k, v))
             out = fastmath.merge_heads(sliced_attention(*heads, scale=self.scale, mask=mask, chunk=self.chunk))
-        elif isinstance(mask, packed_attention.RowWindows):  # packed caption rows: key windows, not (T, T)
-            out = packed_attention.attend(q, k, v, self.num_heads, self.scale, mask)
         else:
             out = fastmath.token_attention(q, k, v, self.num_heads, self.scale, mask)
         return self.out_proj(out)

@@ -112,3 +112,16 @@ def test_text_tower_gradients_equal_the_full_mask_packing():
     for key in text:
         a, b = np.array(g_win[key]), np.array(g_full[key])
         assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max()), key
+
+
+def test_windows_take_precedence_over_sliced_attention():
+    """A model with --attention-chunk set still encodes windowed packed rows (the windows are already T x 2s): the
+    same features as without the chunk setting."""
+    from mlx_clip.memory import configure
+
+    model = CLIP(get_config("tiny"))
+    ids, eot = ragged_rows(LENGTHS, 77)
+    rows = {k: mx.array(v) for k, v in pack_rows(ids, eot, 1).items()}
+    plain = np.array(model.encode_text(rows))
+    configure(model, attention_chunk=16)
+    np.testing.assert_array_equal(np.array(model.encode_text(rows)), plain)
