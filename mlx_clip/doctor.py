@@ -55,7 +55,8 @@ def _malloc() -> str:
 def report(measure: bool = True) -> dict:
     import mlx.core as mx
 
-    from mlx_clip import cpu_cache, cpu_jit, fastmath, gpu_activation, gpu_attention, gpu_reduce, qkv_block
+    from mlx_clip import cpu_cache, cpu_jit, fastmath, gpu_activation, gpu_attention, gpu_reduce, model, qkv_block
+    from mlx_clip.train import loop, step
 
     info = {
         "python": platform.python_version(),
@@ -75,6 +76,10 @@ def report(measure: bool = True) -> dict:
         "gpu_reduce": gpu_reduce.ENABLED,  # MLXCLIP_GPU_REDUCE: our bias / LayerNorm gradient kernels on CUDA
         "gpu_activation": gpu_activation.ENABLED,  # MLXCLIP_GPU_ACTIVATION: our GELU / quick GELU kernels on CUDA
         "qkv_block": qkv_block.ENABLED,  # MLXCLIP_QKV_BLOCK: LayerNorm-1 recomputed in the backward (opt-in)
+        "patch_embed": model.PATCH_EMBED,  # MLXCLIP_PATCH_EMBED: the patch stem as one product or mx.conv2d
+        # MLXCLIP_PACK_TEXT / MLXCLIP_PACK_WINDOWS: CPU training packs captions, attended by key windows
+        "pack_text": {"packed": loop.PACK_TEXT, "windows": loop.PACK_WINDOWS},
+        "norm_squares": step.NORM_SQUARES,  # MLXCLIP_NORM_SQUARES: how the clip norm sums each gradient's squares
         "torch": torch_info(),
     }
     if measure:
