@@ -189,11 +189,12 @@ NORM_CHUNK = 64
 
 def _sum_of_squares(g: mx.array) -> mx.array:
     """Σ g² in fp32: 0-d (dot, flat), or with g's dimensions kept as 1s (reduce)."""
-    mode = "auto" if NORM_SQUARES == "kernel" else NORM_SQUARES  # "kernel" off CUDA
-    by_dot = mode == "dot" or (mode == "auto" and cpu_streams.on_cpu())
-    if by_dot or mode in ("flat", "auto"):
+    way = NORM_SQUARES
+    if way in ("auto", "kernel"):  # "kernel" reaches here off CUDA only
+        way = "dot" if cpu_streams.on_cpu() else "flat"
+    if way != "reduce":
         flat = g.reshape(-1).astype(mx.float32)
-        return flat @ flat if by_dot else mx.sum(flat * flat)
+        return flat @ flat if way == "dot" else mx.sum(flat * flat)
     # Reduced where it lies, dimensions kept: flattening first copied every transposed weight gradient (autodiff's
     # (xᵀg)ᵀ), and a full reduction's result is squeezed by a node of its own; so 2 graph nodes an array, not 4
     # (~800 fewer in a ViT-B/32 step, whose GPU step is host-bound). _global_norm squeezes the total once.
