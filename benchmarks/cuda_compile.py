@@ -20,7 +20,7 @@ import importlib.util
 from pathlib import Path
 
 _CUDA_TYPES = {"bfloat16": "__nv_bfloat16", "float32": "float", "float16": "__half", "int32": "int32_t",
-               "bool": "bool"}
+               "uint32": "uint32_t", "bool": "bool"}
 
 
 def _cuda_root() -> Path | None:
@@ -39,6 +39,7 @@ def nvrtc_available() -> bool:
 # MLX's default header defines Shape as cuda::std::array<int32_t, MAX_NDIM = 10> and Strides as the same of int64_t;
 # the same layouts without libcu++
 _SHAPE = ("typedef int int32_t;\n"  # as MLX's header gives it (the int32 inputs' type)
+          "typedef unsigned int uint32_t;\n"
           "struct Shape {\n  int data[10];\n"
           "  __device__ int operator[](int i) const { return data[i]; }\n};\n"
           "struct Strides {\n  long long data[10];\n"
@@ -152,6 +153,18 @@ def reduce_units(widths=(520, 768, 1024, 3072, 4096), dtypes=("bfloat16", "float
     return units
 
 
+def embedding_units(widths=(512, 520, 768), dtypes=("bfloat16", "float32", "float16")) -> list[tuple[str, str]]:
+    """(name, translation unit) for gpu_embedding's table gradient at each width and dtype (520: a partly used last
+    256-column chunk)."""
+    from mlx_clip import gpu_embedding, gpu_reduce
+
+    return [(f"mlxclip_embedding_gradient_C{width}_{dtype}",
+             wrap(f"mlxclip_embedding_gradient_C{width}_{dtype}", gpu_reduce.HEADER, gpu_embedding.TABLE_GRADIENT,
+                  [("keys", "uint32"), ("g", dtype)], [("out", dtype)],
+                  {"T": dtype, "C": width, "NC": -(-width // 256)}))
+            for width in widths for dtype in dtypes]
+
+
 def activation_units(dtypes=("bfloat16", "float32", "float16")) -> list[tuple[str, str]]:
     """(name, translation unit) for gpu_activation's kernels: each kernel, activation and dtype."""
     from mlx_clip import gpu_activation
@@ -192,7 +205,8 @@ def multi_tensor_units(dtypes=("bfloat16", "float32")) -> list[tuple[str, str]]:
 
 
 def main():
-    for name, unit in kernel_units() + reduce_units() + activation_units() + multi_tensor_units():
+    for name, unit in (kernel_units() + reduce_units() + embedding_units() + activation_units()
+                       + multi_tensor_units()):
         ok, log, size = compile_ptx(unit)
         print(f"{name}: {'ok' if ok else 'FAILED'} ({size:,} bytes of PTX)")
         if log.strip():

@@ -144,6 +144,12 @@ for step in "$@"; do
       for r in 1 2; do for v in conv matmul; do
         MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 MLXCLIP_PATCH_EMBED=$v timeout 140 ${BENCH/mlx,torch/mlx} --arch ViT-B-16 --out $OUT/stem-ab 2>&1 | grep items/s | sed "s/^/[stem $v] /"
       done; done | tee $OUT/stem-ab.txt ;;
+    s19) # session 19: the token table's gradient in a fixed order (mlx_clip/gpu_embedding.py, MLXCLIP_GPU_EMBEDDING):
+         # its card tests, two identical tiny runs on caption-shaped ids with it and with MLX's scatter-add (atomics),
+         # then the skipped-step test both ways
+      MLX_ENABLE_TF32=0 timeout 200 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider -rf --tb=short tests/test_gpu_embedding.py 2>&1 | tail -15 | tee $OUT/s19-tests.txt
+      for v in "" MLXCLIP_GPU_EMBEDDING=0; do echo "== $v"; env $v timeout 120 python3 -m benchmarks.determinism --steps 2 2>&1 | grep -v -i warn | head -12; done | tee $OUT/s19-determinism.txt
+      for v in "" MLXCLIP_GPU_EMBEDDING=0; do echo "== $v"; env $v MLX_ENABLE_TF32=0 timeout 150 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider --tb=line "tests/test_finetune.py::test_a_nonfinite_step_is_as_if_it_never_happened" 2>&1 | tail -3; done | tee -a $OUT/s19-determinism.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -55,7 +55,8 @@ def _malloc() -> str:
 def report(measure: bool = True) -> dict:
     import mlx.core as mx
 
-    from mlx_clip import cpu_cache, cpu_jit, fastmath, gpu_activation, gpu_attention, gpu_reduce, model, qkv_block
+    from mlx_clip import (cpu_cache, cpu_jit, fastmath, gpu_activation, gpu_attention, gpu_embedding, gpu_reduce, model,
+                          qkv_block)
     from mlx_clip.train import loop, step
 
     info = {
@@ -75,6 +76,8 @@ def report(measure: bool = True) -> dict:
                                   "dq_rows": gpu_attention.DQ_ROWS, "dkdv_rows": gpu_attention.DKDV_ROWS},
         "gpu_reduce": gpu_reduce.ENABLED,  # MLXCLIP_GPU_REDUCE: our bias / LayerNorm gradient kernels on CUDA
         "gpu_activation": gpu_activation.ENABLED,  # MLXCLIP_GPU_ACTIVATION: our GELU / quick GELU kernels on CUDA
+        # MLXCLIP_GPU_EMBEDDING: the token table's gradient summed in a fixed order on CUDA (runs repeat bit for bit)
+        "gpu_embedding": gpu_embedding.ENABLED,
         "qkv_block": qkv_block.ENABLED,  # MLXCLIP_QKV_BLOCK: LayerNorm-1 recomputed in the backward (opt-in)
         "patch_embed": model.PATCH_EMBED,  # MLXCLIP_PATCH_EMBED: the patch stem as one product or mx.conv2d
         # MLXCLIP_PACK_TEXT / MLXCLIP_PACK_WINDOWS: CPU training packs captions, attended by key windows

@@ -119,10 +119,14 @@ __device__ inline void row_stats(const T* row, float (*xv)[8], int lane, float e
   *rstd = rsqrtf(warp_sum(squares) / C + eps);
 }
 
+__device__ inline void store1(float* p, float v) { *p = v; }
+__device__ inline void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ inline void store1(__half* p, float v) { *p = __float2half_rn(v); }
+
 // The block's warps add their column sums into sums (256 NC floats), warp after warp (a fixed order), then the block
-// writes columns [0, C) of its row of `partial`.
-template <int NC, int C>
-__device__ inline void block_sums(float (*acc)[8], float* sums, float* partial, int warp, int lane) {
+// writes columns [0, C) of its row of `partial` (fp32 partial sums, or a finished row in its own dtype: store1).
+template <int NC, int C, typename O>
+__device__ inline void block_sums(float (*acc)[8], float* sums, O* partial, int warp, int lane) {
   for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
     if (warp == w) {
 #pragma unroll
@@ -134,12 +138,9 @@ __device__ inline void block_sums(float (*acc)[8], float* sums, float* partial, 
     }
     __syncthreads();
   }
-  for (int c = threadIdx.x; c < C; c += blockDim.x) partial[c] = sums[c];
+  for (int c = threadIdx.x; c < C; c += blockDim.x) store1(partial + c, sums[c]);
 }
 
-__device__ inline void store1(float* p, float v) { *p = v; }
-__device__ inline void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-__device__ inline void store1(__half* p, float v) { *p = __float2half_rn(v); }
 }  // namespace mlxclip_reduce
 """
 

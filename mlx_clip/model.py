@@ -11,7 +11,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_clip import cpu_streams, fastmath, mlp_block, packed_attention, qkv_block, switches
+from mlx_clip import cpu_streams, fastmath, gpu_embedding, mlp_block, packed_attention, qkv_block, switches
 from mlx_clip.layer_norm import LayerNorm
 from mlx_clip.linear import Linear
 from mlx_clip.config import CLIPConfig, TextConfig, VisionConfig
@@ -216,8 +216,10 @@ class VisionTransformer(nn.Module):
 class TextEmbeddings(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        # gpu_embedding.Embedding: on CUDA the tables' gradients are summed in a fixed order (repeated ids), not by
+        # atomics, so a run repeats bit for bit; elsewhere nn.Embedding's own lookup
+        self.token_embedding = gpu_embedding.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = gpu_embedding.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
     def __call__(self, ids: mx.array) -> mx.array:
         return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]

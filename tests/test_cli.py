@@ -70,7 +70,7 @@ def test_doctor_reports_the_cache_and_attention_settings():
     env = {**os.environ, "MLXCLIP_CPU_CACHE": "1GB", "MLXCLIP_GPU_ATTENTION": "matmul", "MLXCLIP_GPU_DQ_ROWS": "16",
            "MLXCLIP_GPU_DKDV_ROWS": "32", "MLXCLIP_GPU_LDMATRIX": "0", "MLXCLIP_GPU_REDUCE": "0",
            "MLXCLIP_GPU_ACTIVATION": "off", "MLXCLIP_QKV_BLOCK": "1", "MLXCLIP_PATCH_EMBED": "conv",
-           "MLXCLIP_PACK_WINDOWS": "0", "MLXCLIP_NORM_SQUARES": "reduce"}
+           "MLXCLIP_PACK_WINDOWS": "0", "MLXCLIP_NORM_SQUARES": "reduce", "MLXCLIP_GPU_EMBEDDING": "0"}
     proc = subprocess.run([sys.executable, "-m", "mlx_clip", "doctor", "--json", "--no-bench"], capture_output=True,
                           text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -79,6 +79,7 @@ def test_doctor_reports_the_cache_and_attention_settings():
     assert info["gpu_attention_kernels"] == {"max_tokens": 320, "ldmatrix": 0, "dq_rows": 16,
                                              "dkdv_rows": 32}
     assert info["gpu_reduce"] is False and info["gpu_activation"] is False and info["qkv_block"] is True
+    assert info["gpu_embedding"] is False
     assert info["patch_embed"] == "conv" and info["norm_squares"] == "reduce"
     assert info["pack_text"] == {"packed": True, "windows": False}
     if info["device"].startswith("Device(cpu"):  # CPU builds take the cache size from the variable
@@ -97,6 +98,7 @@ def test_unknown_gpu_attention_mode_is_named_and_ignored():
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["gpu_attention"] == "fused" and info["gpu_attention_kernels"]["dq_rows"] == 32
     assert info["gpu_reduce"] is True and info["gpu_activation"] is True  # on by default
+    assert info["gpu_embedding"] is True
     assert info["qkv_block"] is False  # opt-in
     assert info["patch_embed"] == "matmul" and info["norm_squares"] == "auto"
     assert info["pack_text"] == {"packed": True, "windows": True}

@@ -1,7 +1,7 @@
 """The CUDA kernels (attention: mlx_clip/attention_kernels_short.py, attention_kernels_tiled.py; the gradients' column
-sums: mlx_clip/gpu_reduce.py; the MLP's activation: mlx_clip/gpu_activation.py; the multi-tensor optimizer and gradient
-norm: mlx_clip/train/multi_tensor.py) compile for the H100
-(sm_90) with NVRTC, here on a machine without a GPU, wrapped as MLX's CUDA backend wraps a custom kernel
+sums: mlx_clip/gpu_reduce.py; the token embedding's gradient: mlx_clip/gpu_embedding.py; the MLP's activation:
+mlx_clip/gpu_activation.py; the multi-tensor optimizer and gradient norm: mlx_clip/train/multi_tensor.py) compile for
+the H100 (sm_90) with NVRTC, here on a machine without a GPU, wrapped as MLX's CUDA backend wraps a custom kernel
 (benchmarks/cuda_compile.py): a syntax or type error in their source fails CI instead of a device loan. Numerics are
 tested on the card (tests/test_gpu_attention.py)."""
 
@@ -15,9 +15,10 @@ if not cuda_compile.nvrtc_available():
 
 UNITS = cuda_compile.kernel_units()
 REDUCE_UNITS = cuda_compile.reduce_units()  # mlx_clip/gpu_reduce.py
+EMBEDDING_UNITS = cuda_compile.embedding_units()  # mlx_clip/gpu_embedding.py
 ACTIVATION_UNITS = cuda_compile.activation_units()  # mlx_clip/gpu_activation.py
 MULTI_TENSOR_UNITS = cuda_compile.multi_tensor_units()  # mlx_clip/train/multi_tensor.py
-ALL = UNITS + REDUCE_UNITS + ACTIVATION_UNITS + MULTI_TENSOR_UNITS
+ALL = UNITS + REDUCE_UNITS + EMBEDDING_UNITS + ACTIVATION_UNITS + MULTI_TENSOR_UNITS
 
 
 @pytest.mark.parametrize("name,unit", ALL, ids=[name for name, _ in ALL])
