@@ -161,7 +161,7 @@ def embedding_units(widths=(512, 520, 768), dtypes=("bfloat16", "float32", "floa
     return [(f"mlxclip_embedding_gradient_C{width}_{dtype}",
              wrap(f"mlxclip_embedding_gradient_C{width}_{dtype}", gpu_reduce.HEADER, gpu_embedding.TABLE_GRADIENT,
                   [("keys", "uint32"), ("g", dtype)], [("out", dtype)],
-                  {"T": dtype, "C": width, "NC": -(-width // 256)}))
+                  {"T": dtype, "C": width, "NC": -(-width // 256), "V": 49408}))
             for width in widths for dtype in dtypes]
 
 

@@ -13,8 +13,8 @@ first position of an id's run sums that id's rows in position order (its warps e
 warps' sums added in warp order, as gpu_reduce's column sum) and writes the table's row once, rounded to the table's
 dtype. Rows of ids not in the batch stay zero (the output's init value). Every gradient row is read once.
 
-Scope: CUDA, a float32 / bfloat16 / float16 table whose width is a multiple of 8 (≤ gpu_reduce.MAX_WIDTH), vocab × tokens
-< 2^32 (the 32-bit keys). Anything else, and MLXCLIP_GPU_EMBEDDING=0, takes MLX's lookup and its scatter-add.
+Scope: CUDA, a float32 / bfloat16 / float16 table whose width is a multiple of 8 (≤ gpu_reduce.MAX_WIDTH), vocab ×
+tokens < 2^32 (the 32-bit keys). Anything else, and MLXCLIP_GPU_EMBEDDING=0, takes MLX's lookup and its scatter-add.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ ENABLED = env_switch("MLXCLIP_GPU_EMBEDDING", True)  # read when a graph is trac
 WARPS = 8  # a block's warps, each taking every 8th row of its id's run
 
 # The table's gradient from sorted keys (N,) uint32 (id * N + position) and the tokens' gradient rows g (N, C): out
-# (vocab, C), zero where no token has the id. Template: T (g's dtype), C, NC = ceil(C / 256).
+# (V, C), zero where no token has the id. Template: T (g's dtype), C, NC = ceil(C / 256), V (the table's rows).
 TABLE_GRADIENT = r"""
   using namespace mlxclip_reduce;
   const unsigned int N = keys_shape[0];
   const unsigned int first = blockIdx.x, id = keys[first] / N;
+  if (id >= V) return;  // an id outside the table (its lookup read nothing valid either): never write past the table
   if (first > 0 && keys[first - 1] / N == id) return;  // not where its id's run starts: that block sums the run
   __shared__ __align__(16) float sums[256 * NC];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -83,7 +84,7 @@ def table_gradient(g: mx.array, ids: mx.array, vocab: int, dtype: mx.Dtype) -> m
     (width,)), by our kernel (applies() true)."""
     n, width = ids.size, g.shape[-1]
     (out,) = _kernel()(inputs=[sorted_keys(ids), g.reshape(n, width)],
-                       template=[("T", g.dtype), ("C", width), ("NC", -(-width // 256))],
+                       template=[("T", g.dtype), ("C", width), ("NC", -(-width // 256)), ("V", vocab)],
                        grid=(n * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
                        output_shapes=[(vocab, width)], output_dtypes=[dtype], init_value=0)
     return out
