@@ -61,6 +61,18 @@ def test_the_lookup_hands_its_output_gradient_to_the_table_gradient(monkeypatch)
     assert not np.array(ids_grad).any()
 
 
+def test_sorted_keys_put_each_ids_tokens_together_in_position_order():
+    """The order the kernel sums in: decoded, the sorted keys list every token once, ids ascending, and within an id
+    its positions ascending (this runs MLX's sort on any device; the kernel reads the keys this way on CUDA)."""
+    ids = _caption_ids(np.random.default_rng(3), 12, 32, 49408)
+    keys = np.array(gpu_embedding.sorted_keys(mx.array(ids))).astype(np.int64)
+    n = ids.size
+    order_ids, positions = keys // n, keys % n
+    assert sorted(positions.tolist()) == list(range(n))
+    assert np.array_equal(order_ids, ids.reshape(-1)[positions])
+    assert np.array_equal(keys, np.sort(ids.reshape(-1).astype(np.int64) * n + np.arange(n)))
+
+
 def test_off_cuda_the_lookup_is_mlx_own():
     weight, ids = mx.zeros((10, 8)), mx.array([[1, 2, 2]])
     with mx.stream(mx.cpu):
