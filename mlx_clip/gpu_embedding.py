@@ -64,7 +64,8 @@ def applies(weight: mx.array, ids: mx.array) -> bool:
     """Whether the lookup's gradient is made by our kernel (decided when a graph is traced)."""
     vocab, width = weight.shape
     return (ENABLED and gpu_reduce.cuda_device() and weight.dtype in _DTYPES and width % 8 == 0
-            and width <= gpu_reduce.MAX_WIDTH and vocab * max(ids.size, 1) < 2 ** 32)
+            and width <= gpu_reduce.MAX_WIDTH and vocab * max(ids.size, 1) < 2 ** 32
+            and ids.size * 32 * WARPS < 2 ** 31)  # a block a token: the launch's thread count fits a 32-bit int
 
 
 @lru_cache(maxsize=None)
