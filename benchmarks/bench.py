@@ -2,7 +2,9 @@
 
 Every (backend, mode, task) is measured in its own process (`benchmarks.bench_worker`, which documents the memory
 figures): warm-up, then the median and spread of N timed runs; img/s (pairs/s for train), batch-1 latency for the
-embedding tasks, peak memory. Results go to BENCH.jsonl / .md / .png under `out`, with the machine named.
+embedding tasks, peak memory, and MFU: the model's FLOPs (benchmarks/flops.py) per item times items/s over MLX's matmul
+rate measured on the same device and dtype (n×n, once a run). Results go to BENCH.jsonl / .md / .png under `out`, with
+the machine named.
 
     python -m benchmarks.bench --arch ViT-B-32 --task train,embed-image,embed-text --batch 32 --out benchmarks/results
 """
@@ -16,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks import flops
 from benchmarks.batches import CAPTION_HELP, parse_caption_tokens
 from benchmarks.bench_report import ratio_lines, write_report
 from benchmarks.workloads_mlx import MODES, TASKS
@@ -102,8 +105,13 @@ def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text",
     limit = parse_bytes(memory_limit) if memory_limit else None
     device = resolve_device(device)
     from benchmarks.machine import machine_info
+    from converters.convert import arch_config
 
     machine = machine_info(device)
+    # MFU: the model's FLOPs (benchmarks/flops.py) at each row's items/s over MLX's measured matmul rate on this
+    # device and dtype, measured here once, before the measuring processes start
+    config = arch_config(arch)
+    machine["matmul_peak"] = flops.matmul_peak(device, dtype)
     records, failures = [], []
     plan = [(task, b) for task in tasks for b in ([1, batch] if task in LATENCY_TASKS and batch > 1 else [batch])]
     for task, size in plan:
@@ -123,13 +131,15 @@ def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text",
         for (backend, mode, _), runs_of_it in sorted(measured.items(), key=lambda kv: backends.index(kv[0][0])):
             rec = _median_round(runs_of_it)
             rec["machine"] = machine["label"]
+            rec.update(flops.utilisation(rec, config, machine["matmul_peak"]["tflops"]))
             records.append(rec)
             if as_json:
                 print(json.dumps(rec), flush=True)
             else:
                 print(f"{arch} {task} batch {rec['batch']} {backend} {mode} ({device}, {dtype}): "
                       f"{rec['items_per_s']:.2f} items/s, {rec['latency_ms_p50']:.1f} ms p50, "
-                      f"peak {rec['peak_mem_bytes'] / 2**20:.0f} MiB" + _host_note(rec) + _rounds_note(rec), flush=True)
+                      f"peak {rec['peak_mem_bytes'] / 2**20:.0f} MiB" + _host_note(rec) + f", MFU {100 * rec['mfu']:.1f}%"
+                      + _rounds_note(rec), flush=True)
     for line in ratio_lines(records):
         (_say if as_json else print)(line)
     if out is not None:

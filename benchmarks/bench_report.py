@@ -110,6 +110,18 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
                   *[f"- {r['task']} batch {r['batch']} {r['backend']} {r['mode']}: {r['host_ms_p50']:.1f} ms of a "
                     f"{r['latency_ms_p50']:.1f} ms step ({100 * r['host_ms_p50'] / r['latency_ms_p50']:.0f}%)"
                     for r in hosted]]
+    used = [r for r in records if "mfu" in r]
+    peak = machine.get("matmul_peak")
+    if used and peak:
+        lines += ["", "## Model FLOP utilisation", "",
+                  f"The model's FLOPs per item (`benchmarks/flops.py`: open_clip's products at the full text context, "
+                  f"the same count for both backends; checked against torch's FlopCounterMode) times items/s, over "
+                  f"MLX's measured {peak['n']}×{peak['n']} {peak['dtype']} matmul rate on this device, "
+                  f"**{peak['tflops']:.1f} TFLOP/s**.", "",
+                  "| task | batch | backend | mode | model GFLOP / item | TFLOP/s | MFU |", "|---|---|---|---|---|---|---|",
+                  *[f"| {r['task']} | {r['batch']} | {r['backend']} | {r['mode']} | "
+                    f"{r['model_flops_per_item'] / 1e9:.2f} | {r['model_tflops_per_s']:.2f} | {100 * r['mfu']:.1f}% |"
+                    for r in used]]
     repeated = [r for r in records if r.get("round_items_per_s")]
     if repeated:
         lines += ["", "## Rounds (each measurement repeated, the backends taking turns; the median round is reported)",

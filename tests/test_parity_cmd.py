@@ -190,6 +190,18 @@ def test_bench_train_reports_mlx_host_time(tmp_path, capsys):
     assert "host_s" not in records["torch"]
     report = (tmp_path / "bench-cpu-tiny-float32-b2.md").read_text()
     assert f"{mlx_rec['host_ms_p50']:.1f} ms of a {mlx_rec['latency_ms_p50']:.1f} ms step" in report
+    # MFU: the model's FLOPs per training pair at the row's items/s over the matmul rate measured in this run, the
+    # same peak and FLOP count for both backends
+    from benchmarks import flops
+
+    peaks = {r["matmul_peak_tflops"] for r in records.values()}
+    assert len(peaks) == 1 and peaks.pop() > 0
+    for r in records.values():
+        assert r["model_flops_per_item"] == flops.per_item(get_config("tiny"), "train", 2)
+        assert r["model_tflops_per_s"] == pytest.approx(r["model_flops_per_item"] * r["items_per_s"] / 1e12)
+        assert r["mfu"] == pytest.approx(r["model_tflops_per_s"] / r["matmul_peak_tflops"])
+        assert f"| train | 2 | {r['backend']} | compiled | " in report and f"{100 * r['mfu']:.1f}% |" in report
+    assert "## Model FLOP utilisation" in report and "2048×2048 float32 matmul rate" in report
 
 
 def test_bench_runs_accumulate_in_one_table(tmp_path, capsys):
