@@ -78,6 +78,18 @@ def run_one(spec: dict) -> tuple[list[dict], str]:
     return records, error
 
 
+def measure_peak(device: str, dtype: str) -> dict:
+    """MLX's matmul rate on `device` in `dtype` (benchmarks/flops.py), in a process of its own with the MLX worker's
+    environment (so TF32, the BLAS and the malloc are those the MLX rows ran under)."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.flops", device, dtype], capture_output=True, text=True,
+                          env=_env("mlx", device, dtype), cwd=Path(__file__).resolve().parents[1])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"measuring the {dtype} matmul rate on {device} failed: "
+                           + (proc.stderr.strip().splitlines() or ["(no output)"])[-1])
+    return json.loads(lines[-1])
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -109,9 +121,9 @@ def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text",
 
     machine = machine_info(device)
     # MFU: the model's FLOPs (benchmarks/flops.py) at each row's items/s over MLX's measured matmul rate on this
-    # device and dtype, measured here once, before the measuring processes start
+    # device and dtype, measured once, before the measuring processes start, in a process like theirs
     config = arch_config(arch)
-    machine["matmul_peak"] = flops.matmul_peak(device, dtype)
+    machine["matmul_peak"] = measure_peak(device, dtype)
     records, failures = [], []
     plan = [(task, b) for task in tasks for b in ([1, batch] if task in LATENCY_TASKS and batch > 1 else [batch])]
     for task, size in plan:

@@ -65,7 +65,6 @@ def matmul_peak(device: str, dtype: str) -> dict:
     n = 2048 if device == "cpu" else 8192
     with mx.stream(mx.cpu if device == "cpu" else mx.gpu):
         tflops = matmul_gflops(n, dtype=dtype) / 1e3
-    mx.clear_cache()  # the measuring processes that follow get the device's memory back
     return {"tflops": tflops, "n": n, "dtype": dtype}
 
 
@@ -75,3 +74,12 @@ def utilisation(record: dict, config: CLIPConfig, peak_tflops: float) -> dict:
     achieved = flops * record["items_per_s"] / 1e12
     return {"model_flops_per_item": flops, "model_tflops_per_s": achieved, "matmul_peak_tflops": peak_tflops,
             "mfu": achieved / peak_tflops}
+
+
+if __name__ == "__main__":  # python -m benchmarks.flops DEVICE DTYPE: the matmul peak as one JSON line (bench.py runs it
+    import json  # in a process of its own, with the MLX worker's environment: TF32, BLAS and malloc as measured)
+    import sys
+
+    import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
+
+    print(json.dumps(matmul_peak(sys.argv[1], sys.argv[2])))
