@@ -57,7 +57,7 @@ def per_item(config: CLIPConfig, task: str, batch: int) -> int:
 
 def matmul_peak(device: str, dtype: str) -> dict:
     """The measured matmul rate MFU is taken against: MLX's median over 7 n×n products on `device` in `dtype`
-    (n = 8192 on a GPU, as ../shared/docs/GPU.md measured the H100's and H200's bf16 peak; 2048 on the CPU)."""
+    (n = 8192 on a GPU, as ../shared/docs/GPU.md measured an H100's bf16 peak, 742 TFLOP/s; 2048 on the CPU)."""
     import mlx.core as mx
 
     from mlx_clip.doctor import matmul_gflops

@@ -1,7 +1,8 @@
 """mlx_clip.gpu_embedding (the token table's gradient summed in a fixed order on CUDA) against float64 numpy: the
-gradient of a lookup with ids repeated as captions repeat them, the same bits on every evaluation, and the text tower's
-gradients through it equal to MLX's scatter-add's. The kernel's tests need a CUDA device (`-m gpu`); the custom
-function's plumbing (which gradient reaches the kernel, and none reaches the ids) is tested here on any device."""
+gradient of a lookup with ids repeated as captions repeat them, the same bits on every evaluation, and a model's loss
+gradients through it (the table's against float64 of what its lookup received, every other parameter's bit-equal to
+MLX's scatter-add run). The kernel's tests need a CUDA device (`-m gpu`); the custom function's plumbing (which
+gradient reaches the kernel, and none reaches the ids) and the keys' order are tested here on any device."""
 
 import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
 
