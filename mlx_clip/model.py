@@ -258,10 +258,8 @@ class TextTransformer(nn.Module):
         seg, eot, x = part["segments"], part["eot"], part["embedded"]
         if "window" in part:  # every row short enough for key windows (packed_attention)
             mask = packed_attention.RowWindows(part["window"], seg)
-        else:
-            order = mx.arange(seg.shape[-1])
-            seen = (seg[:, :, None] == seg[:, None, :]) & (order[None, :] <= order[:, None])  # own row, up to itself
-            mask = mx.where(seen, 0.0, -mx.inf)[:, None].astype(x.dtype)  # (1, 1, T, T)
+        else:  # own row, up to itself: (1, 1, T, T)
+            mask = packed_attention.row_mask(seg, mx.arange(seg.shape[-1])[None]).astype(x.dtype)
         out = self.encoder(x, mask, pool=eot)  # (1, n, D)
         return self.final_layer_norm(out[0])
 

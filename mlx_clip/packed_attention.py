@@ -27,11 +27,17 @@ class RowWindows:
 
     def pooled_rows(self, positions: mx.array) -> mx.array:
         """Additive (1, 1, n, T) mask for the queries at `positions` (1, n) (a tower's last block, which runs its
-        pooled tokens only): each sees its own row's tokens up to itself."""
-        own = mx.take_along_axis(self.segments, positions, axis=1)  # (1, n)
-        order = mx.arange(self.segments.shape[-1])
-        seen = (own[..., None] == self.segments[:, None, :]) & (order <= positions[..., None])
-        return mx.where(seen, 0.0, -mx.inf)[:, None]
+        pooled tokens only)."""
+        return row_mask(self.segments, positions)
+
+
+def row_mask(segments: mx.array, positions: mx.array) -> mx.array:
+    """Additive (1, 1, n, T) mask of packed rows `segments` (1, T) for the queries at `positions` (1, n): each sees
+    its own row's tokens up to itself (all T positions: the group's whole (T, T) mask)."""
+    own = mx.take_along_axis(segments, positions, axis=1)  # (1, n)
+    order = mx.arange(segments.shape[-1])
+    seen = (own[..., None] == segments[:, None, :]) & (order <= positions[..., None])
+    return mx.where(seen, 0.0, -mx.inf)[:, None]
 
 
 def attend(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float, rows: RowWindows) -> mx.array:
