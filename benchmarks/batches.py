@@ -89,3 +89,16 @@ def random_batch(config: CLIPConfig, batch: int, seed: int = 0, words: tuple[int
         row[0], row[1 : n + 1], row[n + 1] = 49406, rng.integers(1, 49405, n), 49407
     return {"images": rng.standard_normal((batch, size, size, 3)).astype(np.float32), "input_ids": ids,
             "labels": np.arange(batch, dtype=np.int32)}
+
+
+def caption_rows(rng, rows: int, length: int, vocab: int, words: int, shortest: int, longest: int) -> np.ndarray:
+    """(rows, length) int32 rows shaped as captions are (SOT, shortest..longest word tokens, EOT, zero padding) whose
+    words come from a `words`-word vocabulary, so ids repeat within a batch as real captions' do ("a photo of a ..."):
+    where a GPU's scatter-add adds a repeated id's rows in arrival order (benchmarks/determinism.py,
+    tests/test_gpu_embedding.py)."""
+    chosen = rng.integers(1, vocab - 2, words)
+    ids = np.zeros((rows, length), np.int32)
+    for row in ids:
+        n = int(rng.integers(shortest, longest + 1))
+        row[0], row[1:n + 1], row[n + 1] = vocab - 2, rng.choice(chosen, n), vocab - 1  # SOT, words, EOT
+    return ids

@@ -31,6 +31,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from benchmarks.batches import caption_rows
 from mlx_clip.config import get_config
 
 from mlx_clip.model import CLIP
@@ -43,12 +44,7 @@ def _ids(rng, cfg, batch: int, kind: str) -> np.ndarray:
     vocab, ctx = cfg.text_config.vocab_size, cfg.text_config.max_position_embeddings
     if kind == "uniform":
         return rng.integers(1, vocab - 1, (batch, ctx)).astype(np.int32)
-    words = rng.integers(1, vocab - 2, 20)
-    ids = np.zeros((batch, ctx), np.int32)
-    for row in ids:
-        n = int(rng.integers(3, min(12, ctx - 2) + 1))
-        row[0], row[1:n + 1], row[n + 1] = vocab - 2, rng.choice(words, n), vocab - 1  # SOT, words, EOT
-    return ids
+    return caption_rows(rng, batch, ctx, vocab, words=20, shortest=3, longest=min(12, ctx - 2))
 
 
 def _run(arch: str, steps: int, batch: int, grad_clip: float, eval_each: bool = True,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from benchmarks.batches import caption_rows
 from mlx_clip import gpu_embedding
 from mlx_clip.config import get_config
 from mlx_clip.model import CLIP
@@ -21,12 +22,7 @@ cuda = pytest.mark.skipif(not mx.cuda.is_available(), reason="the table gradient
 def _caption_ids(rng, rows: int, length: int, vocab: int) -> np.ndarray:
     """Rows as captions are (SOT, words from a 30-word vocabulary, EOT, zero padding): ids repeat within the batch,
     the padding id most of all."""
-    words = rng.integers(1, vocab - 2, 30)
-    ids = np.zeros((rows, length), np.int32)
-    for row in ids:
-        n = int(rng.integers(2, length - 2))
-        row[0], row[1:n + 1], row[n + 1] = vocab - 2, rng.choice(words, n), vocab - 1
-    return ids
+    return caption_rows(rng, rows, length, vocab, words=30, shortest=2, longest=length - 3)
 
 
 def _table_gradient64(ids: np.ndarray, g: np.ndarray, vocab: int) -> np.ndarray:
