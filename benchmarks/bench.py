@@ -68,26 +68,28 @@ def _env(backend: str, device: str, dtype: str) -> dict:
     return env
 
 
-def run_one(spec: dict) -> tuple[list[dict], str]:
-    """(records, error text) of one worker process."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_worker", json.dumps(spec)], capture_output=True,
-                          text=True, env=_env(spec["backend"], spec["device"], spec["dtype"]),
+def _json_lines(module: str, *args: str, env: dict) -> tuple[list[dict], str]:
+    """(the JSON lines it printed, error text: its stderr's last line if it failed) of `python -m module args`."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
                           cwd=Path(__file__).resolve().parents[1])
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     error = "" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
     return records, error
 
 
+def run_one(spec: dict) -> tuple[list[dict], str]:
+    """(records, error text) of one worker process."""
+    return _json_lines("benchmarks.bench_worker", json.dumps(spec),
+                       env=_env(spec["backend"], spec["device"], spec["dtype"]))
+
+
 def measure_peak(device: str, dtype: str) -> dict:
     """MLX's matmul rate on `device` in `dtype` (benchmarks/flops.py), in a process of its own with the MLX worker's
     environment (so TF32, the BLAS and the malloc are those the MLX rows ran under)."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.flops", device, dtype], capture_output=True, text=True,
-                          env=_env("mlx", device, dtype), cwd=Path(__file__).resolve().parents[1])
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"measuring the {dtype} matmul rate on {device} failed: "
-                           + (proc.stderr.strip().splitlines() or ["(no output)"])[-1])
-    return json.loads(lines[-1])
+    records, error = _json_lines("benchmarks.flops", device, dtype, env=_env("mlx", device, dtype))
+    if error or not records:
+        raise RuntimeError(f"measuring the {dtype} matmul rate on {device} failed: {error or '(no output)'}")
+    return records[-1]
 
 
 def _say(message: str) -> None:
