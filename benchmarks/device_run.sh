@@ -159,6 +159,17 @@ for step in "$@"; do
       for r in 1 2; do for v in 0 1; do
         MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 MLXCLIP_GPU_CONTIGUOUS_GRADS=$v timeout 150 ${BENCH/mlx,torch/mlx} --arch ViT-B-16 --out $OUT/s20-gradcopy 2>&1 | grep items/s | sed "s/^/[gradcopy $v] /"
       done; done | tee $OUT/s20-gradcopy.txt ;;
+    s21t) # session 20: the tiled attention kernels' leaner loops (masks only on the tiles that need them, one MUFU per
+          # probability, the forward's rescale only when a row's max grows by more than 2^8, ldmatrix addresses as
+          # immediates). Their card tests first, with the skipped-step test on the final tree
+      MLX_ENABLE_TF32=0 timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider --tb=line tests/test_gpu_attention.py "tests/test_finetune.py::test_a_nonfinite_step_is_as_if_it_never_happened" 2>&1 | tail -8 | tee $OUT/s21-tests.txt ;;
+    s21p) # the kernels alone, session 19's tree (ab_old/, see the top) against this one and its switches
+      for shape in "256,12,197" "256,8,77 --causal"; do
+        (echo "== ab_old $shape"; cd ab_old && PYTHONPATH=/tmp/site:$PWD timeout 90 python3 -m benchmarks.attention_profile --shape $shape --modes fused --top 4 2>&1 | grep -v -i warn)
+        for v in "" MLXCLIP_GPU_LDMATRIX=2 MLXCLIP_GPU_DQ_ROWS=16; do echo "== new $v $shape"; env $v timeout 90 python3 -m benchmarks.attention_profile --shape $shape --modes fused --top 4 2>&1 | grep -v -i warn; done
+      done | tee $OUT/s21-attn-profile.txt ;;
+    s21ab) # ViT-B-16's step with them, same process, alternating; gradcopy is session 19's prepared s20 question
+      LD_PRELOAD=$PWD/.whlP/libmimalloc.so.2 timeout 420 python3 -m benchmarks.gpu_ab --arch ViT-B-16 --variants default,ldmatrix=2,gradcopy=1 --rounds 6 2>&1 | tee $OUT/s21-ab16.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -34,6 +34,20 @@ __device__ inline bool attends(int query, int key, int L, bool causal) {
   return query < L && key < L && !(causal && key > query);
 }
 
+// 2^x as one MUFU.EX2 (ex2.approx.ftz: ~2 ulp, 2^-inf = 0), where exp2f adds a range test and two multiplies per
+// element; the softmax's values are rounded to bf16 after it anyway.
+__device__ inline float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Whether a tile of 16 keys from k0 needs the mask: causal attention, or keys past L (the zero-padded rows of the
+// shared tile, which would score 0, not -inf). Warp-uniform, so the other tiles skip the per-element tests.
+__device__ inline bool masked_tile(int k0, int L, bool causal) {
+  return causal || k0 + 16 > L;
+}
+
 __device__ inline u32 pack(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<u32*>(&v);
@@ -68,7 +82,9 @@ __device__ inline void load_a(const bf16* src, u32 (*a)[4], int b, int h, int L,
 template <bool LDSM>
 __device__ inline void load_b_rows(const bf16* m, int n0, int k0, int lane, u32* b) {
   if (LDSM) {
-    const u32 address = static_cast<u32>(__cvta_generic_to_shared(m + (n0 + (lane & 7)) * LDH + k0 + (lane & 8)));
+    // the lane's part (loop-invariant, hoisted) apart from the tile's (constant once unrolled: an immediate offset)
+    const u32 lane_address = static_cast<u32>(__cvta_generic_to_shared(m)) + 2 * ((lane & 7) * LDH + (lane & 8));
+    const u32 address = lane_address + 2 * (n0 * LDH + k0);
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(b[0]), "=r"(b[1]) : "r"(address));
   } else {
     const u32* p = reinterpret_cast<const u32*>(m + (n0 + (lane >> 2)) * LDH + k0);
@@ -104,7 +120,8 @@ __device__ inline void two_scores(u32 (*a)[4][4], const bf16* m, u32 (*c)[4][4],
 template <bool LDSM>
 __device__ inline void load_b_cols(const bf16* m, int k0, int n0, int lane, u32* b) {
   if (LDSM) {
-    const u32 address = static_cast<u32>(__cvta_generic_to_shared(m + (k0 + (lane & 15)) * LDH + n0));
+    const u32 lane_address = static_cast<u32>(__cvta_generic_to_shared(m)) + 2 * (lane & 15) * LDH;  // as load_b_rows
+    const u32 address = lane_address + 2 * (k0 * LDH + n0);
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
                  : "=r"(b[0]), "=r"(b[1]) : "r"(address));
   } else {
@@ -173,13 +190,15 @@ KV_SHARED = r"""
 
 FORWARD = KV_SHARED + r"""
   const float neg_inf = __int_as_float(0xff800000);
+  constexpr float SLACK = 8.0f;  // how far (log2 units) a row's max may pass its reference before o and l are rescaled
   const int r0 = 128 * blockIdx.y + 32 * warp;  // two 16-row tiles per warp share each k and v fragment load
   if (r0 >= L) return;
   u32 qa[2][4][4];
   load_a(q, qa[0], b, h, L, H, r0, lane);
   load_a(q, qa[1], b, h, L, H, r0 + 16, lane);
   float acc[2][8][4] = {};  // o, per row tile 8 tiles of 8 columns
-  // rows g, g + 8 of each row tile; l is this lane's part of the sum
+  // rows g, g + 8 of each row tile: m is the row's reference (log2 units), never more than SLACK below its running max;
+  // l is this lane's part of the sum of 2^(x - m)
   float m[2][2] = {{neg_inf, neg_inf}, {neg_inf, neg_inf}}, l[2][2] = {};
   const int tiles = CAUSAL && r0 / 16 + 2 < NT ? r0 / 16 + 2 : NT;  // causal: later key tiles are all masked
   for (int j = 0; j < tiles; ++j) {
@@ -193,51 +212,69 @@ FORWARD = KV_SHARED + r"""
         mma(s[0][n], qa[0][d], kb);
         mma(s[1][n], qa[1][d], kb);
       }
+    if (masked_tile(16 * j, L, CAUSAL)) {
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (!attends(r0 + 16 * mt + g + 8 * (e >> 1), 16 * j + 8 * n + 2 * t + (e & 1), L, CAUSAL))
+              s[mt][n][e] = neg_inf;
+    }
+    float top[2][2];  // each row's largest score in this tile, log2 units
+    bool grows = false;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float x = fmaxf(fmaxf(s[mt][0][2 * r], s[mt][0][2 * r + 1]), fmaxf(s[mt][1][2 * r], s[mt][1][2 * r + 1]));
+        x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+        x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+        top[mt][r] = x * (SCALE * LOG2E);
+        grows |= top[mt][r] > m[mt][r] + SLACK;
+      }
+    // The online softmax's rescale of o and l, only when some row's max passed its reference by more than SLACK
+    // (2^8: probabilities stay <= 256, exact in the sums and in bf16's range); o / l and lse = m + log2 l do not depend
+    // on which reference was used. After the first tile this is rare, and the 64 multiplies a tile go with it.
+    if (__any_sync(0xffffffffu, grows)) {
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float next = fmaxf(m[mt][r], top[mt][r]);
+          const float factor = next == neg_inf ? 1.0f : ex2(m[mt][r] - next);  // m = -inf: nothing summed yet
+          m[mt][r] = next;
+          l[mt][r] *= factor;
+#pragma unroll
+          for (int c = 0; c < 8; ++c) {
+            acc[mt][c][2 * r] *= factor;
+            acc[mt][c][2 * r + 1] *= factor;
+          }
+        }
+    }
     u32 pa[2][4];
-    float rescale[2][2];
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
-      float base[2] = {neg_inf, neg_inf};
-#pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const bool on = attends(r0 + 16 * mt + g + 8 * (e >> 1), 16 * j + 8 * n + 2 * t + (e & 1), L, CAUSAL);
-          s[mt][n][e] = on ? s[mt][n][e] * (SCALE * LOG2E) : neg_inf;
-          base[e >> 1] = fmaxf(base[e >> 1], s[mt][n][e]);
-        }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {  // online softmax: the running max, and the factor for what was summed before
-        base[r] = fmaxf(base[r], __shfl_xor_sync(0xffffffffu, base[r], 1));
-        base[r] = fmaxf(base[r], __shfl_xor_sync(0xffffffffu, base[r], 2));
-        const float next = fmaxf(m[mt][r], base[r]);
-        base[r] = next == neg_inf ? 0.0f : next;  // a row with no key yet (padding) stays all zero, not NaN
-        rescale[mt][r] = exp2f(m[mt][r] - base[r]);
-        m[mt][r] = next;
-        l[mt][r] *= rescale[mt][r];
-      }
+      // a row with no key yet (causal padding rows) keeps m = -inf: its probabilities 2^(-inf - 0) = 0, not NaN
+      const float base[2] = {m[mt][0] == neg_inf ? 0.0f : m[mt][0], m[mt][1] == neg_inf ? 0.0f : m[mt][1]};
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
-        const float p0 = exp2f(s[mt][n][0] - base[0]), p1 = exp2f(s[mt][n][1] - base[0]);
-        const float p2 = exp2f(s[mt][n][2] - base[1]), p3 = exp2f(s[mt][n][3] - base[1]);
-        l[mt][0] += p0 + p1;
-        l[mt][1] += p2 + p3;
-        pa[mt][2 * n] = pack(p0, p1);
-        pa[mt][2 * n + 1] = pack(p2, p3);
+        float p[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) p[e] = ex2(fmaf(s[mt][n][e], SCALE * LOG2E, -base[e >> 1]));
+        l[mt][0] += p[0] + p[1];
+        l[mt][1] += p[2] + p[3];
+        pa[mt][2 * n] = pack(p[0], p[1]);
+        pa[mt][2 * n + 1] = pack(p[2], p[3]);
       }
     }
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
       u32 vb[2];
       load_b_cols<LDSM_TRANS>(vs, 16 * j, 8 * c, lane, vb);
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        acc[mt][c][0] *= rescale[mt][0];
-        acc[mt][c][1] *= rescale[mt][0];
-        acc[mt][c][2] *= rescale[mt][1];
-        acc[mt][c][3] *= rescale[mt][1];
-        mma(acc[mt][c], pa[mt], vb);
-      }
+      mma(acc[0][c], pa[0], vb);
+      mma(acc[1][c], pa[1], vb);
     }
   }
 #pragma unroll
@@ -289,9 +326,12 @@ DQ = KV_SHARED + r"""
       for (int n = 0; n < 2; ++n) {
         float ds[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const bool on = attends(r0 + 16 * mt + g + 8 * (e >> 1), 16 * j + 8 * n + 2 * t + (e & 1), L, CAUSAL);
-          ds[e] = on ? exp2f(s[mt][n][e] * (SCALE * LOG2E) - x_lse[e >> 1]) * (dp[mt][n][e] - x_delta[e >> 1]) : 0.0f;
+        for (int e = 0; e < 4; ++e)
+          ds[e] = ex2(fmaf(s[mt][n][e], SCALE * LOG2E, -x_lse[e >> 1])) * (dp[mt][n][e] - x_delta[e >> 1]);
+        if (masked_tile(16 * j, L, CAUSAL)) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (!attends(r0 + 16 * mt + g + 8 * (e >> 1), 16 * j + 8 * n + 2 * t + (e & 1), L, CAUSAL)) ds[e] = 0.0f;
         }
         da[mt][2 * n] = pack(ds[0], ds[1]);
         da[mt][2 * n + 1] = pack(ds[2], ds[3]);
@@ -325,8 +365,8 @@ DKDV = r"""
   const int g = lane >> 2, t = lane & 3;
   load_tile(q, qs, b, h, L, H, KR);
   load_tile(dout, gs, b, h, L, H, KR);
-  for (int i = threadIdx.x; i < KR; i += blockDim.x) {
-    lse_s[i] = i < L ? lse[(b * L + i) * H + h] : 0.0f;
+  for (int i = threadIdx.x; i < KR; i += blockDim.x) {  // a padded query: lse +inf makes its p 2^-inf = 0, ds 0
+    lse_s[i] = i < L ? lse[(b * L + i) * H + h] : __int_as_float(0x7f800000);
     delta_s[i] = i < L ? delta[(b * L + i) * H + h] : 0.0f;
   }
   __syncthreads();
@@ -344,22 +384,26 @@ DKDV = r"""
     two_scores<MT, LDSM_ROWS>(ka, qs, va, gs, 16 * i, lane, s, dp);
     u32 pa[MT][4], da[MT][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+    for (int n = 0; n < 2; ++n) {
+      const int q0 = 16 * i + 8 * n + 2 * t;  // this lane's two queries, q0 and q0 + 1
+      const float2 x_lse = *reinterpret_cast<const float2*>(lse_s + q0);
+      const float2 x_delta = *reinterpret_cast<const float2*>(delta_s + q0);
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
+      for (int mt = 0; mt < MT; ++mt) {
         float p[4], ds[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int query = 16 * i + 8 * n + 2 * t + (e & 1);
-          const bool on = attends(query, r0 + 16 * mt + g + 8 * (e >> 1), L, CAUSAL);
-          p[e] = on ? exp2f(s[mt][n][e] * (SCALE * LOG2E) - lse_s[query]) : 0.0f;
-          ds[e] = p[e] * (dp[mt][n][e] - delta_s[query]);
+          const bool odd = e & 1;
+          p[e] = ex2(fmaf(s[mt][n][e], SCALE * LOG2E, -(odd ? x_lse.y : x_lse.x)));
+          if (CAUSAL && !attends(q0 + odd, r0 + 16 * mt + g + 8 * (e >> 1), L, CAUSAL)) p[e] = 0.0f;
+          ds[e] = p[e] * (dp[mt][n][e] - (odd ? x_delta.y : x_delta.x));
         }
         pa[mt][2 * n] = pack(p[0], p[1]);
         pa[mt][2 * n + 1] = pack(p[2], p[3]);
         da[mt][2 * n] = pack(ds[0], ds[1]);
         da[mt][2 * n + 1] = pack(ds[2], ds[3]);
       }
+    }
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
       u32 gb[2], qb[2];
