@@ -102,10 +102,24 @@ def _variants(spec, tiled: bool) -> list[tuple[str, dict]]:
     out = [("_full", {"CAUSAL": False} | ldsm), ("_causal", {"CAUSAL": True} | ldsm),
            ("_full_noldsm", {"CAUSAL": False, "LDSM_TRANS": False, "LDSM_ROWS": False}),
            ("_full_ldsm2", {"CAUSAL": False} | rows), ("_causal_ldsm2", {"CAUSAL": True} | rows)]
-    if "_dq_" not in spec.name and "_dkdv_" not in spec.name:
-        return out
-    return [(suffix, template | {"MT": 1}) for suffix, template in out] + [
+    if "_dq_" not in spec.name and "_dkdv_" not in spec.name:  # the forward: 32 rows a warp, or 16 in 8-warp blocks
+        out = [(suffix, template | {"MT": 2, "WARPS": 4}) for suffix, template in out]
+        return out + [("_full_mt1_warps8", {"CAUSAL": False, "MT": 1, "WARPS": 8} | ldsm),
+                      ("_causal_mt1_warps8", {"CAUSAL": True, "MT": 1, "WARPS": 8} | ldsm)]
+    out = [(suffix, template | {"MT": 1}) for suffix, template in out] + [
         ("_full_mt2", {"CAUSAL": False, "MT": 2} | ldsm), ("_causal_mt2", {"CAUSAL": True, "MT": 2} | ldsm)]
+    if "_dq_" in spec.name:  # dq also walks two key tiles a step (MLXCLIP_GPU_DQ_STEP=32), in 8-warp blocks too
+        out = [(suffix, template | {"KS": 1, "WARPS": 4}) for suffix, template in out]
+        return out + [("_full_mt2_ks2", {"CAUSAL": False, "MT": 2, "KS": 2, "WARPS": 4} | ldsm),
+                      ("_causal_mt2_ks2", {"CAUSAL": True, "MT": 2, "KS": 2, "WARPS": 4} | ldsm),
+                      ("_full_ks2_warps8", {"CAUSAL": False, "MT": 1, "KS": 2, "WARPS": 8} | ldsm),
+                      ("_causal_ks2_warps8", {"CAUSAL": True, "MT": 1, "KS": 2, "WARPS": 8} | ldsm)]
+    # dk/dv also walks two query tiles a step (MLXCLIP_GPU_DKDV_STEP=32) and runs 8-warp blocks (MLXCLIP_GPU_DKDV_WARPS)
+    out = [(suffix, template | {"KS": 1, "WARPS": 4}) for suffix, template in out]
+    return out + [("_full_ks2", {"CAUSAL": False, "MT": 1, "KS": 2, "WARPS": 4} | ldsm),
+                  ("_causal_ks2", {"CAUSAL": True, "MT": 1, "KS": 2, "WARPS": 4} | ldsm),
+                  ("_full_ks2_ldsm2", {"CAUSAL": False, "MT": 1, "KS": 2, "WARPS": 4} | rows),
+                  ("_causal_warps8", {"CAUSAL": True, "MT": 1, "KS": 1, "WARPS": 8} | ldsm)]
 
 
 def kernel_units(lengths=(50, 77, 197, 256, 320), heads=12) -> list[tuple[str, str]]:

@@ -170,6 +170,20 @@ for step in "$@"; do
       done | tee $OUT/s21-attn-profile.txt ;;
     s21ab) # ViT-B-16's step with them, same process, alternating; gradcopy is session 19's prepared s20 question
       LD_PRELOAD=$PWD/.whlP/libmimalloc.so.2 timeout 420 python3 -m benchmarks.gpu_ab --arch ViT-B-16 --variants default,ldmatrix=2,gradcopy=1 --rounds 6 2>&1 | tee $OUT/s21-ab16.txt ;;
+    s22) # session 20, second change: the dq and dk/dv kernels walking two tiles a step (more independent products and
+         # exponentials in flight: the loops were latency-bound, 40% fewer instructions gave 8%), 8-warp dk/dv blocks
+         # (16 warps an SM). Kernels alone first, then ViT-B-16's step, then the new switches' card tests
+      for v in "" MLXCLIP_GPU_DKDV_STEP=32 "MLXCLIP_GPU_DKDV_STEP=32 MLXCLIP_GPU_LDMATRIX=2" MLXCLIP_GPU_DKDV_WARPS=8 MLXCLIP_GPU_DQ_STEP=32 "MLXCLIP_GPU_DQ_ROWS=16 MLXCLIP_GPU_DQ_STEP=32"; do
+        echo "== $v"; env $v timeout 60 python3 -m benchmarks.attention_profile --shape 256,12,197 --modes fused --top 3 2>&1 | grep -v -i warn; done | tee $OUT/s22-attn-profile.txt
+      LD_PRELOAD=$PWD/.whlP/libmimalloc.so.2 timeout 240 python3 -m benchmarks.gpu_ab --arch ViT-B-16 --variants default,dkdvstep=32,dkdvstep=32+dqstep=32,dkdvstep=32+dqstep=32+gradcopy=1 --rounds 4 2>&1 | tee $OUT/s22-ab16.txt
+      MLX_ENABLE_TF32=0 timeout 170 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider --tb=line tests/test_gpu_attention.py -k "step32 or warps8" 2>&1 | tail -6 | tee $OUT/s22-tests.txt ;;
+    s23) # session 20, third: 8-warp dk/dv blocks gave 0.770 -> 0.475 ms (s22); the same for the forward (16 rows a
+         # warp, 72 registers: 24 warps an SM) and dq (16 or 32 rows a warp), kernels alone, then the switches' card tests
+      for v in "" "MLXCLIP_GPU_FWD_ROWS=16 MLXCLIP_GPU_FWD_WARPS=8" MLXCLIP_GPU_DQ_WARPS=8 "MLXCLIP_GPU_DQ_ROWS=16 MLXCLIP_GPU_DQ_WARPS=8" "MLXCLIP_GPU_DQ_ROWS=16 MLXCLIP_GPU_DQ_STEP=32 MLXCLIP_GPU_DQ_WARPS=8"; do
+        echo "== $v"; env $v timeout 60 python3 -m benchmarks.attention_profile --shape 256,12,197 --modes fused --top 3 2>&1 | grep -v -i warn; done | tee $OUT/s23-attn-profile.txt
+      MLX_ENABLE_TF32=0 timeout 240 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider --tb=line tests/test_gpu_attention.py -k "warps or fused_matches" 2>&1 | tail -6 | tee $OUT/s23-tests.txt ;;
+    s23b) # ViT-B-16 against torch.compile with the kernels' best settings ($B16ENV) and the weight gradients copied at the source
+      env $B16ENV MLXCLIP_GPU_CONTIGUOUS_GRADS=1 MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 280 $BENCH --arch ViT-B-16 --out $OUT/b16-s20 2>&1 | tail -22 ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -7,7 +7,9 @@ traced with its switches set, then the variants are timed in alternation, so mac
 A variant is `default` (the process's settings) or settings joined by `+`:
 - attention=sdpa|padded|matmul|fused|aligned (MLXCLIP_GPU_ATTENTION; a bare mode means attention=MODE), dqrows=16|32
   (MLXCLIP_GPU_DQ_ROWS, mlx_clip/gpu_attention.py), dkdvrows=16|32 (MLXCLIP_GPU_DKDV_ROWS), ldmatrix=0|1|2
-  (MLXCLIP_GPU_LDMATRIX);
+  (MLXCLIP_GPU_LDMATRIX), dqstep=16|32 (MLXCLIP_GPU_DQ_STEP), dkdvstep=16|32 (MLXCLIP_GPU_DKDV_STEP), dkdvwarps=4|8
+  (MLXCLIP_GPU_DKDV_WARPS), dqwarps=4|8 (MLXCLIP_GPU_DQ_WARPS), fwdrows=16|32 (MLXCLIP_GPU_FWD_ROWS), fwdwarps=4|8
+  (MLXCLIP_GPU_FWD_WARPS);
 - memlimit=GiB (mx.set_memory_limit), optimizer=per-param|multi (MLXCLIP_MULTI_TENSOR, mlx_clip/train/multi_tensor.py),
   norm=auto|dot|reduce|concat|kernel|flat (step.NORM_SQUARES);
 - layernorm=ours|mlx (MLXCLIP_CPU_LAYER_NORM, mlx_clip/layer_norm.py), split=on|off (CPU batch-parallel mode,
@@ -51,6 +53,12 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "dqrows": (gpu_attention, "DQ_ROWS", {"16": 16, "32": 32}),  # the tiled dq kernel's query rows per warp
     "dkdvrows": (gpu_attention, "DKDV_ROWS", {"16": 16, "32": 32}),  # the tiled dk/dv kernel's key rows per warp
     "ldmatrix": (gpu_attention, "LDMATRIX", {"0": 0, "1": 1, "2": 2}),  # the tiled kernels' operand loads
+    "dqstep": (gpu_attention, "DQ_STEP", {"16": 16, "32": 32}),  # the tiled dq kernel's key rows a step
+    "dkdvstep": (gpu_attention, "DKDV_STEP", {"16": 16, "32": 32}),  # the tiled dk/dv kernel's query rows a step
+    "dkdvwarps": (gpu_attention, "DKDV_WARPS", {"4": 4, "8": 8}),  # the tiled dk/dv kernel's warps a block
+    "dqwarps": (gpu_attention, "DQ_WARPS", {"4": 4, "8": 8}),  # the tiled dq kernel's warps a block
+    "fwdrows": (gpu_attention, "FWD_ROWS", {"16": 16, "32": 32}),  # the tiled forward's query rows a warp
+    "fwdwarps": (gpu_attention, "FWD_WARPS", {"4": 4, "8": 8}),  # the tiled forward's warps a block
     "reduce": (gpu_reduce, "ENABLED", {"ours": True, "mlx": False}),  # bias / LayerNorm gradients' column sums
     "activation": (gpu_activation, "ENABLED", {"ours": True, "mlx": False}),  # the MLP's GELU forward and backward
     "actfused": (gpu_activation, "FUSED", {"1": True, "0": False}),  # its backward as one kernel or two

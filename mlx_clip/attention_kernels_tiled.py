@@ -1,7 +1,7 @@
-"""CUDA source of the tiled attention kernels (64 < L ≤ 256 tokens), used by mlx_clip.gpu_attention.
+"""CUDA source of the tiled attention kernels (64 < L ≤ 320 tokens), used by mlx_clip.gpu_attention.
 
-Flash-attention style: a block owns 64 rows (128 in the forward), holds the other side of its head in shared memory
-and walks it 16 rows at a time, with scores and probabilities in registers (mma.sync fragments). The forward keeps
+Flash-attention style: a block of WARPS warps owns WARPS · MT · 16 rows, holds the other side of its head in shared
+memory and walks it 16 (or, KS = 2, 32) rows a step, with scores and probabilities in registers (mma.sync fragments). The forward keeps
 each row's log-sum-exp (fp32, (B, L, H)); the backward recomputes the probabilities from it, in two kernels (dq over
 query rows; dk and dv over key rows) so no gradient needs atomics. MLX's unfused backward there kept the (B, H, L, L)
 probabilities, ran its batched products in cuBLAS's align-1 kernels (a 197-wide bf16 row is not 16-byte aligned)
@@ -16,9 +16,10 @@ from mlx_clip.attention_kernels_short import LDH
 
 def shared_memory(nt: int) -> tuple[int, int, int]:
     """Bytes of shared memory of the forward, dq and dk/dv kernels for nt 16-row tiles: the other side's two row
-    sets (k and v; q and dout), and for dk/dv the per-query lse and delta."""
-    rows = 16 * nt
-    return 2 * rows * LDH * 2, 2 * rows * LDH * 2, 2 * rows * LDH * 2 + 2 * rows * 4
+    sets (k and v; q and dout), and for dk/dv the per-query lse and delta, with one spare zero tile (a step of two
+    tiles, DQ_STEP or DKDV_STEP 32, may pass the last)."""
+    spare = 16 * (nt + 1)
+    return 2 * spare * LDH * 2, 2 * spare * LDH * 2, 2 * spare * LDH * 2 + 2 * spare * 4
 
 
 HEADER = r"""// ---- The tiled kernels (MAX_TOKENS < L <= MAX_LONG_TOKENS): mma.sync m16n8k16 on registers ----
@@ -166,19 +167,20 @@ __device__ inline void store_c(float (*acc)[4], bf16* dst, int b, int h, int L, 
 }
 """
 
-# The tiled kernels. Grid (B * H, ceil(L / 64)): a block of 4 warps owns 64 rows (queries in the forward and dq
-# kernels, keys in the dk/dv kernel) and holds the other side of the head (all L rows) in shared memory; warp w owns
-# the block's rows [16w, 16w + 16), keeps their q / dout (or k / v) fragments in registers, and walks the other side
-# 16 rows at a time. Softmax statistics are log2-based: x = q.k SCALE LOG2E, lse = log2 sum_j 2^x_j, written by the
-# forward as a (B, L, H) fp32 output; the backward recomputes p = 2^(x - lse) per tile with
-# delta = rowsum(dout * o) (B, L, H). LDSM_TRANS picks ldmatrix for the transposed operand loads, LDSM_ROWS for the
-# row-major ones. The forward gives
-# each warp 32 query rows (blocks of 128), so every k and v fragment it loads feeds two products.
-# The forward's and dq's start: the head's k and v rows (all L, zero-padded to 16 NT) in shared memory.
+# The tiled kernels. Grid (B * H, ceil(L / (16 MT WARPS))): a block of WARPS warps owns 16 MT WARPS rows (queries in
+# the forward and dq kernels, keys in the dk/dv kernel) and holds the other side of the head (all L rows) in shared
+# memory; warp w owns the block's rows [16 MT w, 16 MT (w + 1)) (MT 16-row tiles, each fragment of the other side it
+# loads feeding MT products), keeps their q / dout (or k / v) fragments in registers, and walks the other side KS
+# 16-row tiles a step. The loops are latency-bound (mlx_clip/gpu_attention.py has the shapes measured): 8-warp blocks
+# sharing one shared-memory copy fit more warps an SM than 4-warp ones. Softmax statistics are log2-based:
+# x = q.k SCALE LOG2E, lse = log2 sum_j 2^x_j, written by the forward as a (B, L, H) fp32 output; the backward
+# recomputes p = 2^(x - lse) per tile with delta = rowsum(dout * o) (B, L, H). LDSM_TRANS picks ldmatrix for the
+# transposed operand loads, LDSM_ROWS for the row-major ones.
+# The forward's and dq's start: the head's k and v rows (all L, zero-padded to 16 (NT + 1)) in shared memory.
 KV_SHARED = r"""
   using namespace mlxclip_attention;
   extern __shared__ __align__(128) unsigned char smem[];
-  constexpr int KR = 16 * NT;
+  constexpr int KR = 16 * (NT + 1);  // a spare zero tile: a step of two key tiles (dq's KS = 2) may pass the last
   bf16* ks = reinterpret_cast<bf16*>(smem);
   bf16* vs = ks + KR * LDH;
   const int b = blockIdx.x / H, h = blockIdx.x % H, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -191,30 +193,32 @@ KV_SHARED = r"""
 FORWARD = KV_SHARED + r"""
   const float neg_inf = __int_as_float(0xff800000);
   constexpr float SLACK = 8.0f;  // how far (log2 units) a row's max may pass its reference before o and l are rescaled
-  const int r0 = 128 * blockIdx.y + 32 * warp;  // two 16-row tiles per warp share each k and v fragment load
+  const int r0 = 16 * MT * (WARPS * blockIdx.y + warp);  // MT 16-row tiles a warp share each k and v fragment load
   if (r0 >= L) return;
-  u32 qa[2][4][4];
-  load_a(q, qa[0], b, h, L, H, r0, lane);
-  load_a(q, qa[1], b, h, L, H, r0 + 16, lane);
-  float acc[2][8][4] = {};  // o, per row tile 8 tiles of 8 columns
+  u32 qa[MT][4][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) load_a(q, qa[mt], b, h, L, H, r0 + 16 * mt, lane);
+  float acc[MT][8][4] = {};  // o, per row tile 8 tiles of 8 columns
   // rows g, g + 8 of each row tile: m is the row's reference (log2 units), never more than SLACK below its running max;
   // l is this lane's part of the sum of 2^(x - m)
-  float m[2][2] = {{neg_inf, neg_inf}, {neg_inf, neg_inf}}, l[2][2] = {};
-  const int tiles = CAUSAL && r0 / 16 + 2 < NT ? r0 / 16 + 2 : NT;  // causal: later key tiles are all masked
+  float m[MT][2], l[MT][2] = {};
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = neg_inf;
+  const int tiles = CAUSAL && r0 / 16 + MT < NT ? r0 / 16 + MT : NT;  // causal: later key tiles are all masked
   for (int j = 0; j < tiles; ++j) {
-    float s[2][2][4] = {};
+    float s[MT][2][4] = {};
 #pragma unroll
     for (int d = 0; d < 4; ++d)
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
         u32 kb[2];
         load_b_rows<LDSM_ROWS>(ks, 16 * j + 8 * n, 16 * d, lane, kb);
-        mma(s[0][n], qa[0][d], kb);
-        mma(s[1][n], qa[1][d], kb);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) mma(s[mt][n], qa[mt][d], kb);
       }
     if (masked_tile(16 * j, L, CAUSAL)) {
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -222,10 +226,10 @@ FORWARD = KV_SHARED + r"""
             if (!attends(r0 + 16 * mt + g + 8 * (e >> 1), 16 * j + 8 * n + 2 * t + (e & 1), L, CAUSAL))
               s[mt][n][e] = neg_inf;
     }
-    float top[2][2];  // each row's largest score in this tile, log2 units
+    float top[MT][2];  // each row's largest score in this tile, log2 units
     bool grows = false;
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float x = fmaxf(fmaxf(s[mt][0][2 * r], s[mt][0][2 * r + 1]), fmaxf(s[mt][1][2 * r], s[mt][1][2 * r + 1]));
@@ -239,7 +243,7 @@ FORWARD = KV_SHARED + r"""
     // on which reference was used. After the first tile this is rare, and the 64 multiplies a tile go with it.
     if (__any_sync(0xffffffffu, grows)) {
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const float next = fmaxf(m[mt][r], top[mt][r]);
@@ -253,9 +257,9 @@ FORWARD = KV_SHARED + r"""
           }
         }
     }
-    u32 pa[2][4];
+    u32 pa[MT][4];
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
+    for (int mt = 0; mt < MT; ++mt) {
       // a row with no key yet (causal padding rows) keeps m = -inf: its probabilities 2^(-inf - 0) = 0, not NaN
       const float base[2] = {m[mt][0] == neg_inf ? 0.0f : m[mt][0], m[mt][1] == neg_inf ? 0.0f : m[mt][1]};
 #pragma unroll
@@ -273,12 +277,12 @@ FORWARD = KV_SHARED + r"""
     for (int c = 0; c < 8; ++c) {
       u32 vb[2];
       load_b_cols<LDSM_TRANS>(vs, 16 * j, 8 * c, lane, vb);
-      mma(acc[0][c], pa[0], vb);
-      mma(acc[1][c], pa[1], vb);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) mma(acc[mt][c], pa[mt], vb);
     }
   }
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
+  for (int mt = 0; mt < MT; ++mt) {
     float inv[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -295,7 +299,7 @@ FORWARD = KV_SHARED + r"""
 # dq = SCALE sum over key tiles of ds k, with ds = p (dp - delta) and dp = dout v^T, recomputed per tile; the
 # kernel also writes delta = rowsum(dout * o) (B, L, H) for the dk/dv kernel.
 DQ = KV_SHARED + r"""
-  const int r0 = 64 * MT * blockIdx.y + 16 * MT * warp;  // MT 16-row tiles a warp (DQ_ROWS)
+  const int r0 = 16 * MT * (WARPS * blockIdx.y + warp);  // MT 16-row tiles a warp (DQ_ROWS), WARPS a block
   if (r0 >= L) return;
   u32 qa[MT][4][4], ga[MT][4][4];
   float row_lse[MT][2], row_delta[MT][2];
@@ -315,48 +319,56 @@ DQ = KV_SHARED + r"""
   }
   float acc[MT][8][4] = {};
   const int tiles = CAUSAL && r0 / 16 + MT < NT ? r0 / 16 + MT : NT;
-  for (int j = 0; j < tiles; ++j) {
-    float s[MT][2][4] = {}, dp[MT][2][4] = {};
-    two_scores<MT, LDSM_ROWS>(qa, ks, ga, vs, 16 * j, lane, s, dp);
-    u32 da[MT][4];
+  for (int j = 0; j < tiles; j += KS) {  // KS key tiles a step (DQ_STEP)
+    float s[KS][MT][2][4] = {}, dp[KS][MT][2][4] = {};
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const float *x_lse = row_lse[mt], *x_delta = row_delta[mt];
+    for (int kk = 0; kk < KS; ++kk) two_scores<MT, LDSM_ROWS>(qa, ks, ga, vs, 16 * (j + kk), lane, s[kk], dp[kk]);
+    u32 da[KS][MT][4];
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        float ds[4];
+    for (int kk = 0; kk < KS; ++kk)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          ds[e] = ex2(fmaf(s[mt][n][e], SCALE * LOG2E, -x_lse[e >> 1])) * (dp[mt][n][e] - x_delta[e >> 1]);
-        if (masked_tile(16 * j, L, CAUSAL)) {
+      for (int mt = 0; mt < MT; ++mt) {
+        const float *x_lse = row_lse[mt], *x_delta = row_delta[mt];
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          float ds[4];
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            if (!attends(r0 + 16 * mt + g + 8 * (e >> 1), 16 * j + 8 * n + 2 * t + (e & 1), L, CAUSAL)) ds[e] = 0.0f;
+            ds[e] = ex2(fmaf(s[kk][mt][n][e], SCALE * LOG2E, -x_lse[e >> 1])) * (dp[kk][mt][n][e] - x_delta[e >> 1]);
+          const int k0 = 16 * (j + kk);
+          if (masked_tile(k0, L, CAUSAL)) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              if (!attends(r0 + 16 * mt + g + 8 * (e >> 1), k0 + 8 * n + 2 * t + (e & 1), L, CAUSAL)) ds[e] = 0.0f;
+          }
+          da[kk][mt][2 * n] = pack(ds[0], ds[1]);
+          da[kk][mt][2 * n + 1] = pack(ds[2], ds[3]);
         }
-        da[mt][2 * n] = pack(ds[0], ds[1]);
-        da[mt][2 * n + 1] = pack(ds[2], ds[3]);
       }
-    }
 #pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      u32 kb[2];
-      load_b_cols<LDSM_TRANS>(ks, 16 * j, 8 * c, lane, kb);
+    for (int c = 0; c < 8; ++c)
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) mma(acc[mt][c], da[mt], kb);
-    }
+      for (int kk = 0; kk < KS; ++kk) {
+        u32 kb[2];
+        load_b_cols<LDSM_TRANS>(ks, 16 * (j + kk), 8 * c, lane, kb);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) mma(acc[mt][c], da[kk][mt], kb);
+      }
   }
   const float factor[2] = {SCALE, SCALE};
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) store_c(acc[mt], dq, b, h, L, H, r0 + 16 * mt, factor, lane);
 """
 
-# The transposed view: a warp owns MT 16-key tiles (DKDV_ROWS) and walks the query tiles; p^T and ds^T tiles come out
-# of k q^T and v dout^T, and dv = sum p^T dout, dk = SCALE sum ds^T q, each q and dout fragment loaded feeding all MT
-# key tiles. lse and delta for every query sit in shared memory.
+# The transposed view: a warp owns MT 16-key tiles (DKDV_ROWS) and walks the query tiles, KS at a time (DKDV_STEP: two
+# tiles give each step twice the independent products and exponentials, for latency's sake); p^T and ds^T tiles come
+# out of k q^T and v dout^T, and dv = sum p^T dout, dk = SCALE sum ds^T q, each q and dout fragment loaded feeding all
+# MT key tiles. lse and delta for every query sit in shared memory. A block is WARPS warps (DKDV_WARPS: 8 share one
+# copy of the head's q and dout, 16 warps an SM where 4-warp blocks fit 12 by shared memory).
 DKDV = r"""
   using namespace mlxclip_attention;
   extern __shared__ __align__(128) unsigned char smem[];
-  constexpr int KR = 16 * NT;
+  constexpr int KR = 16 * (NT + 1);  // a spare zero tile (lse +inf): a step of KS = 2 tiles may pass the last
   bf16* qs = reinterpret_cast<bf16*>(smem);
   bf16* gs = qs + KR * LDH;  // dout
   float* lse_s = reinterpret_cast<float*>(gs + KR * LDH);
@@ -370,7 +382,7 @@ DKDV = r"""
     delta_s[i] = i < L ? delta[(b * L + i) * H + h] : 0.0f;
   }
   __syncthreads();
-  const int r0 = 64 * MT * blockIdx.y + 16 * MT * warp;
+  const int r0 = 16 * MT * (WARPS * blockIdx.y + warp);
   if (r0 >= L) return;
   u32 ka[MT][4][4], va[MT][4][4];
 #pragma unroll
@@ -379,42 +391,47 @@ DKDV = r"""
     load_a(v, va[mt], b, h, L, H, r0 + 16 * mt, lane);
   }
   float dk_acc[MT][8][4] = {}, dv_acc[MT][8][4] = {};
-  for (int i = CAUSAL ? r0 / 16 : 0; i < NT; ++i) {  // causal: earlier queries never see these keys
-    float s[MT][2][4] = {}, dp[MT][2][4] = {};  // s^T and dp^T: keys x queries
-    two_scores<MT, LDSM_ROWS>(ka, qs, va, gs, 16 * i, lane, s, dp);
-    u32 pa[MT][4], da[MT][4];
+  for (int i = CAUSAL ? r0 / 16 : 0; i < NT; i += KS) {  // causal: earlier queries never see these keys
+    float s[KS][MT][2][4] = {}, dp[KS][MT][2][4] = {};  // s^T and dp^T: keys x queries
 #pragma unroll
-    for (int n = 0; n < 2; ++n) {
-      const int q0 = 16 * i + 8 * n + 2 * t;  // this lane's two queries, q0 and q0 + 1
-      const float2 x_lse = *reinterpret_cast<const float2*>(lse_s + q0);
-      const float2 x_delta = *reinterpret_cast<const float2*>(delta_s + q0);
+    for (int kk = 0; kk < KS; ++kk) two_scores<MT, LDSM_ROWS>(ka, qs, va, gs, 16 * (i + kk), lane, s[kk], dp[kk]);
+    u32 pa[KS][MT][4], da[KS][MT][4];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        float p[4], ds[4];
+    for (int kk = 0; kk < KS; ++kk)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const bool odd = e & 1;
-          p[e] = ex2(fmaf(s[mt][n][e], SCALE * LOG2E, -(odd ? x_lse.y : x_lse.x)));
-          if (CAUSAL && !attends(q0 + odd, r0 + 16 * mt + g + 8 * (e >> 1), L, CAUSAL)) p[e] = 0.0f;
-          ds[e] = p[e] * (dp[mt][n][e] - (odd ? x_delta.y : x_delta.x));
+      for (int n = 0; n < 2; ++n) {
+        const int q0 = 16 * (i + kk) + 8 * n + 2 * t;  // this lane's two queries, q0 and q0 + 1
+        const float2 x_lse = *reinterpret_cast<const float2*>(lse_s + q0);
+        const float2 x_delta = *reinterpret_cast<const float2*>(delta_s + q0);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          float p[4], ds[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const bool odd = e & 1;
+            p[e] = ex2(fmaf(s[kk][mt][n][e], SCALE * LOG2E, -(odd ? x_lse.y : x_lse.x)));
+            if (CAUSAL && !attends(q0 + odd, r0 + 16 * mt + g + 8 * (e >> 1), L, CAUSAL)) p[e] = 0.0f;
+            ds[e] = p[e] * (dp[kk][mt][n][e] - (odd ? x_delta.y : x_delta.x));
+          }
+          pa[kk][mt][2 * n] = pack(p[0], p[1]);
+          pa[kk][mt][2 * n + 1] = pack(p[2], p[3]);
+          da[kk][mt][2 * n] = pack(ds[0], ds[1]);
+          da[kk][mt][2 * n + 1] = pack(ds[2], ds[3]);
         }
-        pa[mt][2 * n] = pack(p[0], p[1]);
-        pa[mt][2 * n + 1] = pack(p[2], p[3]);
-        da[mt][2 * n] = pack(ds[0], ds[1]);
-        da[mt][2 * n + 1] = pack(ds[2], ds[3]);
       }
-    }
 #pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      u32 gb[2], qb[2];
-      load_b_cols<LDSM_TRANS>(gs, 16 * i, 8 * c, lane, gb);
-      load_b_cols<LDSM_TRANS>(qs, 16 * i, 8 * c, lane, qb);
+    for (int c = 0; c < 8; ++c)
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma(dv_acc[mt][c], pa[mt], gb);
-        mma(dk_acc[mt][c], da[mt], qb);
+      for (int kk = 0; kk < KS; ++kk) {
+        u32 gb[2], qb[2];
+        load_b_cols<LDSM_TRANS>(gs, 16 * (i + kk), 8 * c, lane, gb);
+        load_b_cols<LDSM_TRANS>(qs, 16 * (i + kk), 8 * c, lane, qb);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma(dv_acc[mt][c], pa[kk][mt], gb);
+          mma(dk_acc[mt][c], da[kk][mt], qb);
+        }
       }
-    }
   }
   const float scale[2] = {SCALE, SCALE}, one[2] = {1.0f, 1.0f};
 #pragma unroll

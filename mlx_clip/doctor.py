@@ -71,9 +71,14 @@ def report(measure: bool = True) -> dict:
         "cpu_jit": cpu_jit.STATUS,  # MLXCLIP_CPU_JIT: flags for MLX's CPU kernel compiler
         "cpu_jit_kernels": cpu_jit.KERNEL_DIR,  # where MLX's CPU kernels are built and cached while it is on
         "gpu_attention": fastmath.GPU_ATTENTION,  # MLXCLIP_GPU_ATTENTION
-        # the fused CUDA kernels' reach and switches (MLXCLIP_GPU_LDMATRIX, MLXCLIP_GPU_DQ_ROWS, MLXCLIP_GPU_DKDV_ROWS)
+        # the fused CUDA kernels' reach and switches (MLXCLIP_GPU_LDMATRIX, MLXCLIP_GPU_DQ_ROWS, MLXCLIP_GPU_DKDV_ROWS,
+        # MLXCLIP_GPU_DQ_STEP, MLXCLIP_GPU_DKDV_STEP, MLXCLIP_GPU_FWD_ROWS, MLXCLIP_GPU_FWD_WARPS, MLXCLIP_GPU_DQ_WARPS,
+        # MLXCLIP_GPU_DKDV_WARPS)
         "gpu_attention_kernels": {"max_tokens": gpu_attention.MAX_LONG_TOKENS, "ldmatrix": gpu_attention.LDMATRIX,
-                                  "dq_rows": gpu_attention.DQ_ROWS, "dkdv_rows": gpu_attention.DKDV_ROWS},
+                                  "dq_rows": gpu_attention.DQ_ROWS, "dkdv_rows": gpu_attention.DKDV_ROWS,
+                                  "dq_step": gpu_attention.DQ_STEP, "dkdv_step": gpu_attention.DKDV_STEP,
+                                  "fwd_rows": gpu_attention.FWD_ROWS, "fwd_warps": gpu_attention.FWD_WARPS,
+                                  "dq_warps": gpu_attention.DQ_WARPS, "dkdv_warps": gpu_attention.DKDV_WARPS},
         "gpu_reduce": gpu_reduce.ENABLED,  # MLXCLIP_GPU_REDUCE: our bias / LayerNorm gradient kernels on CUDA
         "gpu_activation": gpu_activation.ENABLED,  # MLXCLIP_GPU_ACTIVATION: our GELU / quick GELU kernels on CUDA
         # MLXCLIP_GPU_EMBEDDING: the token table's gradient summed in a fixed order on CUDA (runs repeat bit for bit)

@@ -23,15 +23,28 @@ HEAD_DIM = 64
 MAX_TOKENS = 64  # the one-block kernels
 MAX_LONG_TOKENS = 320  # the tiled kernels: 2 blocks an SM by shared memory up to here (tested at 257 and 320)
 # The tiled kernels' shared-memory operand loads: ldmatrix.trans for the transposed operands (1, the default; H200:
-# 2.21 against 2.35 ms of kernels with four 16-bit loads, 0), and also ldmatrix for the row-major ones (2: compiled
-# here, not yet measured on a card)
+# 2.21 against 2.35 ms of kernels with four 16-bit loads, 0), and also ldmatrix for the row-major ones (2: no faster,
+# ViT-B-16 104.8 against 104.7 ms in session 14, 101.7 against 100.5 in session 20)
 LDMATRIX = env_choice("MLXCLIP_GPU_LDMATRIX", (0, 1, 2), 1)
-# Query rows per warp in the tiled dq kernel: 32 (each k and v fragment feeding two products, as in the forward; H200,
-# (256, 12, 197): dq 0.72 -> 0.63 ms, ViT-B-16 step 126.0 -> 123.4 ms), or 16.
-DQ_ROWS = env_choice("MLXCLIP_GPU_DQ_ROWS", (16, 32), 32)
-# Key rows per warp in the tiled dk/dv kernel: 16, or 32 (each q and dout fragment feeding two key tiles' products, as
-# DQ_ROWS does for dq). 32 is compiled and register-checked here (ptxas) but not yet measured on a card: off by default.
+# The tiled kernels' shapes (H200, (256, 12, 197) bf16, fwd + bwd, `python -m benchmarks.attention_profile`; session
+# 20's defaults took the three kernels 1.86 -> 1.17 ms). Their loops are latency-bound, so what counts is warps an SM
+# (shared memory fits three blocks, registers 65,536 an SM) and independent work a warp:
+# - the forward: FWD_ROWS query rows a warp, FWD_WARPS warps a block sharing one copy of the head's k and v: 16 rows,
+#   8 warps (72 registers: 24 warps an SM; 0.368 -> 0.299 ms), or 32 rows (each k and v fragment feeding two
+#   products; 151 registers), 4 warps;
+# - dq: DQ_ROWS query rows a warp, DQ_STEP key rows a step, DQ_WARPS a block: 16, 32, 8 (121 registers, 16 warps an SM:
+#   0.578 -> 0.405 ms), or 32 rows (191 registers), 16-key steps, 4 warps, session 13-19's;
+# - dk/dv: DKDV_ROWS key rows a warp, DKDV_STEP query rows a step, DKDV_WARPS a block: 16, 16, 8 (128 registers, 16
+#   warps an SM: 0.770 -> 0.475 ms), or 4 warps; 32-row steps gave 0.690 ms with 4 warps, but their 158 registers fit
+#   one 8-warp block an SM; 32 key rows a warp (250 registers) measured no faster in session 14.
+FWD_ROWS = env_choice("MLXCLIP_GPU_FWD_ROWS", (16, 32), 16)
+FWD_WARPS = env_choice("MLXCLIP_GPU_FWD_WARPS", (4, 8), 8)
+DQ_ROWS = env_choice("MLXCLIP_GPU_DQ_ROWS", (16, 32), 16)
+DQ_STEP = env_choice("MLXCLIP_GPU_DQ_STEP", (16, 32), 32)
+DQ_WARPS = env_choice("MLXCLIP_GPU_DQ_WARPS", (4, 8), 8)
 DKDV_ROWS = env_choice("MLXCLIP_GPU_DKDV_ROWS", (16, 32), 16)
+DKDV_STEP = env_choice("MLXCLIP_GPU_DKDV_STEP", (16, 32), 16)
+DKDV_WARPS = env_choice("MLXCLIP_GPU_DKDV_WARPS", (4, 8), 8)
 # Every kernel's header: the shared part and the one-block kernels' helpers, then the tiled kernels' helpers.
 HEADER = short.HEADER + "\n" + tiled.HEADER + "}  // namespace mlxclip_attention\n"
 
@@ -114,19 +127,19 @@ def _tiled_kernels(nt: int):
 
 
 def _launch(kernel, inputs: list[mx.array], heads: int, causal: bool, outputs: int, blocks: int = 0,
-            stats: bool = False, row_tiles: int = 0) -> list[mx.array]:
+            stats: bool = False, row_tiles: int = 0, warps: int = 4, extra: tuple = ()) -> list[mx.array]:
     """`outputs` arrays shaped as q, then (with `stats`) one fp32 (B, L, heads) row statistic (lse, delta).
     blocks: 0 for the one-block kernels, else the tiled kernels' blocks per (batch, head); row_tiles: the dq and dk/dv
-    kernels' 16-row tiles per warp."""
+    kernels' 16-row tiles per warp; warps: a block's; extra: more (name, value) template arguments."""
     batch, length, width = inputs[0].shape
     shapes = [(batch, length, width)] * outputs + ([(batch, length, heads)] if stats else [])
     template = [("L", length), ("H", heads), ("NT", -(-length // 16)), ("CAUSAL", causal)]
     if blocks:
         template += [("LDSM_TRANS", LDMATRIX >= 1), ("LDSM_ROWS", LDMATRIX >= 2)]
-    template += [("MT", row_tiles)] if row_tiles else []
+    template += ([("MT", row_tiles)] if row_tiles else []) + list(extra)
     return kernel(inputs=inputs, template=template,
-                  grid=(batch * heads * 128, max(blocks, 1), 1), threadgroup=(128, 1, 1), output_shapes=shapes,
-                  output_dtypes=[inputs[0].dtype] * outputs + ([mx.float32] if stats else []))
+                  grid=(batch * heads * 32 * warps, max(blocks, 1), 1), threadgroup=(32 * warps, 1, 1),
+                  output_shapes=shapes, output_dtypes=[inputs[0].dtype] * outputs + ([mx.float32] if stats else []))
 
 
 def _short(heads: int, causal: bool):
@@ -151,12 +164,13 @@ def _tiled(heads: int, causal: bool):
     def kernels(q):
         return _tiled_kernels(-(-q.shape[1] // 16))
 
-    def blocks(q, rows):  # per (batch, head): the forward's hold 128 query rows, dq's 4 DQ_ROWS, dk/dv's 4 DKDV_ROWS
+    def blocks(q, rows):  # per (batch, head), of `rows` rows each: a kernel's warps times its rows a warp
         return -(-q.shape[1] // rows)
 
     @mx.custom_function
     def attention(q, k, v):
-        return tuple(_launch(kernels(q)[0], [q, k, v], heads, causal, 1, blocks(q, 128), stats=True))
+        return tuple(_launch(kernels(q)[0], [q, k, v], heads, causal, 1, blocks(q, FWD_WARPS * FWD_ROWS), stats=True,
+                             row_tiles=FWD_ROWS // 16, warps=FWD_WARPS, extra=(("WARPS", FWD_WARPS),)))
 
     @attention.vjp
     def attention_vjp(primals, cotangents, outputs):
@@ -164,10 +178,12 @@ def _tiled(heads: int, causal: bool):
         out, lse = outputs
         dout = cotangents[0].astype(q.dtype)
         _, dq_kernel, dkdv_kernel = kernels(q)
-        dq, delta = _launch(dq_kernel, [q, k, v, dout, lse, out], heads, causal, 1, blocks(q, 4 * DQ_ROWS),
-                            stats=True, row_tiles=DQ_ROWS // 16)
-        dk, dv = _launch(dkdv_kernel, [q, k, v, dout, lse, delta], heads, causal, 2, blocks(q, 4 * DKDV_ROWS),
-                         row_tiles=DKDV_ROWS // 16)
+        dq, delta = _launch(dq_kernel, [q, k, v, dout, lse, out], heads, causal, 1, blocks(q, DQ_WARPS * DQ_ROWS),
+                            stats=True, row_tiles=DQ_ROWS // 16, warps=DQ_WARPS,
+                            extra=(("KS", DQ_STEP // 16), ("WARPS", DQ_WARPS)))
+        dk, dv = _launch(dkdv_kernel, [q, k, v, dout, lse, delta], heads, causal, 2,
+                         blocks(q, DKDV_WARPS * DKDV_ROWS), row_tiles=DKDV_ROWS // 16, warps=DKDV_WARPS,
+                         extra=(("KS", DKDV_STEP // 16), ("WARPS", DKDV_WARPS)))
         return dq, dk, dv
 
     return attention

@@ -67,17 +67,20 @@ def test_doctor_json():
 
 
 def test_doctor_reports_the_cache_and_attention_settings():
-    env = {**os.environ, "MLXCLIP_CPU_CACHE": "1GB", "MLXCLIP_GPU_ATTENTION": "matmul", "MLXCLIP_GPU_DQ_ROWS": "16",
+    env = {**os.environ, "MLXCLIP_CPU_CACHE": "1GB", "MLXCLIP_GPU_ATTENTION": "matmul", "MLXCLIP_GPU_DQ_ROWS": "32",
            "MLXCLIP_GPU_DKDV_ROWS": "32", "MLXCLIP_GPU_LDMATRIX": "0", "MLXCLIP_GPU_REDUCE": "0",
            "MLXCLIP_GPU_ACTIVATION": "off", "MLXCLIP_QKV_BLOCK": "1", "MLXCLIP_PATCH_EMBED": "conv",
-           "MLXCLIP_PACK_WINDOWS": "0", "MLXCLIP_NORM_SQUARES": "reduce", "MLXCLIP_GPU_EMBEDDING": "0"}
+           "MLXCLIP_PACK_WINDOWS": "0", "MLXCLIP_NORM_SQUARES": "reduce", "MLXCLIP_GPU_EMBEDDING": "0",
+           "MLXCLIP_GPU_DQ_STEP": "16", "MLXCLIP_GPU_DKDV_STEP": "32", "MLXCLIP_GPU_DKDV_WARPS": "4",
+           "MLXCLIP_GPU_FWD_ROWS": "32", "MLXCLIP_GPU_FWD_WARPS": "4", "MLXCLIP_GPU_DQ_WARPS": "4"}
     proc = subprocess.run([sys.executable, "-m", "mlx_clip", "doctor", "--json", "--no-bench"], capture_output=True,
                           text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["gpu_attention"] == "matmul"
-    assert info["gpu_attention_kernels"] == {"max_tokens": 320, "ldmatrix": 0, "dq_rows": 16,
-                                             "dkdv_rows": 32}
+    assert info["gpu_attention_kernels"] == {"max_tokens": 320, "ldmatrix": 0, "dq_rows": 32, "dkdv_rows": 32,
+                                             "dq_step": 16, "dkdv_step": 32, "fwd_rows": 32, "fwd_warps": 4,
+                                             "dq_warps": 4, "dkdv_warps": 4}
     assert info["gpu_reduce"] is False and info["gpu_activation"] is False and info["qkv_block"] is True
     assert info["gpu_embedding"] is False
     assert info["patch_embed"] == "conv" and info["norm_squares"] == "reduce"
@@ -92,17 +95,19 @@ def test_unknown_gpu_attention_mode_is_named_and_ignored():
     proc = subprocess.run([sys.executable, "-m", "mlx_clip", "doctor", "--json", "--no-bench"], capture_output=True,
                           text=True, timeout=120, env=env)
     assert proc.returncode == 0 and "MLXCLIP_GPU_ATTENTION='flash': expected one of sdpa, padded, matmul, fused, aligned" in proc.stderr
-    assert "MLXCLIP_GPU_DQ_ROWS='24': expected 16 or 32; using 32" in proc.stderr
+    assert "MLXCLIP_GPU_DQ_ROWS='24': expected 16 or 32; using 16" in proc.stderr
     assert "MLXCLIP_GPU_DKDV_ROWS='8': expected 16 or 32; using 16" in proc.stderr
     assert "MLXCLIP_GPU_LDMATRIX='3': expected 0, 1 or 2; using 1" in proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert info["gpu_attention"] == "fused" and info["gpu_attention_kernels"]["dq_rows"] == 32
+    assert info["gpu_attention"] == "fused" and info["gpu_attention_kernels"]["dq_rows"] == 16
     assert info["gpu_reduce"] is True and info["gpu_activation"] is True  # on by default
     assert info["gpu_embedding"] is True
     assert info["qkv_block"] is False  # opt-in
     assert info["patch_embed"] == "matmul" and info["norm_squares"] == "auto"
     assert info["pack_text"] == {"packed": True, "windows": True}
-    assert info["gpu_attention_kernels"]["dkdv_rows"] == 16 and info["gpu_attention_kernels"]["ldmatrix"] == 1
+    kernels = info["gpu_attention_kernels"]
+    assert kernels["dkdv_rows"] == 16 and kernels["ldmatrix"] == 1 and kernels["dkdv_warps"] == 8
+    assert (kernels["fwd_rows"], kernels["fwd_warps"], kernels["dq_step"], kernels["dq_warps"]) == (16, 8, 32, 8)
 
 
 def test_python_m_help():

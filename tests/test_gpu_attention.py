@@ -63,10 +63,19 @@ def test_fused_matches_float64_values_and_gradients(length, heads, causal):
         assert _rel(got, ref) <= 2e-2  # bf16 gradients through bf16 ds
 
 
-# The tiled kernels' switches within the same bounds: MLXCLIP_GPU_DQ_ROWS=16; MLXCLIP_GPU_DKDV_ROWS=32 (blocks of 128
-# keys: a partly filled last block, causal masks across a warp's two key tiles); MLXCLIP_GPU_LDMATRIX=2 (the row-major
-# operands by ldmatrix too, with 32 dk/dv rows)
-SWITCHES = {"dq16": {"DQ_ROWS": 16}, "dkdv32": {"DKDV_ROWS": 32}, "ldmatrix2": {"LDMATRIX": 2, "DKDV_ROWS": 32}}
+# The tiled kernels' other shapes (mlx_clip/gpu_attention.py), within the same bounds, each as it ran on the H200:
+# the forward with 32 rows a warp in 4-warp blocks; dq with 32 rows a warp, 16-key steps, 4 warps (sessions 13-19),
+# with 32-key steps, with 8 warps, and with 16 rows a warp, 16-key steps, 4 warps; dk/dv in 4-warp blocks, with 32 key
+# rows a warp (a partly filled last block, causal masks across a warp's two key tiles), with ldmatrix for the
+# row-major operands too (MLXCLIP_GPU_LDMATRIX=2), and with 32-query steps (a step past the last tile, causal tiles
+# half masked)
+_DQ32 = {"DQ_ROWS": 32, "DQ_STEP": 16, "DQ_WARPS": 4}
+SWITCHES = {"fwd32warps4": {"FWD_ROWS": 32, "FWD_WARPS": 4},
+            "dq32": _DQ32, "dq32step32": _DQ32 | {"DQ_STEP": 32}, "dq32warps8": _DQ32 | {"DQ_WARPS": 8},
+            "dq16step16": {"DQ_ROWS": 16, "DQ_STEP": 16, "DQ_WARPS": 4},
+            "dkdvwarps4": {"DKDV_WARPS": 4}, "dkdv32": {"DKDV_ROWS": 32, "DKDV_WARPS": 4},
+            "ldmatrix2": {"LDMATRIX": 2, "DKDV_ROWS": 32, "DKDV_WARPS": 4},
+            "dkdvstep32": {"DKDV_STEP": 32, "LDMATRIX": 2, "DKDV_WARPS": 4}}
 
 
 @pytest.mark.parametrize("switches", SWITCHES)
