@@ -92,34 +92,38 @@ def compile_ptx(unit: str, arch: str = "sm_90") -> tuple[bool, str, int]:
     return status == 0, log.value.decode(errors="replace"), ptx_size
 
 
+def _shapes(spec) -> tuple[dict, dict[str, dict]]:
+    """A tiled kernel's block and step shape (rows a warp MT, tiles a step KS, warps a block): the defaults
+    mlx_clip.gpu_attention launches, and by name suffix the other shapes its switches give."""
+    from mlx_clip import gpu_attention as ga
+
+    if "_dq_" in spec.name:  # MLXCLIP_GPU_DQ_ROWS, _DQ_STEP, _DQ_WARPS
+        return ({"MT": ga.DQ_ROWS // 16, "KS": ga.DQ_STEP // 16, "WARPS": ga.DQ_WARPS},
+                {"_mt2": {"MT": 2, "KS": 1, "WARPS": 4}, "_mt2_ks2": {"MT": 2, "KS": 2, "WARPS": 4},
+                 "_mt2_warps8": {"MT": 2, "KS": 1, "WARPS": 8}, "_mt1_ks1": {"MT": 1, "KS": 1, "WARPS": 4}})
+    if "_dkdv_" in spec.name:  # MLXCLIP_GPU_DKDV_ROWS, _DKDV_STEP, _DKDV_WARPS
+        return ({"MT": ga.DKDV_ROWS // 16, "KS": ga.DKDV_STEP // 16, "WARPS": ga.DKDV_WARPS},
+                {"_warps4": {"MT": 1, "KS": 1, "WARPS": 4}, "_mt2": {"MT": 2, "KS": 1, "WARPS": 4},
+                 "_ks2": {"MT": 1, "KS": 2, "WARPS": 4}})
+    return ({"MT": ga.FWD_ROWS // 16, "WARPS": ga.FWD_WARPS},  # the forward: MLXCLIP_GPU_FWD_ROWS, _FWD_WARPS
+            {"_mt2": {"MT": 2, "WARPS": 4}})
+
+
 def _variants(spec, tiled: bool) -> list[tuple[str, dict]]:
     """(name suffix, template) of the ways a kernel is launched: causal or not; the tiled kernels also with 16-bit
-    loads (MLXCLIP_GPU_LDMATRIX=0) and with ldmatrix for every operand (=2), and dq and dk/dv with 16 rows a warp as
-    well as 32 (MLXCLIP_GPU_DQ_ROWS, MLXCLIP_GPU_DKDV_ROWS)."""
+    loads (MLXCLIP_GPU_LDMATRIX=0) and with ldmatrix for every operand (=2), and in each block and step shape their
+    switches give (_shapes)."""
     if not tiled:
         return [("_full", {"CAUSAL": False}), ("_causal", {"CAUSAL": True})]
+    default, others = _shapes(spec)
     ldsm, rows = {"LDSM_TRANS": True, "LDSM_ROWS": False}, {"LDSM_TRANS": True, "LDSM_ROWS": True}
     out = [("_full", {"CAUSAL": False} | ldsm), ("_causal", {"CAUSAL": True} | ldsm),
            ("_full_noldsm", {"CAUSAL": False, "LDSM_TRANS": False, "LDSM_ROWS": False}),
            ("_full_ldsm2", {"CAUSAL": False} | rows), ("_causal_ldsm2", {"CAUSAL": True} | rows)]
-    if "_dq_" not in spec.name and "_dkdv_" not in spec.name:  # the forward: 32 rows a warp, or 16 in 8-warp blocks
-        out = [(suffix, template | {"MT": 2, "WARPS": 4}) for suffix, template in out]
-        return out + [("_full_mt1_warps8", {"CAUSAL": False, "MT": 1, "WARPS": 8} | ldsm),
-                      ("_causal_mt1_warps8", {"CAUSAL": True, "MT": 1, "WARPS": 8} | ldsm)]
-    out = [(suffix, template | {"MT": 1}) for suffix, template in out] + [
-        ("_full_mt2", {"CAUSAL": False, "MT": 2} | ldsm), ("_causal_mt2", {"CAUSAL": True, "MT": 2} | ldsm)]
-    if "_dq_" in spec.name:  # dq also walks two key tiles a step (MLXCLIP_GPU_DQ_STEP=32), in 8-warp blocks too
-        out = [(suffix, template | {"KS": 1, "WARPS": 4}) for suffix, template in out]
-        return out + [("_full_mt2_ks2", {"CAUSAL": False, "MT": 2, "KS": 2, "WARPS": 4} | ldsm),
-                      ("_causal_mt2_ks2", {"CAUSAL": True, "MT": 2, "KS": 2, "WARPS": 4} | ldsm),
-                      ("_full_ks2_warps8", {"CAUSAL": False, "MT": 1, "KS": 2, "WARPS": 8} | ldsm),
-                      ("_causal_ks2_warps8", {"CAUSAL": True, "MT": 1, "KS": 2, "WARPS": 8} | ldsm)]
-    # dk/dv also walks two query tiles a step (MLXCLIP_GPU_DKDV_STEP=32) and runs 8-warp blocks (MLXCLIP_GPU_DKDV_WARPS)
-    out = [(suffix, template | {"KS": 1, "WARPS": 4}) for suffix, template in out]
-    return out + [("_full_ks2", {"CAUSAL": False, "MT": 1, "KS": 2, "WARPS": 4} | ldsm),
-                  ("_causal_ks2", {"CAUSAL": True, "MT": 1, "KS": 2, "WARPS": 4} | ldsm),
-                  ("_full_ks2_ldsm2", {"CAUSAL": False, "MT": 1, "KS": 2, "WARPS": 4} | rows),
-                  ("_causal_warps8", {"CAUSAL": True, "MT": 1, "KS": 1, "WARPS": 8} | ldsm)]
+    out = [(suffix, template | default) for suffix, template in out]
+    for name, shape in others.items():
+        out += [(f"_full{name}", {"CAUSAL": False} | ldsm | shape), (f"_causal{name}", {"CAUSAL": True} | ldsm | shape)]
+    return out
 
 
 def kernel_units(lengths=(50, 77, 197, 256, 320), heads=12) -> list[tuple[str, str]]:
