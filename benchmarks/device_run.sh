@@ -184,6 +184,16 @@ for step in "$@"; do
       MLX_ENABLE_TF32=0 timeout 240 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider --tb=line tests/test_gpu_attention.py -k "warps or fused_matches" 2>&1 | tail -6 | tee $OUT/s23-tests.txt ;;
     s23b) # ViT-B-16 against torch.compile with the kernels' best settings ($B16ENV) and the weight gradients copied at the source
       env $B16ENV MLXCLIP_GPU_CONTIGUOUS_GRADS=1 MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 280 $BENCH --arch ViT-B-16 --out $OUT/b16-s20 2>&1 | tail -22 ;;
+    s24) # prepared in session 20: ViT-B-16's step after changes 39-40. Its bench runs were bimodal (88-89 ms three times,
+         # 94-98 ms seven; torch's within 1%) and the median did not fall by the attention kernels' ~8 ms: the kernels'
+         # sum without CUDA graphs, then a timeline of ten steps with them (slow and fast steps side by side), then
+         # gradcopy as default (bench pairs, separate processes) and ViT-B-32 under its 8 GiB limit
+      MLX_USE_CUDA_GRAPHS=0 timeout 200 python3 -m benchmarks.gpu_profile --backend mlx --arch ViT-B-16 --top 30 2>&1 | tail -36 | tee $OUT/s24-prof16.txt
+      LD_PRELOAD=$PWD/.whlP/libmimalloc.so.2 timeout 200 python3 -m benchmarks.gpu_profile --backend mlx --arch ViT-B-16 --steps 10 --top 5 --trace $OUT/s24-trace16.json 2>&1 | tail -9 | tee $OUT/s24-trace16.txt
+      gzip -f $OUT/s24-trace16.json ;;
+    s24b) # (a call of its own: four bench rows take ~10 minutes)
+      for v in 0 1; do MLXCLIP_GPU_CONTIGUOUS_GRADS=$v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 280 $BENCH --arch ViT-B-16 --out $OUT/s24-b16-gradcopy$v 2>&1 | grep "items/s\|MLX/torch"; done | tee $OUT/s24-b16.txt
+      MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 280 $BENCH --arch ViT-B-32 --memory-limit 8GiB --out $OUT/s24-b32-limit8 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s24-b32.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

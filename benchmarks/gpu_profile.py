@@ -4,6 +4,10 @@ kernels against its wall time (the difference is the device waiting for the host
 time, grouped by kind.
 
     python -m benchmarks.gpu_profile --backend mlx --arch ViT-B-32 --batch 256
+    python -m benchmarks.gpu_profile --backend mlx --arch ViT-B-16 --steps 10 --trace out/trace.json
+
+`--trace` also writes the profiled steps' timeline (Chrome trace format: chrome://tracing or ui.perfetto.dev) and
+prints each step's wall time, to see where a slow step's device sits idle next to a fast one's.
 """
 
 import argparse
@@ -38,6 +42,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--caption-tokens", default="5-30", help=CAPTION_HELP)
+    ap.add_argument("--trace", help="write the profiled steps' timeline here (Chrome trace JSON)")
     args = ap.parse_args()
     config, words = get_config(args.arch), parse_caption_tokens(args.caption_tokens)
     torch.cuda.init()
@@ -49,11 +54,17 @@ def main():
         load = torch_workload(config, "train", args.batch, "compiled", args.dtype, device="cuda", words=words)
     for _ in range(3):
         load.run()
+    steps = []
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
         for _ in range(args.steps):
+            start = time.perf_counter()
             load.run()
-        wall = (time.perf_counter() - start) / args.steps
+            steps.append(time.perf_counter() - start)
+    wall = sum(steps) / args.steps
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+        print(f"timeline of {args.steps} steps in {args.trace}; steps: "
+              + ", ".join(f"{1e3 * t:.1f}" for t in steps) + " ms")
     rows = [(e.key, e.count / args.steps, e.self_device_time_total / args.steps / 1e3) for e in prof.key_averages()
             if e.self_device_time_total > 0]
     device = sum(ms for _, _, ms in rows)
