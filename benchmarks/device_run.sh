@@ -187,7 +187,9 @@ for step in "$@"; do
     s24) # prepared in session 20: ViT-B-16's step after changes 39-40. Its bench runs were bimodal (88-89 ms three times,
          # 94-98 ms seven; torch's within 1%) and the median did not fall by the attention kernels' ~8 ms: the kernels'
          # sum without CUDA graphs, then a timeline of ten steps with them (slow and fast steps side by side), then
-         # gradcopy as default (bench pairs, separate processes) and ViT-B-32 under its 8 GiB limit
+         # gradcopy as default (bench pairs, separate processes) and ViT-B-32 under its 8 GiB limit. First every
+         # attention test on the final source (each shape's tests ran in session 20, some on an earlier revision)
+      MLX_ENABLE_TF32=0 timeout 300 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider --tb=line tests/test_gpu_attention.py 2>&1 | tail -4 | tee $OUT/s24-tests.txt
       MLX_USE_CUDA_GRAPHS=0 timeout 200 python3 -m benchmarks.gpu_profile --backend mlx --arch ViT-B-16 --top 30 2>&1 | tail -36 | tee $OUT/s24-prof16.txt
       LD_PRELOAD=$PWD/.whlP/libmimalloc.so.2 timeout 200 python3 -m benchmarks.gpu_profile --backend mlx --arch ViT-B-16 --steps 10 --top 5 --trace $OUT/s24-trace16.json 2>&1 | tail -9 | tee $OUT/s24-trace16.txt
       gzip -f $OUT/s24-trace16.json ;;
