@@ -261,7 +261,7 @@ def _matmul_attention(q, k, v, scale: float, mask, softmax_fn) -> mx.array:
 # MLXCLIP_GPU_ATTENTION picks: "fused" (default: mlx_clip.gpu_attention's kernels for bf16 sequences of at most 320
 # tokens with head width 64: one block per head up to 64 tokens (ViT-B/32 images, trimmed text; attention fwd+bwd 2x
 # faster, the ViT-B/32 step ~10%), tiled flash-style kernels above (ViT-B/16's 197 tokens: fwd+bwd 7.45 -> 2.39 ms on
-# an H200, the step -14 to -19%); longer sequences take sdpa); "sdpa" (mx.fast.scaled_dot_product_attention as is);
+# an H200, the step -14 to -19%; session 20's shapes: 1.17 ms of kernels); longer sequences take sdpa); "sdpa" (mx.fast.scaled_dot_product_attention as is);
 # "padded" (q, k, v padded to the next multiple of 128 when that at most doubles the length, padded keys masked out,
 # padded query rows computed and dropped: ViT-B-16 train +9-15% img/s on the H100 but +20-27% peak memory); "matmul"
 # (two batched matmuls around MLX's softmax, differentiated by MLX: no fused kernel at all); "aligned" (as "fused", but
