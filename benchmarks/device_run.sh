@@ -150,15 +150,6 @@ for step in "$@"; do
       MLX_ENABLE_TF32=0 timeout 200 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider -rf --tb=short tests/test_gpu_embedding.py 2>&1 | tail -15 | tee $OUT/s19-tests.txt
       for v in "" MLXCLIP_GPU_EMBEDDING=0; do echo "== $v"; env $v timeout 120 python3 -m benchmarks.determinism --steps 2 2>&1 | grep -v -i warn | head -12; done | tee $OUT/s19-determinism.txt
       for v in "" MLXCLIP_GPU_EMBEDDING=0; do echo "== $v"; env $v MLX_ENABLE_TF32=0 timeout 150 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider --tb=line "tests/test_finetune.py::test_a_nonfinite_step_is_as_if_it_never_happened" 2>&1 | tail -3; done | tee -a $OUT/s19-determinism.txt ;;
-    s20) # session 19, prepared: ViT-B-16 is kernel-bound and AdamW's 99 updates of autodiff's transposed weight
-         # gradients take 3.5 ms reading them strided (results/gpu-s19-h200.md §4); with the clip norm's "flat" sums
-         # (change 36) flattening those gradients copies them anyway, so one copy at the source (gradcopy=1,
-         # MLXCLIP_GPU_CONTIGUOUS_GRADS) should serve both. The skipped-step test on the final tree first (session
-         # 19's last call timed out before it printed), then bench rows in separate processes, alternating
-      MLX_ENABLE_TF32=0 timeout 200 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider --tb=line tests/test_gpu_embedding.py "tests/test_finetune.py::test_a_nonfinite_step_is_as_if_it_never_happened" 2>&1 | tail -3 | tee $OUT/s20-tests.txt
-      for r in 1 2; do for v in 0 1; do
-        MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 MLXCLIP_GPU_CONTIGUOUS_GRADS=$v timeout 150 ${BENCH/mlx,torch/mlx} --arch ViT-B-16 --out $OUT/s20-gradcopy 2>&1 | grep items/s | sed "s/^/[gradcopy $v] /"
-      done; done | tee $OUT/s20-gradcopy.txt ;;
     s21t) # session 20: the tiled attention kernels' leaner loops (masks only on the tiles that need them, one MUFU per
           # probability, the forward's rescale only when a row's max grows by more than 2^8, ldmatrix addresses as
           # immediates). Their card tests first, with the skipped-step test on the final tree

@@ -130,12 +130,13 @@ def _launch(kernel, inputs: list[mx.array], heads: int, causal: bool, outputs: i
             stats: bool = False, row_tiles: int = 0, warps: int = 4, extra: tuple = ()) -> list[mx.array]:
     """`outputs` arrays shaped as q, then (with `stats`) one fp32 (B, L, heads) row statistic (lse, delta).
     blocks: 0 for the one-block kernels, else the tiled kernels' blocks per (batch, head); row_tiles: the dq and dk/dv
-    kernels' 16-row tiles per warp; warps: a block's; extra: more (name, value) template arguments."""
+    kernels' 16-row tiles per warp; warps: a block's (the tiled kernels' WARPS); extra: more (name, value) template
+    arguments."""
     batch, length, width = inputs[0].shape
     shapes = [(batch, length, width)] * outputs + ([(batch, length, heads)] if stats else [])
     template = [("L", length), ("H", heads), ("NT", -(-length // 16)), ("CAUSAL", causal)]
     if blocks:
-        template += [("LDSM_TRANS", LDMATRIX >= 1), ("LDSM_ROWS", LDMATRIX >= 2)]
+        template += [("LDSM_TRANS", LDMATRIX >= 1), ("LDSM_ROWS", LDMATRIX >= 2), ("WARPS", warps)]
     template += ([("MT", row_tiles)] if row_tiles else []) + list(extra)
     return kernel(inputs=inputs, template=template,
                   grid=(batch * heads * 32 * warps, max(blocks, 1), 1), threadgroup=(32 * warps, 1, 1),
@@ -170,7 +171,7 @@ def _tiled(heads: int, causal: bool):
     @mx.custom_function
     def attention(q, k, v):
         return tuple(_launch(kernels(q)[0], [q, k, v], heads, causal, 1, blocks(q, FWD_WARPS * FWD_ROWS), stats=True,
-                             row_tiles=FWD_ROWS // 16, warps=FWD_WARPS, extra=(("WARPS", FWD_WARPS),)))
+                             row_tiles=FWD_ROWS // 16, warps=FWD_WARPS))
 
     @attention.vjp
     def attention_vjp(primals, cotangents, outputs):
@@ -180,10 +181,10 @@ def _tiled(heads: int, causal: bool):
         _, dq_kernel, dkdv_kernel = kernels(q)
         dq, delta = _launch(dq_kernel, [q, k, v, dout, lse, out], heads, causal, 1, blocks(q, DQ_WARPS * DQ_ROWS),
                             stats=True, row_tiles=DQ_ROWS // 16, warps=DQ_WARPS,
-                            extra=(("KS", DQ_STEP // 16), ("WARPS", DQ_WARPS)))
+                            extra=(("KS", DQ_STEP // 16),))
         dk, dv = _launch(dkdv_kernel, [q, k, v, dout, lse, delta], heads, causal, 2,
                          blocks(q, DKDV_WARPS * DKDV_ROWS), row_tiles=DKDV_ROWS // 16, warps=DKDV_WARPS,
-                         extra=(("KS", DKDV_STEP // 16), ("WARPS", DKDV_WARPS)))
+                         extra=(("KS", DKDV_STEP // 16),))
         return dq, dk, dv
 
     return attention
