@@ -175,17 +175,25 @@ for step in "$@"; do
       MLX_ENABLE_TF32=0 timeout 240 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider --tb=line tests/test_gpu_attention.py -k "warps or fused_matches" 2>&1 | tail -6 | tee $OUT/s23-tests.txt ;;
     s23b) # ViT-B-16 against torch.compile with the kernels' best settings ($B16ENV) and the weight gradients copied at the source
       env $B16ENV MLXCLIP_GPU_CONTIGUOUS_GRADS=1 MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 280 $BENCH --arch ViT-B-16 --out $OUT/b16-s20 2>&1 | tail -22 ;;
-    s24) # prepared in session 20: ViT-B-16's step after changes 39-40. Its bench runs were bimodal (88-89 ms three times,
-         # 94-98 ms seven; torch's within 1%) and the median did not fall by the attention kernels' ~8 ms: the kernels'
-         # sum without CUDA graphs, then a timeline of ten steps with them (slow and fast steps side by side), then
-         # gradcopy as default (bench pairs, separate processes) and ViT-B-32 under its 8 GiB limit. First every
-         # attention test on the final source (each shape's tests ran in session 20, some on an earlier revision)
-      MLX_ENABLE_TF32=0 timeout 300 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider --tb=line tests/test_gpu_attention.py 2>&1 | tail -4 | tee $OUT/s24-tests.txt
-      MLX_USE_CUDA_GRAPHS=0 timeout 200 python3 -m benchmarks.gpu_profile --backend mlx --arch ViT-B-16 --top 30 2>&1 | tail -36 | tee $OUT/s24-prof16.txt
-      LD_PRELOAD=$PWD/.whlP/libmimalloc.so.2 timeout 200 python3 -m benchmarks.gpu_profile --backend mlx --arch ViT-B-16 --steps 10 --top 5 --trace $OUT/s24-trace16.json 2>&1 | tail -9 | tee $OUT/s24-trace16.txt
-      gzip -f $OUT/s24-trace16.json ;;
-    s24b) # (a call of its own: four bench rows take ~10 minutes)
-      for v in 0 1; do MLXCLIP_GPU_CONTIGUOUS_GRADS=$v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 280 $BENCH --arch ViT-B-16 --out $OUT/s24-b16-gradcopy$v 2>&1 | grep "items/s\|MLX/torch"; done | tee $OUT/s24-b16.txt
+    s24) # session 21: ViT-B-16's step after changes 39-40. Its bench runs were bimodal (88-89 ms three times, 94-98 ms
+         # seven; torch's within 1%) and the median did not fall by the attention kernels' ~8 ms. A timeline of twelve
+         # steps with CUDA graphs, cut per step by trace_steps (kernels vs device idle: host- or device-paced?) while
+         # nvidia-smi logs clocks, power and throttle reasons; then the kernel table without graphs, per-parameter and
+         # multi-tensor optimizer (session 19's table: AdamW ~7 ms against ~0.9 ms of bytes)
+      nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active --format=csv -lms 200 > $OUT/s24-smi.csv 2>&1 & smi=$!
+      LD_PRELOAD=$PWD/.whlP/libmimalloc.so.2 timeout 240 python3 -m benchmarks.gpu_profile --backend mlx --arch ViT-B-16 --steps 12 --top 5 --trace $OUT/s24-trace16.json 2>&1 | grep -v -i warn | tail -24 | tee $OUT/s24-trace16.txt
+      MLX_USE_CUDA_GRAPHS=0 timeout 150 python3 -m benchmarks.gpu_profile --backend mlx --arch ViT-B-16 --top 40 2>&1 | tail -42 | tee $OUT/s24-prof16.txt
+      MLXCLIP_MULTI_TENSOR=1 MLX_USE_CUDA_GRAPHS=0 timeout 150 python3 -m benchmarks.gpu_profile --backend mlx --arch ViT-B-16 --top 12 2>&1 | tail -14 | tee $OUT/s24-prof16-mt.txt
+      kill $smi; gzip -f $OUT/s24-trace16.json ;;
+    s24t) # torch.compile's kernel table for the same step (never taken for ViT-B-16), then the attention kernels'
+          # default-shape card tests on the final source
+      timeout 240 python3 -m benchmarks.gpu_profile --backend torch --arch ViT-B-16 --top 30 2>&1 | grep -v -i warn | tail -32 | tee $OUT/s24-prof16-torch.txt
+      MLX_ENABLE_TF32=0 timeout 200 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider --tb=line tests/test_gpu_attention.py -k "fused_matches" 2>&1 | tail -4 | tee $OUT/s24-tests.txt ;;
+    s24b) # ViT-B-16 against torch.compile, this tree's defaults, clocks logged alongside (a slow run's clocks)
+      nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active --format=csv -lms 200 > $OUT/s24b-smi.csv 2>&1 & smi=$!
+      MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 280 $BENCH --arch ViT-B-16 --out $OUT/s24-b16 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s24-b16.txt
+      kill $smi ;;
+    s24c) # ViT-B-32 against torch.compile under its 8 GiB limit (session 19: 1.20x at 7,644 vs 8,772 MiB)
       MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 280 $BENCH --arch ViT-B-32 --memory-limit 8GiB --out $OUT/s24-b32-limit8 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s24-b32.txt ;;
     *) echo "unknown step $step" ;;
   esac

@@ -17,9 +17,11 @@ from collections import defaultdict
 
 import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks.batches import CAPTION_HELP, parse_caption_tokens
+from benchmarks.trace_steps import format_rows, load_events, summarize
 from mlx_clip.config import get_config
 
 # Kernel name patterns, first match wins: where the device time goes, by kind of work.
@@ -55,18 +57,23 @@ def main():
     for _ in range(3):
         load.run()
     steps = []
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
+    # CPU activity only for the `step N` annotations that trace_steps cuts the timeline by
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.trace else [])
+    with profile(activities=activities) as prof:
+        for i in range(args.steps):
             start = time.perf_counter()
-            load.run()
+            with record_function(f"step {i}"):
+                load.run()
             steps.append(time.perf_counter() - start)
     wall = sum(steps) / args.steps
     if args.trace:
         prof.export_chrome_trace(args.trace)
         print(f"timeline of {args.steps} steps in {args.trace}; steps: "
               + ", ".join(f"{1e3 * t:.1f}" for t in steps) + " ms")
+        print("\n".join(format_rows(summarize(load_events(args.trace), kind=_kind))))
+    # device events only: with CPU activity on (--trace), the CPU ops' rows also carry their kernels' time
     rows = [(e.key, e.count / args.steps, e.self_device_time_total / args.steps / 1e3) for e in prof.key_averages()
-            if e.self_device_time_total > 0]
+            if e.self_device_time_total > 0 and e.device_type != DeviceType.CPU]
     device = sum(ms for _, _, ms in rows)
     kinds = defaultdict(lambda: [0.0, 0.0])
     for name, count, ms in rows:
