@@ -84,50 +84,108 @@ def train(step_fn, batches: Iterator[dict], start_step: int, total_steps: int, h
     """Run `step_fn(images, ids, labels)` from `start_step` to `total_steps`; return the last train record.
 
     `labels` is the batch's label array, or `hooks.step_inputs(step, batch, labels)` when that hook is set; `ids` is
-    `text_rows(batch["input_ids"])` (trimmed, or packed: `text_rows_for`)."""
-    bad_in_a_row, record, window = 0, {}, []
-    tick = time.perf_counter()
-    mx.reset_peak_memory()  # each record's peak_memory_gb is the peak of its own log interval
+    `text_rows(batch["input_ids"])` (trimmed, or packed: `text_rows_for`).
+
+    Steps are pipelined: step s + 1 is built and queued before step s's numbers are read, so the host's work on the
+    next step (tracing the graph, encoding its kernels) overlaps the device's on this one. On a GPU that work is a
+    large part of a step (ViT-B/16 on an H200: the device sat idle for the first 11-18 ms of each ~95 ms step,
+    benchmarks/results/gpu-s21-h200.md). A step whose state a hook needs (evaluation, checkpoint, the loss inputs'
+    hooks) is finished before the next one is queued or its batch drawn, so they see that step's model and data
+    position; the numbers, logs and the non-finite stop are the same as one step at a time."""
+    books = _Books(hooks, log_every, total_steps, max_bad_steps)
+    pending = None
     for step in range(start_step + 1, total_steps + 1):
-        batch = next(batches)
-        # Randomness inside the step (dropout) depends only on (seed, step): a resumed run draws the same numbers.
-        mx.random.seed(dist.step_seed(seed, step))
-        images, ids = mx.array(batch["images"]), text_rows(batch["input_ids"])
-        labels = mx.array(unique_missing_labels(batch["labels"]).astype(np.int32))
-        inputs = hooks.step_inputs(step, batch, labels) if hooks.step_inputs else labels
-        loss, norm, applied = step_fn(images, ids, inputs)
-        mx.eval(loss, norm, applied, state_fn())
+        if pending is not None and _needs_state(pending.step, hooks, eval_every, save_every):
+            books.finish(pending, eval_every, save_every)
+            pending = None
+        try:
+            batch = next(batches)
+        except BaseException:  # the data ran out or failed: the step already run is still logged
+            if pending is not None:
+                books.finish(pending, eval_every, save_every)
+            raise
+        launched = _launch(step_fn, step, batch, hooks, seed, text_rows, state_fn)
+        if pending is not None:
+            books.finish(pending, eval_every, save_every)
+        pending = launched
+    if pending is not None:
+        books.finish(pending, eval_every, save_every)
+        mx.eval(state_fn())
+    return books.record
+
+
+@dataclass
+class _Launched:
+    """A step handed to the device, not yet read back."""
+
+    step: int
+    pairs: int  # this rank's image-text pairs
+    loss: mx.array
+    norm: mx.array
+    applied: mx.array
+
+
+def _needs_state(step: int, hooks: LoopHooks, eval_every: int, save_every: int) -> bool:
+    """Whether finishing `step` uses the model, the optimizer or the data position as that step left them."""
+    return bool(hooks.after_step or hooks.step_inputs
+                or (hooks.evaluate and eval_every and step % eval_every == 0)
+                or (hooks.checkpoint and save_every and step % save_every == 0))
+
+
+def _launch(step_fn, step: int, batch: dict, hooks: LoopHooks, seed: int, text_rows, state_fn) -> _Launched:
+    # Randomness inside the step (dropout) depends only on (seed, step): a resumed run draws the same numbers.
+    mx.random.seed(dist.step_seed(seed, step))
+    images, ids = mx.array(batch["images"]), text_rows(batch["input_ids"])
+    labels = mx.array(unique_missing_labels(batch["labels"]).astype(np.int32))
+    inputs = hooks.step_inputs(step, batch, labels) if hooks.step_inputs else labels
+    loss, norm, applied = step_fn(images, ids, inputs)
+    mx.async_eval(loss, norm, applied, state_fn())
+    return _Launched(step, len(batch["texts"]), loss, norm, applied)
+
+
+class _Books:
+    """What the loop keeps between steps: the run of non-finite steps, the log window, the last record."""
+
+    def __init__(self, hooks: LoopHooks, log_every: int, total_steps: int, max_bad_steps: int):
+        self.hooks, self.log_every, self.total_steps, self.max_bad_steps = hooks, log_every, total_steps, max_bad_steps
+        self.bad_in_a_row, self.record, self.window = 0, {}, []
+        self.tick = time.perf_counter()
+        mx.reset_peak_memory()  # each record's peak_memory_gb is the peak of its own log interval
+
+    def finish(self, done: _Launched, eval_every: int, save_every: int) -> None:
+        """Read `done`'s numbers (waiting for it), then log, count a skipped step, evaluate and checkpoint."""
+        hooks, step, applied = self.hooks, done.step, bool(done.applied.item())
         if hooks.after_step:  # before any checkpoint of this step, which must hold what the step left
-            hooks.after_step(bool(applied.item()))
-        loss_value = loss.item()
-        window.append(loss_value)
-        if not applied.item():
-            bad_in_a_row += 1
-            print(f"step {step}: non-finite loss/gradient ({loss_value}, grad norm {norm.item()}); update skipped",
-                  file=sys.stderr)
+            hooks.after_step(applied)
+        loss_value = done.loss.item()
+        self.window.append(loss_value)
+        if not applied:
+            self.bad_in_a_row += 1
+            print(f"step {step}: non-finite loss/gradient ({loss_value}, grad norm {done.norm.item()}); update "
+                  "skipped", file=sys.stderr)
         else:
-            bad_in_a_row = 0
+            self.bad_in_a_row = 0
         if hooks.progress is not None:  # tqdm shows steps/s and the ETA; images/s and loss ride in the postfix
             hooks.progress.update(1)
             steps_per_s = (getattr(hooks.progress, "format_dict", {}) or {}).get("rate") or 0.0
-            rate = len(batch["texts"]) * dist.world_size() * steps_per_s  # global images/s
+            rate = done.pairs * dist.world_size() * steps_per_s  # global images/s
             hooks.progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}")
-        if step % log_every == 0 or step == total_steps or not applied.item():
+        if step % self.log_every == 0 or step == self.total_steps or not applied:
             now = time.perf_counter()
-            record = _train_record(step, loss_value, window, norm.item(), hooks.lr_at(step - 1),
-                                   len(batch["texts"]) * dist.world_size() * len(window) / (now - tick),  # global
-                                   bool(applied.item()))
-            hooks.log(record)
-            tick, window = now, []
+            self.record = _train_record(step, loss_value, self.window, done.norm.item(), hooks.lr_at(step - 1),
+                                        done.pairs * dist.world_size() * len(self.window) / (now - self.tick),
+                                        applied)  # global images/s
+            hooks.log(self.record)
+            self.tick, self.window = now, []
             mx.reset_peak_memory()
-        if bad_in_a_row >= max_bad_steps:  # after logging, so metrics.jsonl shows the step that stopped the run
-            raise NonFiniteLossError(f"{bad_in_a_row} non-finite steps in a row at step {step}; stopping "
+        if self.bad_in_a_row >= self.max_bad_steps:  # after logging: metrics.jsonl shows the step that stopped it
+            raise NonFiniteLossError(f"{self.bad_in_a_row} non-finite steps in a row at step {step}; stopping "
                                      "(the last checkpoint is intact; lower --lr or check the data)")
-        if hooks.evaluate and eval_every and step % eval_every == 0 and step != total_steps:
+        if hooks.evaluate and eval_every and step % eval_every == 0 and step != self.total_steps:
             hooks.log({"step": step, **hooks.evaluate(step)})
-        if hooks.checkpoint and save_every and step % save_every == 0 and step != total_steps and not bad_in_a_row:
+        if hooks.checkpoint and save_every and step % save_every == 0 and step != self.total_steps \
+                and not self.bad_in_a_row:
             hooks.checkpoint(step, hooks.extra_state)
-    return record
 
 
 def _train_record(step, loss, window, grad_norm, lr, images_per_s, applied) -> dict:
