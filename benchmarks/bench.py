@@ -27,6 +27,8 @@ from mlx_clip.memory import parse_bytes
 
 BACKENDS = ("mlx", "torch")
 LATENCY_TASKS = ("embed-image", "embed-text")  # also timed at batch 1: the latency of one request
+# train steps queued per timed run on a GPU (`bench`'s steps_per_run): a training loop's pace, not a step's latency
+TRAIN_STEPS_PER_RUN = 4
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -99,7 +101,7 @@ def _say(message: str) -> None:
 def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text", batch: int = 32, device: str = "auto",
           out=None, as_json: bool = False, dtype: str = "float32", modes="eager,compiled", runs: int = 5,
           warmup: int = 2, seed: int = 0, caption_tokens: str | None = None, rounds: int = 1,
-          memory_limit: str | None = None) -> list[dict]:
+          memory_limit: str | None = None, steps_per_run: int | None = None) -> list[dict]:
     """Measure and (with `out`) write the report files; returns the records. With `as_json`, stdout carries the
     JSON lines only (one per measurement); progress and ratios go to stderr.
 
@@ -110,14 +112,21 @@ def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text",
 
     `memory_limit` ("19GiB", "8GB", ...) sets MLX's memory limit in its measuring processes (`mx.set_memory_limit`,
     as `mlxclip finetune --memory-limit` does): MLX then holds queued work back while its active memory is over it,
-    which lowers the peak that in-flight kernels' buffers add, at some speed; torch's side runs as it is."""
+    which lowers the peak that in-flight kernels' buffers add, at some speed; torch's side runs as it is.
+
+    `steps_per_run` (train): each timed run queues that many steps back to back and waits once, as a training loop
+    does (`mlx_clip.train.loop.train`; torch's asynchronous launches do the same), and reports the time per step.
+    Default (None): TRAIN_STEPS_PER_RUN on a GPU, where a step's host work would otherwise leave the device idle at
+    every step's start, 1 on the CPU, where host and computation share the cores."""
     backends, tasks = _split(backends, BACKENDS, "backend"), _split(tasks, TASKS, "task")
     modes = _split(modes, MODES, "mode")
-    if batch < 1 or runs < 1 or rounds < 1:
-        raise ValueError("batch, runs and rounds must be >= 1")
+    if batch < 1 or runs < 1 or rounds < 1 or (steps_per_run is not None and steps_per_run < 1):
+        raise ValueError("batch, runs, rounds and steps_per_run must be >= 1")
     parse_caption_tokens(caption_tokens)  # a bad spec fails here, not in every worker
     limit = parse_bytes(memory_limit) if memory_limit else None
     device = resolve_device(device)
+    if steps_per_run is None:
+        steps_per_run = 1 if device == "cpu" else TRAIN_STEPS_PER_RUN
     from benchmarks.machine import machine_info
     from converters.convert import arch_config
 
@@ -135,7 +144,7 @@ def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text",
                 for mode in modes:
                     spec = dict(backend=backend, mode=mode, task=task, arch=arch, batch=size, device=device,
                                 dtype=dtype, runs=runs, warmup=warmup, seed=seed, caption_tokens=caption_tokens,
-                                memory_limit=limit)
+                                memory_limit=limit, steps_per_run=steps_per_run)
                     got, error = run_one(spec)
                     if error:
                         failures.append(f"{task} batch {size} {backend} {mode}: {error}")
@@ -198,11 +207,13 @@ def main(argv=None) -> int:
     ap.add_argument("--caption-tokens", help=CAPTION_HELP)
     ap.add_argument("--rounds", type=int, default=1, help="repeat each measurement, the backends taking turns")
     ap.add_argument("--memory-limit", help="MLX's memory limit in its measuring processes, e.g. 19GiB")
+    ap.add_argument("--steps-per-run", type=int, help="train: steps queued back to back per timed run (default: "
+                    f"{TRAIN_STEPS_PER_RUN} on a GPU, 1 on the CPU)")
     ap.add_argument("--out")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     bench(a.arch, a.backend, a.task, a.batch, a.device, a.out, a.json, a.dtype, a.mode, a.runs, a.warmup,
-          caption_tokens=a.caption_tokens, rounds=a.rounds, memory_limit=a.memory_limit)
+          caption_tokens=a.caption_tokens, rounds=a.rounds, memory_limit=a.memory_limit, steps_per_run=a.steps_per_run)
     return 0
 
 

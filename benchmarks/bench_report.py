@@ -63,6 +63,7 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
         f"torch threads: {machine.get('torch_threads', '—')}; MLX's malloc (`mlx_clip/host_malloc.py`): "
         f"{machine.get('mlx_malloc', '—')}.",
         "",
+        f"{_pace(records)}"
         "Median of the timed runs after warm-up (first run, which includes compilation, reported apart); spread = "
         "(slowest − fastest) / median. Peak memory: see `benchmarks/bench_worker.py` (CPU: resident-set growth of "
         "the measuring process, same rule for both backends; CUDA: allocator peak). Each row is its own process; "
@@ -186,3 +187,12 @@ def write_report(records, machine, out, arch, device, dtype, batch, failures=(),
     if records:
         plot(records, title, paths[2])
     return paths
+
+
+def _pace(records: list[dict]) -> str:
+    """How train steps were timed: one at a time, or several queued back to back per run (time per step)."""
+    per_run = sorted({r.get("steps_per_run", 1) for r in records if r["task"] == "train"})
+    if not per_run or per_run == [1]:
+        return ""
+    return (f"Train: each timed run queues {'/'.join(map(str, per_run))} steps back to back and waits once, as a "
+            "training loop does (`mlx_clip.train.loop.train`); times are per step. ")

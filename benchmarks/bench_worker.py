@@ -54,18 +54,19 @@ def _reset_high_water() -> None:
         pass
 
 
-def measure(run, warmup: int, runs: int) -> dict:
-    """Time `runs` calls after `warmup` untimed ones (at least one: it pays for compilation and is reported apart)."""
+def measure(run, warmup: int, runs: int, per_run: int = 1) -> dict:
+    """Time `runs` calls after `warmup` untimed ones (at least one: it pays for compilation and is reported apart).
+    A call that does `per_run` iterations (train steps queued back to back) is timed per iteration."""
     tick = time.perf_counter()
     run()
-    first = time.perf_counter() - tick
+    first = (time.perf_counter() - tick) / per_run
     for _ in range(max(warmup, 1) - 1):
         run()
     times = []
     for _ in range(runs):
         tick = time.perf_counter()
         run()
-        times.append(time.perf_counter() - tick)
+        times.append((time.perf_counter() - tick) / per_run)
     return {"first_run_s": first, "times_s": times, "median_s": statistics.median(times), "min_s": min(times),
             "max_s": max(times)}
 
@@ -148,14 +149,16 @@ def run_worker(spec: dict) -> dict:
     workload = build(spec["batch"])
     runs = max(spec["runs"], MIN_LATENCY_RUNS) if workload.items == 1 else spec["runs"]
     load_before = os.getloadavg()[0]
-    timing = measure(workload.run, spec["warmup"], runs)
+    per_run = spec.get("steps_per_run", 1) if workload.run_steps else 1
+    run = workload.run if per_run == 1 else (lambda: workload.run_steps(per_run))
+    timing = measure(run, spec["warmup"], runs, per_run)
     record = {k: spec[k] for k in ("backend", "mode", "task", "arch", "device", "dtype")}
     record["caption_tokens"] = spec.get("caption_tokens")
     record.update(batch=workload.items, items_per_s=workload.items / timing["median_s"],
                   items_per_s_best=workload.items / timing["min_s"],  # the least disturbed run, on a shared machine
                   latency_ms_p50=1e3 * timing["median_s"],
                   spread_pct=100 * (timing["max_s"] - timing["min_s"]) / timing["median_s"],
-                  runs=runs, warmup=max(spec["warmup"], 1), **timing, **memory.read(),
+                  runs=runs, warmup=max(spec["warmup"], 1), steps_per_run=per_run, **timing, **memory.read(),
                   load_avg=[round(load_before, 2), round(os.getloadavg()[0], 2)])  # other jobs on the machine
     if spec["backend"] == "mlx":  # a host-bound GPU step's speed depends on the malloc (torch's process: glibc's)
         from mlx_clip import host_malloc
@@ -164,7 +167,8 @@ def run_worker(spec: dict) -> dict:
     if spec["task"] == "train":
         record["pairs_per_s"] = record["items_per_s"]  # one image and one caption per pair
     if getattr(workload, "host_s", None):  # MLX's train step: the timed runs' host time (workloads_mlx.Workload)
-        record.update(host_s=workload.host_s[-runs:], host_ms_p50=1e3 * statistics.median(workload.host_s[-runs:]))
+        host = workload.host_s[-runs * per_run:]  # per step
+        record.update(host_s=host, host_ms_p50=1e3 * statistics.median(host))
     return record
 
 

@@ -41,6 +41,9 @@ class Workload:
     # queued (`mx.async_eval` returns). On a GPU a step whose host time is close to its wall time is host-bound: its
     # speed is the host CPU's, not the card's (benchmarks/results/gpu-s15-h200.md §4).
     host_s: list[float] | None = None
+    # train only: `k` steps queued back to back, complete when it returns (a training loop's pace: the host builds
+    # and queues each step while the device runs the one before; `mlxclip bench --steps-per-run`)
+    run_steps: Callable[[int], None] | None = None
 
 
 def _uncompiled(fn: Callable[[], None]) -> Callable[[], None]:
@@ -93,14 +96,22 @@ def mlx_workload(config: CLIPConfig, task: str, batch: int, mode: str = "compile
 
         host_s = []
 
-        def run():
-            tick = time.thread_time()
-            outputs = launch()
-            mx.async_eval(outputs)
-            host_s.append(time.thread_time() - tick)
+        def run_steps(k: int):
+            for _ in range(k):  # as train.loop.train queues them: each step's host work overlaps the one before
+                tick = time.thread_time()
+                outputs = launch()
+                mx.async_eval(outputs)
+                host_s.append(time.thread_time() - tick)
             mx.eval(outputs)
 
-        return Workload(_in_mode(run if mode == "compiled" else _uncompiled(run), batch > 1), batch, launch, host_s)
+        def run():
+            run_steps(1)
+
+        def in_mode(fn):
+            return _in_mode(fn if mode == "compiled" else _uncompiled(fn), batch > 1)
+
+        return Workload(in_mode(run), batch, launch, host_s,
+                        run_steps=lambda k: in_mode(lambda: run_steps(k))())
     encode = {
         "embed-image": lambda x, t: model.encode_image(x, normalize=True),
         "embed-text": lambda x, t: model.encode_text(t, normalize=True),

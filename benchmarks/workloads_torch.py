@@ -28,11 +28,12 @@ def torch_workload(config: CLIPConfig, task: str, batch: int, mode: str = "compi
     data = random_batch(config, batch, seed, words)  # full 77-token rows, as open_clip's tokenizer gives them
     pixels, tokens = ref.pixels(data["images"]), ref.tokens(data["input_ids"])
     if task == "train":
-        def run():
-            ref.train_step_on(pixels, tokens)
+        def run_steps(k: int):
+            for _ in range(k):  # queued back to back as a training loop does; synchronised once at the end
+                ref.train_step_on(pixels, tokens)
             synchronize(ref.device)
 
-        return Workload(run, batch)
+        return Workload(lambda: run_steps(1), batch, run_steps=run_steps)
     encode = {
         "embed-image": lambda: ref.image_encoder(pixels, normalize=True),
         "embed-text": lambda: ref.text_encoder(tokens, normalize=True),

@@ -396,13 +396,15 @@ def parity(arch, steps, device, out, batch, dtype, lr, warmup, seed, control):
               "machines whose speed drifts, e.g. shared VMs).")
 @click.option("--memory-limit", help="MLX's memory limit while measuring (mx.set_memory_limit), e.g. 19GiB: MLX holds "
               "queued work back to stay under it, lowering its peak at some speed. torch runs as it is.")
+@click.option("--steps-per-run", type=int, help="train: steps queued back to back in each timed run, the time "
+              "reported per step (a training loop's pace). Default: 4 on a GPU, 1 on the CPU.")
 def bench(arch, backend, task, mode, batch, device, dtype, runs, warmup, out, as_json, caption_tokens, rounds,
-          memory_limit):
+          memory_limit, steps_per_run):
     """Time MLX (eager, mx.compile) against torch (eager, torch.compile) on the same device, batch and dtype."""
     from benchmarks.bench import bench as run_bench
 
     run_bench(arch, backend, task, batch, device, out, as_json, dtype, mode, runs, warmup, caption_tokens=caption_tokens,
-              rounds=rounds, memory_limit=memory_limit)
+              rounds=rounds, memory_limit=memory_limit, steps_per_run=steps_per_run)
 
 
 def run():

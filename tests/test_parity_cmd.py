@@ -8,6 +8,7 @@ when the MLX side is wrong. The full-size runs (`small` and ViT-B-32 over 100 st
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
 
@@ -202,6 +203,35 @@ def test_bench_train_reports_mlx_host_time(tmp_path, capsys):
         assert r["mfu"] == pytest.approx(r["model_tflops_per_s"] / r["matmul_peak_tflops"])
         assert f"| train | 2 | {r['backend']} | compiled | " in report and f"{100 * r['mfu']:.1f}% |" in report
     assert "## Model FLOP utilisation" in report and "2048×2048 float32 matmul rate" in report
+
+
+def test_bench_steps_per_run_queues_train_steps_and_reports_per_step(tmp_path, capsys):
+    """--steps-per-run k: each timed train run queues k steps and waits once; the times are per step (MLX's host time
+    too: one per step), the rows and the report say so; the CPU default is 1 (host and computation share cores)."""
+    common = ["bench", "--arch", "tiny", "--backend", "mlx,torch", "--task", "train", "--mode", "compiled",
+              "--batch", "2", "--runs", "2", "--warmup", "1", "--device", "cpu", "--json"]
+    cli.main([*common, "--steps-per-run", "3", "--out", str(tmp_path)], standalone_mode=False)
+    records = {r["backend"]: r for r in map(json.loads, capsys.readouterr().out.strip().splitlines())}
+    assert {r["steps_per_run"] for r in records.values()} == {3}
+    assert len(records["mlx"]["host_s"]) == 6 and len(records["mlx"]["times_s"]) == 2
+    assert "each timed run queues 3 steps back to back" in (tmp_path / "bench-cpu-tiny-float32-b2.md").read_text()
+    cli.main(common, standalone_mode=False)
+    assert {json.loads(line)["steps_per_run"] for line in capsys.readouterr().out.strip().splitlines()} == {1}
+    with pytest.raises(ValueError, match="steps_per_run must be >= 1"):
+        cli.main([*common, "--steps-per-run", "0"], standalone_mode=False)
+
+
+def test_measure_times_each_iteration_of_a_multi_step_run(monkeypatch):
+    from benchmarks import bench_worker
+
+    clock = [0.0]
+    monkeypatch.setattr(bench_worker, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def run():  # four steps of 0.25 s each, one after another
+        clock[0] += 4 * 0.25
+
+    timing = bench_worker.measure(run, warmup=2, runs=3, per_run=4)
+    assert timing["times_s"] == [0.25] * 3 and timing["median_s"] == 0.25 and timing["first_run_s"] == 0.25
 
 
 def test_bench_runs_accumulate_in_one_table(tmp_path, capsys):
