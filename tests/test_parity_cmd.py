@@ -26,7 +26,7 @@ from mlx_clip.io import save
 from mlx_clip.model import CLIP, init_weights
 from mlx_clip.train.args import TrainingArgs
 from mlx_clip.train.optim import lr_schedule, param_hparams
-from torch_ref.model import TorchCLIP, build_model, load_exported, our_names, param_groups, lr_at
+from torch_ref.model import TorchCLIP, build_model, load_exported, lr_at, lr_tensor, our_names, param_groups
 
 
 # --- the torch mirror ------------------------------------------------------------------------------------------------
@@ -78,9 +78,11 @@ def test_exported_checkpoint_loads_and_encodes_the_same(tmp_path):
     assert np.allclose(np.array(mine_logits), logits.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_train_step_skips_non_finite_and_clamps():
+@pytest.mark.parametrize("fused", [False, True])
+def test_train_step_skips_non_finite_and_clamps(fused):
+    """Both guards: the host's (a sync, then no update) and the fused optimizer's on the device (found_inf)."""
     cfg = get_config("tiny")
-    ref = TorchCLIP(build_model(cfg, device="cpu"), cfg, TrainingArgs(lr=1e-3), total_steps=10)
+    ref = TorchCLIP(build_model(cfg, device="cpu"), cfg, TrainingArgs(lr=1e-3), total_steps=10, fused=fused)
     rng = np.random.default_rng(1)
     images = rng.standard_normal((4, 32, 32, 3)).astype(np.float32)
     ids = np.zeros((4, 77), np.int32)
@@ -156,6 +158,34 @@ def test_parity_100_steps(tmp_path, arch, batch, lr):
 
 
 # --- mlxclip bench ---------------------------------------------------------------------------------------------------
+
+
+def test_the_device_guard_steps_as_the_host_guard_does():
+    """The fused optimizer's sync-free guarded step (CUDA's path, run here on the CPU) against the reference loop's:
+    the same parameters step by step through a warm-up, the cosine schedule, clipping and a skipped non-finite step,
+    the same applied flags and step count, and its LR on the device equal to lr_at's."""
+    cfg = get_config("tiny")
+    args = TrainingArgs(lr=1e-3, warmup=2, schedule="cosine", min_lr_ratio=0.1, grad_clip=0.5)
+    refs = [TorchCLIP(build_model(cfg, device="cpu", seed=3), cfg, args, total_steps=6, fused=f) for f in (False, True)]
+    rng = np.random.default_rng(2)
+    ids = np.zeros((4, 77), np.int32)
+    ids[:, 0], ids[:, 1], ids[:, 2] = 49406, np.arange(1, 5), 49407
+    for step in range(6):
+        images = rng.standard_normal((4, 32, 32, 3)).astype(np.float32)
+        if step == 2:
+            images[1, 3, 3, 0] = np.inf
+        outs = [r.train_step(images, ids) for r in refs]
+        assert [bool(o[2]) for o in outs] == [step != 2] * 2
+        assert refs[0].step == refs[1].step == step + (step < 2)
+        # The fused kernel rounds differently (1 ulp after a step), and Adam turns a gradient's rounding into up to
+        # lr * dg / eps where the gradient is near eps (~1e-4 of lr here). A wrong LR or an update on the skipped
+        # step moves parameters by ~lr (1e-3): 1% of lr tells the two apart.
+        for (name, a), b in zip(refs[0].model.named_parameters(), refs[1].model.parameters()):
+            assert torch.allclose(a, b, rtol=0, atol=1e-2 * args.lr), (step, name, (a - b).abs().max().item())
+    for s in range(0, 9):
+        for schedule in ("cosine", "const"):
+            a = TrainingArgs(lr=3e-4, warmup=3, schedule=schedule, min_lr_ratio=0.2)
+            assert lr_tensor(torch.tensor(s), a, 8).item() == pytest.approx(lr_at(s, a, 8), rel=1e-6), (s, schedule)
 
 
 def test_bench_json_lines(tmp_path, capsys):

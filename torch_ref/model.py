@@ -117,6 +117,19 @@ def lr_at(step: int, args: TrainingArgs, total_steps: int) -> float:
     return floor + (args.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def lr_tensor(step: torch.Tensor, args: TrainingArgs, total_steps: int) -> torch.Tensor:
+    """`lr_at` of a 0-d step-count tensor, computed where it lies (float64, returned as float32): no host sync."""
+    s = step.to(torch.float64)
+    warm = args.lr * (s + 1) / max(args.warmup, 1)
+    if args.schedule == "const":
+        after = torch.full_like(s, args.lr)
+    else:
+        floor = args.lr * args.min_lr_ratio
+        progress = torch.clamp((s - args.warmup) / max(total_steps - args.warmup, 1), 0.0, 1.0)
+        after = floor + (args.lr - floor) * 0.5 * (1 + torch.cos(math.pi * progress))
+    return torch.where(s < args.warmup, warm, after).to(torch.float32)
+
+
 # ---- the mirror of mlx_clip's surface ------------------------------------------------------------------------------
 
 class TorchCLIP:
@@ -127,13 +140,16 @@ class TorchCLIP:
     """
 
     def __init__(self, model, config: CLIPConfig, args: TrainingArgs | None = None, total_steps: int = 1,
-                 compile: bool = False):
+                 compile: bool = False, fused: bool | None = None):
         self.model, self.config = model, config
         self.args = args or TrainingArgs()
         self.total_steps = total_steps
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
-        self.step = 0  # optimizer steps applied (a skipped non-finite step does not count, as in mlx_clip)
+        # optimizer steps applied (a skipped non-finite step does not count, as in mlx_clip), kept on the device so
+        # that the fused optimizer's guarded step needs no host sync (`step` reads it)
+        self._applied = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.fused = fused  # None: fused AdamW on CUDA (what open_clip users run there), the reference loop elsewhere
         self.optimizer = None  # built by the first train_step
         wrap = (lambda f: torch.compile(f, dynamic=False)) if compile else (lambda f: f)
         # open_clip's encoders (compiled when asked), taking inputs already placed by `pixels` / `tokens`.
@@ -174,9 +190,13 @@ class TorchCLIP:
     def build_optimizer(self) -> torch.optim.AdamW:
         a = self.args
         groups = param_groups(self.model, self.config, a.weight_decay, a.layer_decay)
-        fused = self.device.type == "cuda"  # what open_clip users run on a GPU; identical formula on the CPU path
+        fused = self.device.type == "cuda" if self.fused is None else self.fused  # identical formula either way
         self.optimizer = torch.optim.AdamW(groups, lr=a.lr, betas=(a.beta1, a.beta2), eps=a.eps, fused=fused or None)
         return self.optimizer
+
+    @property
+    def step(self) -> int:
+        return int(self._applied.item())
 
     def train_step(self, images, ids, labels=None):
         """One step on NHWC pixels and token ids (numpy or tensors); see `train_step_on`. `labels` is accepted for
@@ -193,21 +213,48 @@ class TorchCLIP:
         loss.backward()
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
         norm = global_norm(grads)
-        applied = bool(torch.isfinite(loss) & torch.isfinite(norm))
+        finite = torch.isfinite(loss) & torch.isfinite(norm)
+        if opt.defaults.get("fused"):
+            return loss.detach(), norm, self._guarded_on_device(opt, grads, norm, finite)
+        applied = bool(finite)
         if not applied:
             opt.zero_grad(set_to_none=True)
             return loss.detach(), norm, applied
-        if self.args.grad_clip > 0:
-            factor = torch.clamp(self.args.grad_clip / (norm + 1e-6), max=1.0)
-            torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+        self._clip(grads, norm)
         lr = lr_at(self.step, self.args, self.total_steps)
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
         opt.step()
+        self._clamp_logit_scale()
+        self._applied += 1
+        return loss.detach(), norm, applied
+
+    def _guarded_on_device(self, opt, grads: list[torch.Tensor], norm: torch.Tensor, finite: torch.Tensor):
+        """The same guarded update with no host sync (so a training loop's next step can be queued while this one
+        runs, as mlx_clip's loop does): the fused AdamW skips every parameter, moment and step count where
+        `found_inf` is set (GradScaler's mechanism), the LR is computed on the device from the applied-step count.
+        Returns `finite` as a 0-d bool tensor."""
+        self._clip(grads, norm)
+        lr = lr_tensor(self._applied, self.args, self.total_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        opt.found_inf = (~finite).to(torch.float32)
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+        self._clamp_logit_scale()  # unchanged on a skipped step: the clamp of an already clamped value
+        self._applied += finite.to(torch.int64)
+        return finite
+
+    def _clip(self, grads: list[torch.Tensor], norm: torch.Tensor) -> None:
+        if self.args.grad_clip > 0:
+            factor = torch.clamp(self.args.grad_clip / (norm + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+
+    def _clamp_logit_scale(self) -> None:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
-        self.step += 1
-        return loss.detach(), norm, applied
 
 
 def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
