@@ -195,6 +195,17 @@ for step in "$@"; do
       kill $smi ;;
     s24c) # ViT-B-32 against torch.compile under its 8 GiB limit (session 19: 1.20x at 7,644 vs 8,772 MiB)
       MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 280 $BENCH --arch ViT-B-32 --memory-limit 8GiB --out $OUT/s24-b32-limit8 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s24-b32.txt ;;
+    s25) # session 21: s24's timeline showed the device idle for the first 11-18 ms of every ViT-B-16 step while the
+         # host built it (busy 77 ms of a ~95 ms step). Train steps now queue back to back (train.loop, bench
+         # --steps-per-run, default 4 on a GPU; torch's guard without a host sync): ViT-B-16 against torch.compile
+      MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 420 $BENCH --arch ViT-B-16 --out $OUT/s25-b16 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s25-b16.txt ;;
+    s25b) # ViT-B-32, plain and under its 8 GiB limit
+      MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 280 $BENCH --arch ViT-B-32 --out $OUT/s25-b32 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s25-b32.txt
+      MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 280 $BENCH --arch ViT-B-32 --memory-limit 8GiB --out $OUT/s25-b32-limit8 2>&1 | grep "items/s\|MLX/torch" | tee -a $OUT/s25-b32.txt ;;
+    s25c) # MLX alone, queued steps: ViT-B-16 under memory limits (its peak against torch's 19,382 MiB) and with the
+          # multi-tensor optimizer (the kernel table's 84.8 -> 77.2 ms; a device-bound step now gains by it)
+      for v in "--memory-limit 19GiB" "--memory-limit 18GiB"; do MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 150 ${BENCH/mlx,torch/mlx} --arch ViT-B-16 $v --out $OUT/s25c 2>&1 | grep "items/s" | sed "s/^/[$v] /"; done | tee $OUT/s25c.txt
+      MLXCLIP_MULTI_TENSOR=1 MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 150 ${BENCH/mlx,torch/mlx} --arch ViT-B-16 --out $OUT/s25c-mt 2>&1 | grep "items/s" | sed "s/^/[multi-tensor] /" | tee -a $OUT/s25c.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done
