@@ -206,6 +206,10 @@ for step in "$@"; do
           # multi-tensor optimizer (the kernel table's 84.8 -> 77.2 ms; a device-bound step now gains by it)
       for v in "--memory-limit 19GiB" "--memory-limit 18GiB"; do MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 150 ${BENCH/mlx,torch/mlx} --arch ViT-B-16 $v --out $OUT/s25c 2>&1 | grep "items/s" | sed "s/^/[$v] /"; done | tee $OUT/s25c.txt
       MLXCLIP_MULTI_TENSOR=1 MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 150 ${BENCH/mlx,torch/mlx} --arch ViT-B-16 --out $OUT/s25c-mt 2>&1 | grep "items/s" | sed "s/^/[multi-tensor] /" | tee -a $OUT/s25c.txt ;;
+    s25d) # s25: queued, MLX's ViT-B-16 step went 95 -> 91 ms only, not to the 77 ms its device was busy: a timeline
+          # of four groups of four queued steps (is the device idle inside a group, or are its kernels slower?)
+      LD_PRELOAD=$PWD/.whlP/libmimalloc.so.2 timeout 240 python3 -m benchmarks.gpu_profile --backend mlx --arch ViT-B-16 --steps 4 --queued 4 --top 8 --trace $OUT/s25d-trace16.json 2>&1 | grep -v -i warn | tail -16 | tee $OUT/s25d-trace16.txt
+      gzip -f $OUT/s25d-trace16.json ;;
     *) echo "unknown step $step" ;;
   esac
 done

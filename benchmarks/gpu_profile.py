@@ -45,6 +45,8 @@ def main():
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--caption-tokens", default="5-30", help=CAPTION_HELP)
     ap.add_argument("--trace", help="write the profiled steps' timeline here (Chrome trace JSON)")
+    ap.add_argument("--queued", type=int, default=1, help="steps queued back to back per annotated group (as the "
+                    "training loop and `mlxclip bench --steps-per-run` run them); times per group")
     args = ap.parse_args()
     config, words = get_config(args.arch), parse_caption_tokens(args.caption_tokens)
     torch.cuda.init()
@@ -54,8 +56,9 @@ def main():
     else:
         from benchmarks.workloads_torch import torch_workload
         load = torch_workload(config, "train", args.batch, "compiled", args.dtype, device="cuda", words=words)
+    group = (lambda: load.run_steps(args.queued)) if args.queued > 1 else load.run
     for _ in range(3):
-        load.run()
+        group()
     steps = []
     # CPU activity only for the `step N` annotations that trace_steps cuts the timeline by
     activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.trace else [])
@@ -63,16 +66,17 @@ def main():
         for i in range(args.steps):
             start = time.perf_counter()
             with record_function(f"step {i}"):
-                load.run()
+                group()
             steps.append(time.perf_counter() - start)
-    wall = sum(steps) / args.steps
+    wall = sum(steps) / args.steps / args.queued
     if args.trace:
         prof.export_chrome_trace(args.trace)
         print(f"timeline of {args.steps} steps in {args.trace}; steps: "
               + ", ".join(f"{1e3 * t:.1f}" for t in steps) + " ms")
         print("\n".join(format_rows(summarize(load_events(args.trace), kind=_kind))))
     # device events only: with CPU activity on (--trace), the CPU ops' rows also carry their kernels' time
-    rows = [(e.key, e.count / args.steps, e.self_device_time_total / args.steps / 1e3) for e in prof.key_averages()
+    per = args.steps * args.queued  # rows per train step
+    rows = [(e.key, e.count / per, e.self_device_time_total / per / 1e3) for e in prof.key_averages()
             if e.self_device_time_total > 0 and e.device_type != DeviceType.CPU]
     device = sum(ms for _, _, ms in rows)
     kinds = defaultdict(lambda: [0.0, 0.0])
