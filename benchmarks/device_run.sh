@@ -210,6 +210,12 @@ for step in "$@"; do
           # of four groups of four queued steps (is the device idle inside a group, or are its kernels slower?)
       LD_PRELOAD=$PWD/.whlP/libmimalloc.so.2 timeout 240 python3 -m benchmarks.gpu_profile --backend mlx --arch ViT-B-16 --steps 4 --queued 4 --top 8 --trace $OUT/s25d-trace16.json 2>&1 | grep -v -i warn | tail -16 | tee $OUT/s25d-trace16.txt
       gzip -f $OUT/s25d-trace16.json ;;
+    s25e) # s25d: the device idles 6-15 ms at each step boundary while the host builds the next step's graph: MLX
+          # keeps at most 10 command buffers in flight (transforms.cpp MAX_ACTIVE_TASKS, 100 ops each on an H200),
+          # and the step ends with ~2,000 small optimizer kernels, ~8 ms of device work. More ops a buffer, fewer
+          # optimizer kernels (multi-tensor), both: MLX alone, ViT-B-16, queued steps
+      for v in "" "MLX_MAX_OPS_PER_BUFFER=400 MLX_MAX_MB_PER_BUFFER=4000" "MLXCLIP_MULTI_TENSOR=1" "MLXCLIP_MULTI_TENSOR=1 MLX_MAX_OPS_PER_BUFFER=400 MLX_MAX_MB_PER_BUFFER=4000"; do
+        env $v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 120 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ${E_ARCH:-ViT-B-16} --out $OUT/s25e 2>&1 | grep "items/s" | sed "s/^/[$v] /"; done | tee $OUT/s25e.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done
