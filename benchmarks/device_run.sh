@@ -216,6 +216,13 @@ for step in "$@"; do
           # optimizer kernels (multi-tensor), both: MLX alone, ViT-B-16, queued steps
       for v in "" "MLX_MAX_OPS_PER_BUFFER=400 MLX_MAX_MB_PER_BUFFER=4000" "MLXCLIP_MULTI_TENSOR=1" "MLXCLIP_MULTI_TENSOR=1 MLX_MAX_OPS_PER_BUFFER=400 MLX_MAX_MB_PER_BUFFER=4000"; do
         env $v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 120 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ${E_ARCH:-ViT-B-16} --out $OUT/s25e 2>&1 | grep "items/s" | sed "s/^/[$v] /"; done | tee $OUT/s25e.txt ;;
+    s25f) # s25e: 400 ops a buffer took the queued ViT-B-16 step 91.3 -> 82.4 ms but its peak 22.0 -> 44.9 GiB (bigger
+          # buffers hold their inputs longer, and a step runs ahead into the next): the same under MLX's memory limit
+          # (the eval loop waits while active memory is over it), a middle size, then torch alone on this machine
+      for v in "MLX_MAX_OPS_PER_BUFFER=400 MLX_MAX_MB_PER_BUFFER=4000 --memory-limit 19GiB" "MLX_MAX_OPS_PER_BUFFER=200 MLX_MAX_MB_PER_BUFFER=2000" "MLX_MAX_OPS_PER_BUFFER=200 MLX_MAX_MB_PER_BUFFER=2000 --memory-limit 19GiB"; do
+        e=${v%% --*}; a=""; [[ $v == *--* ]] && a="--${v#*--}"
+        env $e MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 100 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-16 $a --out $OUT/s25f 2>&1 | grep "items/s" | sed "s/^/[$v] /"; done | tee $OUT/s25f.txt
+      timeout 150 ${BENCH/mlx,torch/torch} --runs 6 --warmup 2 --arch ViT-B-16 --out $OUT/s25f 2>&1 | grep "items/s" | tee -a $OUT/s25f.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

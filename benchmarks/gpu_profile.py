@@ -21,7 +21,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks.batches import CAPTION_HELP, parse_caption_tokens
-from benchmarks.trace_steps import format_rows, load_events, summarize
+from benchmarks.trace_steps import STEP_NAME, format_rows, load_events, summarize
 from mlx_clip.config import get_config
 
 # Kernel name patterns, first match wins: where the device time goes, by kind of work.
@@ -74,10 +74,11 @@ def main():
         print(f"timeline of {args.steps} steps in {args.trace}; steps: "
               + ", ".join(f"{1e3 * t:.1f}" for t in steps) + " ms")
         print("\n".join(format_rows(summarize(load_events(args.trace), kind=_kind))))
-    # device events only: with CPU activity on (--trace), the CPU ops' rows also carry their kernels' time
+    # device events only: with CPU activity on (--trace), the CPU ops' rows also carry their kernels' time, and the
+    # `step N` annotations have a device-side copy spanning the step
     per = args.steps * args.queued  # rows per train step
     rows = [(e.key, e.count / per, e.self_device_time_total / per / 1e3) for e in prof.key_averages()
-            if e.self_device_time_total > 0 and e.device_type != DeviceType.CPU]
+            if e.self_device_time_total > 0 and e.device_type != DeviceType.CPU and not STEP_NAME.match(e.key)]
     device = sum(ms for _, _, ms in rows)
     kinds = defaultdict(lambda: [0.0, 0.0])
     for name, count, ms in rows:
