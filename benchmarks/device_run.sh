@@ -223,6 +223,13 @@ for step in "$@"; do
         e=${v%% --*}; a=""; [[ $v == *--* ]] && a="--${v#*--}"
         env $e MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 100 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-16 $a --out $OUT/s25f 2>&1 | grep "items/s" | sed "s/^/[$v] /"; done | tee $OUT/s25f.txt
       timeout 150 ${BENCH/mlx,torch/torch} --runs 6 --warmup 2 --arch ViT-B-16 --out $OUT/s25f 2>&1 | grep "items/s" | tee -a $OUT/s25f.txt ;;
+    s26) # prepared in session 21: the queued step's updates left to the next step's queueing (MLXCLIP_QUEUE_STATE=0),
+         # so the 10 command buffers in flight when the host starts tracing the next step hold the backward's heavy
+         # ops, not ~8 ms of optimizer kernels (results/gpu-s21-h200.md §3): MLX alone, 0 / 1 alternating, ViT-B-16
+         # then ViT-B-32 (host-bound: no gain expected there)
+      for a in ViT-B-16 ViT-B-32; do for r in 1 2; do for v in 0 1; do
+        MLXCLIP_QUEUE_STATE=$v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 120 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch $a --out $OUT/s26 2>&1 | grep "items/s" | sed "s/^/[queue state $v] /"
+      done; done; done | tee $OUT/s26.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

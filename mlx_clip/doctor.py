@@ -87,6 +87,7 @@ def report(measure: bool = True) -> dict:
         "patch_embed": model.PATCH_EMBED,  # MLXCLIP_PATCH_EMBED: the patch stem as one product or mx.conv2d
         # MLXCLIP_PACK_TEXT / MLXCLIP_PACK_WINDOWS: CPU training packs captions, attended by key windows
         "pack_text": {"packed": loop.PACK_TEXT, "windows": loop.PACK_WINDOWS},
+        "queue_state": loop.QUEUE_STATE,  # MLXCLIP_QUEUE_STATE: a queued train step's updates handed over with it
         "norm_squares": step.NORM_SQUARES,  # MLXCLIP_NORM_SQUARES: how the clip norm sums each gradient's squares
         "torch": torch_info(),
     }

@@ -21,6 +21,14 @@ from mlx_clip.train import distributed as dist
 # (mlx_clip.packed_attention); MLXCLIP_PACK_WINDOWS=0 keeps the (T, T) mask.
 PACK_TEXT = env_switch("MLXCLIP_PACK_TEXT", True)
 PACK_WINDOWS = env_switch("MLXCLIP_PACK_WINDOWS", True)
+# What a queued step hands the device at once: its loss, gradient norm and flag, and (QUEUE_STATE, the default) the
+# parameter and moment updates. MLX keeps only 10 command buffers in flight, so the device's lead over the host when a
+# step is queued is what its last ~1,000 ops take: ~8 ms of the optimizer's small kernels, less than the ~12-16 ms the
+# host then spends tracing the next step (ViT-B/16 on an H200: the device idles 6-15 ms a step,
+# benchmarks/results/gpu-s21-h200.md). MLXCLIP_QUEUE_STATE=0 leaves the updates to the next step's queueing (its
+# forward needs them), so the last ops in flight are the backward's and the norm's, heavier ones. Prepared in session
+# 21, the same speed on the CPU (small b32: 323.8 vs 320.1 ms), not yet measured on a GPU: opt-in until it is.
+QUEUE_STATE = env_switch("MLXCLIP_QUEUE_STATE", True)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -139,8 +147,17 @@ def _launch(step_fn, step: int, batch: dict, hooks: LoopHooks, seed: int, text_r
     labels = mx.array(unique_missing_labels(batch["labels"]).astype(np.int32))
     inputs = hooks.step_inputs(step, batch, labels) if hooks.step_inputs else labels
     loss, norm, applied = step_fn(images, ids, inputs)
-    mx.async_eval(loss, norm, applied, state_fn())
+    queue(loss, norm, applied, state=state_fn())
     return _Launched(step, len(batch["texts"]), loss, norm, applied)
+
+
+def queue(*outputs: mx.array, state) -> None:
+    """Hand a step's `outputs` (loss, norm, flag) to the device without waiting, and its `state` with QUEUE_STATE;
+    without it the updates are evaluated with the next step, or by whoever reads them (a checkpoint, the loop's end)."""
+    if QUEUE_STATE:
+        mx.async_eval(*outputs, state)
+    else:
+        mx.async_eval(*outputs)
 
 
 class _Books:
