@@ -89,12 +89,14 @@ def test_train_step_skips_non_finite_and_clamps(fused):
     ids[:, 0], ids[:, 1], ids[:, 2] = 49406, np.arange(1, 5), 49407
     with torch.no_grad():
         ref.model.logit_scale.fill_(math.log(100.0) + 0.5)  # above the clamp: the step must bring it back
+    bad = images.copy()
+    bad[0, 0, 0, 0] = np.nan
+    _, _, applied = ref.train_step(bad, ids)  # a skipped step leaves everything, the out-of-range scale too
+    assert not applied and ref.step == 0 and ref.model.logit_scale.item() == pytest.approx(math.log(100.0) + 0.5)
     loss, norm, applied = ref.train_step(images, ids)
     assert applied and math.isfinite(loss.item()) and ref.step == 1
     assert ref.model.logit_scale.item() == pytest.approx(math.log(100.0))
     before = {n: p.detach().clone() for n, p in ref.model.named_parameters()}
-    bad = images.copy()
-    bad[0, 0, 0, 0] = np.nan
     _, _, applied = ref.train_step(bad, ids)
     assert not applied and ref.step == 1
     assert all(torch.equal(before[n], p) for n, p in ref.model.named_parameters())

@@ -206,7 +206,8 @@ class TorchCLIP:
     def train_step_on(self, pixels: torch.Tensor, tokens: torch.Tensor):
         """One step on inputs already placed by `pixels` / `tokens`: loss -> grads -> clip the global norm -> AdamW
         (scheduled LR x group scale) -> clamp logit_scale. A non-finite loss or gradient norm leaves everything
-        untouched. Returns (loss, grad norm before clipping, applied)."""
+        untouched. Returns (loss, grad norm before clipping, applied): `applied` a bool, or with fused AdamW (CUDA's
+        default) a 0-d bool tensor, so that nothing waits for the device."""
         opt = self.optimizer or self.build_optimizer()
         opt.zero_grad(set_to_none=True)
         loss = self._loss(pixels, tokens)
@@ -243,7 +244,9 @@ class TorchCLIP:
             opt.step()
         finally:
             del opt.found_inf
-        self._clamp_logit_scale()  # unchanged on a skipped step: the clamp of an already clamped value
+        with torch.no_grad():  # clamped on an applied step only, as the host guard does
+            scale = self.model.logit_scale
+            scale.copy_(torch.where(finite, scale.clamp(0.0, math.log(MAX_LOGIT_SCALE)), scale))
         self._applied += finite.to(torch.int64)
         return finite
 
