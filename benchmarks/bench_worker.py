@@ -55,11 +55,11 @@ def _reset_high_water() -> None:
 
 
 def measure(run, warmup: int, runs: int, per_run: int = 1) -> dict:
-    """Time `runs` calls after `warmup` untimed ones (at least one: it pays for compilation and is reported apart).
-    A call that does `per_run` iterations (train steps queued back to back) is timed per iteration."""
+    """Time `runs` calls after `warmup` untimed ones (at least one: it pays for compilation and is reported apart, as
+    the whole call). A call that does `per_run` iterations (train steps queued back to back) is timed per iteration."""
     tick = time.perf_counter()
     run()
-    first = (time.perf_counter() - tick) / per_run
+    first = time.perf_counter() - tick
     for _ in range(max(warmup, 1) - 1):
         run()
     times = []

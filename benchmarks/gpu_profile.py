@@ -71,7 +71,8 @@ def main():
     wall = sum(steps) / args.steps / args.queued
     if args.trace:
         prof.export_chrome_trace(args.trace)
-        print(f"timeline of {args.steps} steps in {args.trace}; steps: "
+        what = "steps" if args.queued == 1 else f"groups of {args.queued} queued steps"
+        print(f"timeline of {args.steps} {what} in {args.trace}; each: "
               + ", ".join(f"{1e3 * t:.1f}" for t in steps) + " ms")
         print("\n".join(format_rows(summarize(load_events(args.trace), kind=_kind))))
     # device events only: with CPU activity on (--trace), the CPU ops' rows also carry their kernels' time, and the

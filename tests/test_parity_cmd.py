@@ -263,7 +263,8 @@ def test_measure_times_each_iteration_of_a_multi_step_run(monkeypatch):
         clock[0] += 4 * 0.25
 
     timing = bench_worker.measure(run, warmup=2, runs=3, per_run=4)
-    assert timing["times_s"] == [0.25] * 3 and timing["median_s"] == 0.25 and timing["first_run_s"] == 0.25
+    assert timing["times_s"] == [0.25] * 3 and timing["median_s"] == 0.25
+    assert timing["first_run_s"] == 1.0  # the first call whole: it pays for compilation
 
 
 def test_bench_runs_accumulate_in_one_table(tmp_path, capsys):
