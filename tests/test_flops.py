@@ -60,3 +60,25 @@ def test_utilisation_is_achieved_over_peak():
 def test_matmul_peak_is_measured_on_the_cpu():
     peak = flops.matmul_peak("cpu", "float32")
     assert peak["n"] == 2048 and peak["dtype"] == "float32" and 0.001 < peak["tflops"] < 100
+
+
+def test_matmul_rate_is_the_median_or_the_fastest_product(monkeypatch):
+    """`best` takes the fastest of the timed products (a peak), the default their median; n^3 FLOPs each, twice."""
+    from types import SimpleNamespace
+
+    from mlx_clip import doctor
+
+    durations = iter([2.0, 1.0, 4.0, 0.5, 8.0])  # seconds per product, one per timed repeat
+    clock = [0.0]
+
+    def perf_counter():  # called before and after each product: advance by the next duration on every second call
+        clock[0] += next(durations) if perf_counter.calls % 2 else 0.0
+        perf_counter.calls += 1
+        return clock[0]
+
+    perf_counter.calls = 0
+    monkeypatch.setattr(doctor, "time", SimpleNamespace(perf_counter=perf_counter))
+    flop = 2 * 64**3
+    assert doctor.matmul_gflops(64, repeats=5, best=True) == pytest.approx(flop / 0.5 / 1e9)
+    durations, perf_counter.calls = iter([2.0, 1.0, 4.0, 0.5, 8.0]), 0
+    assert doctor.matmul_gflops(64, repeats=5) == pytest.approx(flop / 2.0 / 1e9)
