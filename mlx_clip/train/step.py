@@ -188,13 +188,15 @@ NORM_CHUNK = 64
 
 
 def _sum_of_squares(g: mx.array) -> mx.array:
-    """Σ g² in fp32: 0-d (dot, flat), or with g's dimensions kept as 1s (reduce)."""
+    """Σ g² in fp32: 0-d (dot), shape (1,) (flat), or with g's dimensions kept as 1s (reduce)."""
     way = NORM_SQUARES
     if way in ("auto", "kernel"):  # "kernel" reaches here off CUDA only
         way = "dot" if cpu_streams.on_cpu() else "flat"
     if way != "reduce":
         flat = g.reshape(-1).astype(mx.float32)
-        return flat @ flat if way == "dot" else mx.sum(flat * flat)
+        # flat: kept as one element (keepdims), as "reduce" does: a full reduction to 0-d is a Sum and a Squeeze, one
+        # graph node more per gradient (~400 a ViT step, whose GPU step is host-bound); _global_norm reshapes once
+        return flat @ flat if way == "dot" else mx.sum(flat * flat, keepdims=True)
     # Reduced where it lies, dimensions kept: flattening first copied every transposed weight gradient (autodiff's
     # (xᵀg)ᵀ), and a full reduction's result is squeezed by a node of its own; so 2 graph nodes an array, not 4
     # (~800 fewer in a ViT-B/32 step, whose GPU step is host-bound). _global_norm squeezes the total once.
