@@ -52,8 +52,8 @@ def _union(intervals: list[tuple[float, float]]) -> tuple[float, list[float]]:
 
 def summarize(events: list[dict], kind=None) -> list[dict]:
     """One row per `step N` annotation (times in ms): wall, kernels, busy, idle, gaps, lead, by_kind."""
-    steps = sorted((e for e in events if e.get("ph") == "X" and STEP_NAME.match(str(e.get("name", "")))
-                    and e.get("cat") != "gpu_user_annotation"), key=lambda e: e["ts"])
+    steps = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"
+                    and STEP_NAME.match(str(e.get("name", "")))), key=lambda e: e["ts"])
     device = [e for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_CATEGORIES]
     rows = []
     for step in steps:

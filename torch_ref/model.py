@@ -244,9 +244,7 @@ class TorchCLIP:
             opt.step()
         finally:
             del opt.found_inf
-        with torch.no_grad():  # clamped on an applied step only, as the host guard does
-            scale = self.model.logit_scale
-            scale.copy_(torch.where(finite, scale.clamp(0.0, math.log(MAX_LOGIT_SCALE)), scale))
+        self._clamp_logit_scale(finite)  # on an applied step only, as the host guard does
         self._applied += finite.to(torch.int64)
         return finite
 
@@ -255,9 +253,12 @@ class TorchCLIP:
             factor = torch.clamp(self.args.grad_clip / (norm + 1e-6), max=1.0)
             torch._foreach_mul_(grads, factor.to(grads[0].dtype))
 
-    def _clamp_logit_scale(self) -> None:
+    def _clamp_logit_scale(self, where: torch.Tensor | None = None) -> None:
+        """Clamp logit_scale to [0, log 100]; with `where` (a 0-d bool tensor) only where it is true, without a sync."""
         with torch.no_grad():
-            self.model.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
+            scale = self.model.logit_scale
+            clamped = scale.clamp(0.0, math.log(MAX_LOGIT_SCALE))
+            scale.copy_(clamped if where is None else torch.where(where, clamped, scale))
 
 
 def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:

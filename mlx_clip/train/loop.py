@@ -100,24 +100,24 @@ def train(step_fn, batches: Iterator[dict], start_step: int, total_steps: int, h
     benchmarks/results/gpu-s21-h200.md). A step whose state a hook needs (evaluation, checkpoint, the loss inputs'
     hooks) is finished before the next one is queued or its batch drawn, so they see that step's model and data
     position; the numbers, logs and the non-finite stop are the same as one step at a time."""
-    books = _Books(hooks, log_every, total_steps, max_bad_steps)
+    books = _Books(hooks, log_every, eval_every, save_every, total_steps, max_bad_steps)
     pending = None
     for step in range(start_step + 1, total_steps + 1):
-        if pending is not None and _needs_state(pending.step, hooks, eval_every, save_every):
-            books.finish(pending, eval_every, save_every)
+        if pending is not None and books.needs_state(pending.step):
+            books.finish(pending)
             pending = None
         try:
             batch = next(batches)
         except BaseException:  # the data ran out or failed: the step already run is still logged
             if pending is not None:
-                books.finish(pending, eval_every, save_every)
+                books.finish(pending)
             raise
         launched = _launch(step_fn, step, batch, hooks, seed, text_rows, state_fn)
         if pending is not None:
-            books.finish(pending, eval_every, save_every)
+            books.finish(pending)
         pending = launched
     if pending is not None:
-        books.finish(pending, eval_every, save_every)
+        books.finish(pending)
         mx.eval(state_fn())
     return books.record
 
@@ -131,13 +131,6 @@ class _Launched:
     loss: mx.array
     norm: mx.array
     applied: mx.array
-
-
-def _needs_state(step: int, hooks: LoopHooks, eval_every: int, save_every: int) -> bool:
-    """Whether finishing `step` uses the model, the optimizer or the data position as that step left them."""
-    return bool(hooks.after_step or hooks.step_inputs
-                or (hooks.evaluate and eval_every and step % eval_every == 0)
-                or (hooks.checkpoint and save_every and step % save_every == 0))
 
 
 def _launch(step_fn, step: int, batch: dict, hooks: LoopHooks, seed: int, text_rows, state_fn) -> _Launched:
@@ -163,13 +156,25 @@ def queue(*outputs: mx.array, state) -> None:
 class _Books:
     """What the loop keeps between steps: the run of non-finite steps, the log window, the last record."""
 
-    def __init__(self, hooks: LoopHooks, log_every: int, total_steps: int, max_bad_steps: int):
+    def __init__(self, hooks: LoopHooks, log_every: int, eval_every: int, save_every: int, total_steps: int,
+                 max_bad_steps: int):
         self.hooks, self.log_every, self.total_steps, self.max_bad_steps = hooks, log_every, total_steps, max_bad_steps
+        self.eval_every, self.save_every = eval_every, save_every
         self.bad_in_a_row, self.record, self.window = 0, {}, []
         self.tick = time.perf_counter()
         mx.reset_peak_memory()  # each record's peak_memory_gb is the peak of its own log interval
 
-    def finish(self, done: _Launched, eval_every: int, save_every: int) -> None:
+    def evaluates(self, step: int) -> bool:
+        return bool(self.hooks.evaluate and self.eval_every and step % self.eval_every == 0)
+
+    def saves(self, step: int) -> bool:
+        return bool(self.hooks.checkpoint and self.save_every and step % self.save_every == 0)
+
+    def needs_state(self, step: int) -> bool:
+        """Whether finishing `step` uses the model, the optimizer or the data position as that step left them."""
+        return bool(self.hooks.after_step or self.hooks.step_inputs or self.evaluates(step) or self.saves(step))
+
+    def finish(self, done: _Launched) -> None:
         """Read `done`'s numbers (waiting for it), then log, count a skipped step, evaluate and checkpoint."""
         hooks, step, applied = self.hooks, done.step, bool(done.applied.item())
         if hooks.after_step:  # before any checkpoint of this step, which must hold what the step left
@@ -198,10 +203,9 @@ class _Books:
         if self.bad_in_a_row >= self.max_bad_steps:  # after logging: metrics.jsonl shows the step that stopped it
             raise NonFiniteLossError(f"{self.bad_in_a_row} non-finite steps in a row at step {step}; stopping "
                                      "(the last checkpoint is intact; lower --lr or check the data)")
-        if hooks.evaluate and eval_every and step % eval_every == 0 and step != self.total_steps:
+        if self.evaluates(step) and step != self.total_steps:
             hooks.log({"step": step, **hooks.evaluate(step)})
-        if hooks.checkpoint and save_every and step % save_every == 0 and step != self.total_steps \
-                and not self.bad_in_a_row:
+        if self.saves(step) and step != self.total_steps and not self.bad_in_a_row:
             hooks.checkpoint(step, hooks.extra_state)
 
 
