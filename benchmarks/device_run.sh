@@ -228,14 +228,21 @@ for step in "$@"; do
          # ops, not ~8 ms of optimizer kernels (results/gpu-s21-h200.md §3): MLX alone, 0 / 1 alternating, ViT-B-16
          # then ViT-B-32 (host-bound: no gain expected there)
       for r in 1 2; do for v in 0 1; do
-        MLXCLIP_QUEUE_STATE=$v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 120 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-16 --out $OUT/s26 2>&1 | grep "items/s" | sed "s/^/[queue state $v] /"
+        MLXCLIP_QUEUE_STATE=$v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 200 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-16 --out $OUT/s26 2>&1 | grep "items/s" | sed "s/^/[queue state $v] /"
       done; done | tee $OUT/s26.txt ;;
     s26b) # queued, ViT-B-32's step is its host's time (39.1 of 40.9 ms, s25b): the graph-node cuts measured before
           # only one step at a time, where the host's time was not the step's: the clip norm by our strided kernel
           # (~1,200 nodes fewer), the clip factor folded into AdamW (~400 fewer), both; MLX alone, default twice
       for v in "" MLXCLIP_GPU_NORM_KERNEL=1 MLXCLIP_GPU_FOLD_CLIP=1 "MLXCLIP_GPU_NORM_KERNEL=1 MLXCLIP_GPU_FOLD_CLIP=1" ""; do
-        env $v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 100 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-32 --out $OUT/s26b 2>&1 | grep "items/s" | sed "s/^/[$v] /"
+        env $v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 160 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-32 --out $OUT/s26b 2>&1 | grep "items/s" | sed "s/^/[$v] /"
       done | tee $OUT/s26b.txt ;;
+    s26h) # session 22: the fold (MLXCLIP_GPU_FOLD_CLIP) now the GPU default after s26b; ViT-B-32 against torch.compile
+          # with it, then the norm kernel's extra peak (+1.9 GiB ViT-B-32, +4.4 GiB ViT-B-16 in s26b/s26d): does MLX's
+          # tape order (a BFS at most MLX_BFS_MAX_WIDTH=20 wide; the kernel reads 24 gradients a launch) make it?
+      MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 330 $BENCH --arch ViT-B-32 --out $OUT/s26h-b32 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s26h.txt
+      for v in "MLXCLIP_GPU_NORM_KERNEL=1" "MLXCLIP_GPU_NORM_KERNEL=1 MLX_BFS_MAX_WIDTH=64"; do
+        env $v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 80 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-32 --out $OUT/s26h 2>&1 | grep "items/s" | sed "s/^/[$v] /"
+      done | tee -a $OUT/s26h.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -58,7 +58,7 @@ def report(measure: bool = True) -> dict:
 
     from mlx_clip import (cpu_cache, cpu_jit, fastmath, gpu_activation, gpu_attention, gpu_embedding, gpu_reduce, model,
                           qkv_block)
-    from mlx_clip.train import loop, step
+    from mlx_clip.train import loop, optim, step
 
     info = {
         "python": platform.python_version(),
@@ -90,6 +90,7 @@ def report(measure: bool = True) -> dict:
         "pack_text": {"packed": loop.PACK_TEXT, "windows": loop.PACK_WINDOWS},
         "queue_state": loop.QUEUE_STATE,  # MLXCLIP_QUEUE_STATE: a queued train step's updates handed over with it
         "norm_squares": step.NORM_SQUARES,  # MLXCLIP_NORM_SQUARES: how the clip norm sums each gradient's squares
+        "fold_clip": optim.FOLD_CLIP_GPU,  # MLXCLIP_GPU_FOLD_CLIP: off the CPU, the clip factor in AdamW's moments
         "torch": torch_info(),
     }
     if measure:

@@ -49,7 +49,7 @@ def test_gpu_branch_reduce_takes_two_norm_nodes_and_the_fold_saves_a_node_per_pa
     sums = step_census.context(text, "Sum")
     norm_sums = {key: count for key, count in sums.items() if key[0] in ((kinds[0],), (kinds[1],))}
     assert sum(norm_sums.values()) == arrays and not any("Squeeze" in readers for (_, readers) in norm_sums)
-    monkeypatch.setattr(optim, "FOLD_CLIP_GPU", True)  # an option since session 17 (slower on an H200), not the default
+    monkeypatch.setattr(optim, "FOLD_CLIP_GPU", True)  # the GPU's default since session 22 (s26b: queued, faster)
     folded = sum(step_census.census("tiny", 2).values())
     monkeypatch.setattr(optim, "FOLD_CLIP_GPU", False)
     assert sum(step_census.census("tiny", 2).values()) - folded == n

@@ -40,8 +40,8 @@ def test_env_word_takes_a_listed_name_in_any_case_and_names_any_other(monkeypatc
 
 def test_norm_squares_follows_its_environment_setting():
     """MLXCLIP_NORM_SQUARES picks the clip norm's way for a whole process (separate-process A/Bs on a card), ahead of
-    MLXCLIP_GPU_NORM_KERNEL; MLXCLIP_GPU_FOLD_CLIP folds the clip factor (off by default). Read at import, so each
-    setting is read by a fresh process."""
+    MLXCLIP_GPU_NORM_KERNEL; MLXCLIP_GPU_FOLD_CLIP folds the clip factor (on by default since session 22). Read at
+    import, so each setting is read by a fresh process."""
     import os
     import subprocess
     import sys
@@ -49,7 +49,8 @@ def test_norm_squares_follows_its_environment_setting():
     probe = "from mlx_clip.train import optim, step; print(step.NORM_SQUARES, optim.FOLD_CLIP_GPU)"
     base = {k: v for k, v in os.environ.items() if k not in ("MLXCLIP_NORM_SQUARES", "MLXCLIP_GPU_NORM_KERNEL",
                                                              "MLXCLIP_GPU_FOLD_CLIP")}
-    for env, want in (({}, "auto False"), ({"MLXCLIP_GPU_NORM_KERNEL": "1"}, "kernel False"),
+    for env, want in (({}, "auto True"),
+                      ({"MLXCLIP_GPU_NORM_KERNEL": "1", "MLXCLIP_GPU_FOLD_CLIP": "0"}, "kernel False"),
                       ({"MLXCLIP_NORM_SQUARES": "flat", "MLXCLIP_GPU_NORM_KERNEL": "1", "MLXCLIP_GPU_FOLD_CLIP": "1"},
                        "flat True")):
         out = subprocess.run([sys.executable, "-c", probe], env={**base, **env}, capture_output=True, text=True,

@@ -23,11 +23,13 @@ NO_DECAY = re.compile(r"(bias$|layer_?norm|layrnorm|logit_scale|logit_bias|token
 _LAYER = re.compile(r"^(vision_model|text_model)\.encoder\.layers\.(\d+)\.")
 
 
-# Opt-in (MLXCLIP_GPU_FOLD_CLIP=1, gpu_ab fold=1): off the CPU, the clip factor folded into AdamW's moment coefficients
-# (GroupedAdamW._adamw_arrays), one graph node per parameter fewer than multiplying each gradient first. On an H200
-# (session 17, ViT-B/32 b256, mimalloc) the step was slower with it: 51.1 / 47.1 / 51.9 ms against 49.5 / 44.1 / 43.5
-# without, separate processes, and 51.1 vs 47.7 ms in one process (benchmarks/results/gpu-s17-h200.md), so not the default
-FOLD_CLIP_GPU = env_switch("MLXCLIP_GPU_FOLD_CLIP", False)
+# Off the CPU (MLXCLIP_GPU_FOLD_CLIP, default on since session 22; gpu_ab fold=1|0): the clip factor folded into AdamW's
+# moment coefficients (GroupedAdamW._adamw_arrays), one graph node per parameter fewer than multiplying each gradient
+# first. Session 17, one step at a time, the H200 ran ViT-B/32 slower with it (51.1 vs 47.7 ms in one process,
+# benchmarks/results/gpu-s17-h200.md); with steps queued (session 21) that step is its host's time, which goes per
+# graph node, and the fold took it 43.8 / 45.4 -> 38.6 ms, ViT-B-16 unchanged (90.4 vs 89.8 ms), +0.4 GiB of peak
+# on ViT-B-32 (benchmarks/results/gpu-s22-h200.md)
+FOLD_CLIP_GPU = env_switch("MLXCLIP_GPU_FOLD_CLIP", True)
 
 
 def lr_schedule(lr: float, total_steps: int, warmup: int = 0, kind: str = "cosine", min_lr_ratio: float = 0.0):
@@ -130,8 +132,8 @@ class GroupedAdamW(optim.Adam):
         if on_cpu():  # made apart (stop_gradient is not fused): no bool in the kernels (_zeroed)
             ok = mx.stop_gradient(ok)
         self._gradient_scale, self._finite, self._ok = gradient_scale * ok, finite, ok
-        # With FOLD_CLIP_GPU (off the CPU) the clip factor goes into the moments' coefficients, one scalar per step
-        # (_adamw_arrays says why); 0 on a skipped step, where the factor itself may be nan (a nan norm)
+        # With FOLD_CLIP_GPU (off the CPU, the default) the clip factor goes into the moments' coefficients, one
+        # scalar per step (_adamw_arrays says why); 0 on a skipped step, where the factor itself may be nan (a nan norm)
         self._moment_scale = None if on_cpu() or not FOLD_CLIP_GPU else mx.where(finite, gradient_scale, 0.0)
         self._moment_scale_sq = None if self._moment_scale is None else mx.square(self._moment_scale)
         try:
@@ -213,11 +215,10 @@ class GroupedAdamW(optim.Adam):
         c1 = lr / (1 - b1**step)  # bias corrections from the true betas, also on a skipped step (no 1/0 there)
         c2 = own(mx.rsqrt(1 - b2**step))
         keep_m, keep_v = own(b1), own(b2)  # the old moments' weights, (1 - those) the gradient's
-        # Folded (FOLD_CLIP_GPU, opt-in) the clip factor multiplies the moments' coefficients (m's by s, v's by s²),
-        # not the gradient: as its own multiply the gradient's scaling stays out of the update's fused kernel
-        # (mlx/compile.cpp bounds a fused kernel's depth, 11, and inputs, 24), one more launch and graph node per
-        # parameter, ~400 a ViT step; folded, the scaled gradient is not rounded to the gradient's dtype (bf16). Yet
-        # the H200 ran the step faster unfolded (the note at FOLD_CLIP_GPU).
+        # Folded (FOLD_CLIP_GPU, the GPU's default) the clip factor multiplies the moments' coefficients (m's by s,
+        # v's by s²), not the gradient: as its own multiply the gradient's scaling stays out of the update's fused
+        # kernel (mlx/compile.cpp bounds a fused kernel's depth, 11, and inputs, 24), one more launch and graph node per
+        # parameter, ~400 a ViT step; folded, the scaled gradient is not rounded to the gradient's dtype (bf16).
         fold = self._moment_scale is not None
         if self._gradient_scale is not None and not fold:
             gradient = gradient * own(self._gradient_scale).astype(gradient.dtype)
