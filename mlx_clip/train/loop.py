@@ -26,8 +26,9 @@ PACK_WINDOWS = env_switch("MLXCLIP_PACK_WINDOWS", True)
 # step is queued is what its last ~1,000 ops take: ~8 ms of the optimizer's small kernels, less than the ~12-16 ms the
 # host then spends tracing the next step (ViT-B/16 on an H200: the device idles 6-15 ms a step,
 # benchmarks/results/gpu-s21-h200.md). MLXCLIP_QUEUE_STATE=0 leaves the updates to the next step's queueing (its
-# forward needs them), so the last ops in flight are the backward's and the norm's, heavier ones. Prepared in session
-# 21, the same speed on the CPU (small b32: 323.8 vs 320.1 ms), not yet measured on a GPU: opt-in until it is.
+# forward needs them), so the last ops in flight are the backward's and the norm's, heavier ones. The same speed on
+# the CPU (small b32: 323.8 vs 320.1 ms) and on an H200 (session 22, ViT-B/16, alternating processes: 89.4 / 93.4 ms
+# against 91.6 / 92.8 with the default, benchmarks/results/gpu-s22-h200.md §1): opt-in.
 QUEUE_STATE = env_switch("MLXCLIP_QUEUE_STATE", True)
 
 
