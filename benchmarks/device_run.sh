@@ -243,6 +243,27 @@ for step in "$@"; do
       for v in "MLXCLIP_GPU_NORM_KERNEL=1" "MLXCLIP_GPU_NORM_KERNEL=1 MLX_BFS_MAX_WIDTH=64"; do
         env $v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 80 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-32 --out $OUT/s26h 2>&1 | grep "items/s" | sed "s/^/[$v] /"
       done | tee -a $OUT/s26h.txt ;;
+    s27) # prepared in session 22: MLX commits a command buffer at 100 ops or 1,000 MB of inputs (cuda/device.cpp
+         # get_graph_limits), 10 in flight. The backward's buffers are bound by bytes (its activations), the clip
+         # norm's ~1,200 small reductions by ops: the last 10 buffers when the host starts tracing the next step are
+         # mostly the norm's and the updates' (~8 ms). More ops a buffer with the byte bound kept should deepen the
+         # queue at the step's end without the 44.9 GiB of raising both (s25e). And the other way for the peak: each
+         # op's inputs live until its buffer completes (cuda/eval.cpp), so 10 buffers of up to 1,000 MB can hold GBs
+         # of freed activations; fewer MB a buffer bounds that (with more ops, so the norm's buffers stay deep).
+         # Last, the queued step under MLX's memory limit with the default buffers (session 11, one step at a time:
+         # torch's peak for +1% time; s25f measured it only with bigger buffers). MLX alone, ViT-B-16, alternating
+      for v in "" MLX_MAX_OPS_PER_BUFFER=1000 MLX_MAX_OPS_PER_BUFFER=400 "" MLX_MAX_MB_PER_BUFFER=400 \
+               "MLX_MAX_OPS_PER_BUFFER=1000 MLX_MAX_MB_PER_BUFFER=400" MLX_MAX_OPS_PER_BUFFER=1000 "--memory-limit 19GiB"; do
+        e=${v%%--*}; a=""; [[ $v == *--* ]] && a="--${v#*--}"
+        env $e MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 200 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-16 $a --out $OUT/s27 2>&1 | grep "items/s" | sed "s/^/[$v] /"
+      done | tee $OUT/s27.txt ;;
+    s27b) # the same for the host-bound ViT-B-32 (fewer commits: less host work a step?), then where the norm kernel's
+          # extra peak comes from (s26b: +1.9-2.5 GiB): one step at a time (--steps-per-run 1), with and without it;
+          # the same peak there says the queue's in-flight buffers hold it, not the step's own graph
+      for v in "" MLX_MAX_OPS_PER_BUFFER=1000 "" "--steps-per-run 1" "MLXCLIP_GPU_NORM_KERNEL=1 --steps-per-run 1"; do
+        e=${v%%--*}; a=""; [[ $v == *--* ]] && a="--${v#*--}"
+        env $e MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 160 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-32 $a --out $OUT/s27b 2>&1 | grep "items/s" | sed "s/^/[$v] /"
+      done | tee $OUT/s27b.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done
