@@ -153,7 +153,7 @@ def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text",
                         measured.setdefault((backend, mode, rec["batch"]), []).append(rec)
         for (backend, mode, _), runs_of_it in sorted(measured.items(), key=lambda kv: backends.index(kv[0][0])):
             rec = _median_round(runs_of_it)
-            rec["machine"] = machine["label"]
+            rec["machine"], rec["settings"] = machine["label"], machine["settings"]
             rec.update(flops.utilisation(rec, config, machine["matmul_peak"]["tflops"]))
             records.append(rec)
             if as_json:

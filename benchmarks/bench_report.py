@@ -54,6 +54,10 @@ def _captions(records: list[dict]) -> str:
     return ", ".join(sorted({str(r.get("caption_tokens") or DEFAULT_CAPTIONS) for r in records})) or DEFAULT_CAPTIONS
 
 
+def _settings(env: dict[str, str]) -> str:
+    return ", ".join(f"`{k}={v}`" for k, v in env.items()) or "none (every switch at its default)"
+
+
 def markdown(records: list[dict], machine: dict, title: str, failures: list[str]) -> str:
     lines = [
         f"# {title}",
@@ -62,6 +66,8 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
         f"MLX CPU kernel flags (`mlx_clip/cpu_jit.py`): {machine.get('mlx_cpu_jit', '—')}; "
         f"torch threads: {machine.get('torch_threads', '—')}; MLX's malloc (`mlx_clip/host_malloc.py`): "
         f"{machine.get('mlx_malloc', '—')}.",
+        "",
+        f"Settings (environment): {_settings(machine.get('settings', {}))}.",
         "",
         f"{_pace(records)}"
         "Median of the timed runs after warm-up (first run, which includes compilation, reported apart); spread = "

@@ -26,6 +26,12 @@ def _malloc_label(device: str) -> str:
     return f"{os.path.basename(library)} ({why})" if library else why
 
 
+def settings() -> dict[str, str]:
+    """The MLX and mlx-clip switches set in the environment (MLX_*, MLXCLIP_*), sorted: a result names the non-default
+    paths it measured (the command-buffer sizes, the opt-in kernels), so two runs' rows say whether they compare."""
+    return {k: os.environ[k] for k in sorted(os.environ) if k.startswith(("MLX_", "MLXCLIP_"))}
+
+
 def machine_info(device: str) -> dict:
     """A dict for the JSON reports; `label` is the one line the markdown tables are headed with."""
     import mlx.core as mx
@@ -43,6 +49,7 @@ def machine_info(device: str) -> dict:
         "mlx_blas": _blas.describe(),
         "mlx_cpu_jit": cpu_jit.STATUS,  # MLX's CPU kernel compiler flags (cpu_jit.py)
         "mlx_malloc": _malloc_label(device),  # MLXCLIP_MALLOC (host_malloc.py)
+        "settings": settings(),
     }
     try:
         import open_clip

@@ -330,6 +330,37 @@ def test_bench_rounds_take_turns_and_report_the_median_round(tmp_path, capsys, m
     assert "## Rounds" in (tmp_path / "bench-cpu-tiny-float32-b2.md").read_text()
 
 
+def test_bench_names_the_switches_it_ran_under(tmp_path, capsys, monkeypatch):
+    """The MLX_* and MLXCLIP_* variables set when `mlxclip bench` runs are named in its report and in every JSON row
+    (a result measured with an opt-in kernel or other command-buffer sizes says so); none set is said too."""
+    import benchmarks.bench as bench_module
+
+    def fake_run_one(spec):
+        b = spec["batch"]
+        return [dict(spec, items_per_s=10.0, items_per_s_best=11.0, latency_ms_p50=100.0 * b, median_s=b / 10,
+                     min_s=b / 11, max_s=b / 9, spread_pct=1.0, first_run_s=1.0, peak_mem_bytes=1,
+                     peak_mem_source="test", load_avg=[0.0])], None
+
+    monkeypatch.setattr(bench_module, "run_one", fake_run_one)
+    for name in [k for k in os.environ if k.startswith(("MLX_", "MLXCLIP_"))]:
+        monkeypatch.delenv(name)
+    args = ["bench", "--arch", "tiny", "--backend", "mlx", "--task", "embed-text", "--mode", "eager", "--batch", "2",
+            "--device", "cpu", "--json", "--out", str(tmp_path)]
+    cli.main(args, standalone_mode=False)
+    report = (tmp_path / "bench-cpu-tiny-float32-b2.md").read_text()
+    assert "Settings (environment): none (every switch at its default)." in report
+    assert all(json.loads(line)["settings"] == {} for line in capsys.readouterr().out.strip().splitlines())
+    monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "400")
+    monkeypatch.setenv("MLXCLIP_GPU_NORM_KERNEL", "1")
+    monkeypatch.setenv("MLXCLIPX_OTHER", "1")  # not one of ours: another prefix
+    cli.main(args, standalone_mode=False)
+    report = (tmp_path / "bench-cpu-tiny-float32-b2.md").read_text()
+    assert "Settings (environment): `MLXCLIP_GPU_NORM_KERNEL=1`, `MLX_MAX_OPS_PER_BUFFER=400`." in report
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert rows and all(r["settings"] == {"MLXCLIP_GPU_NORM_KERNEL": "1", "MLX_MAX_OPS_PER_BUFFER": "400"}
+                        for r in rows)
+
+
 def test_random_batch_caption_lengths():
     from benchmarks.batches import random_batch
 
