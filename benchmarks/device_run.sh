@@ -8,7 +8,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 BENCH="python3 -m benchmarks.bench --backend mlx,torch --task train --mode compiled --batch 256 --dtype bfloat16 --device cuda --runs 10 --warmup 3 --caption-tokens 5-30"
 for step in "$@"; do
   case $step in
-    tests) MLX_ENABLE_TF32=0 timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_attention.py tests/test_gpu_reduce.py tests/test_layer_norm.py tests/test_mlp_block.py tests/test_multi_tensor.py tests/test_linear.py "tests/test_parity.py::test_loss_gradients_match_open_clip" 2>&1 | tail -40 | tee $OUT/gpu-tests.txt ;;
+    tests) MLX_ENABLE_TF32=0 timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_attention.py tests/test_gpu_reduce.py tests/test_layer_norm.py tests/test_mlp_block.py tests/test_multi_tensor.py tests/test_linear.py tests/test_optim.py "tests/test_parity.py::test_loss_gradients_match_open_clip" "tests/test_finetune.py::test_a_nonfinite_step_is_as_if_it_never_happened" 2>&1 | tail -40 | tee $OUT/gpu-tests.txt ;;
     modes) timeout 240 python3 -m benchmarks.attention_modes 2>&1 | tee $OUT/attention-modes.txt ;;
     b32) MLXCLIP_GPU_ATTENTION=fused timeout 300 $BENCH --arch ViT-B-32 --out $OUT/b32-fused 2>&1 | tail -25 ;;
     b32ab) for r in 0 1; do MLXCLIP_GPU_REDUCE=$r timeout 200 ${BENCH/mlx,torch/mlx} --arch ViT-B-32 --out $OUT/b32-reduce$r 2>&1 | grep items/s; done | tee $OUT/b32ab.txt ;;
@@ -264,6 +264,14 @@ for step in "$@"; do
         e=${v%%--*}; a=""; [[ $v == *--* ]] && a="--${v#*--}"
         env $e MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 160 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-32 $a --out $OUT/s27b 2>&1 | grep "items/s" | sed "s/^/[$v] /"
       done | tee $OUT/s27b.txt ;;
+    s27c) # prepared in session 22: MLXCLIP_GPU_INPLACE_UPDATE=1, the large parameters' AdamW as single-output kernels
+          # writing over p, m and v (the one kernel of three outputs gets old buffers in input order only, so the new
+          # bf16 weight, and with the fold a moment, are allocated anew: GPU-branch ViT-B-32 on the CPU, peak +654 ->
+          # +381 MiB, for ~975 more graph nodes). MLX alone, alternating: ViT-B-16 (memory bar), then ViT-B-32
+          # (host-bound: the nodes' cost)
+      for a in ViT-B-16 ViT-B-32; do for v in "" MLXCLIP_GPU_INPLACE_UPDATE=1 "" MLXCLIP_GPU_INPLACE_UPDATE=1; do
+        env $v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 160 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch $a --out $OUT/s27c 2>&1 | grep "items/s" | sed "s/^/[$v] /"
+      done; done | tee $OUT/s27c.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -95,6 +95,15 @@ def in_own_shape(stream, fn, *arrays: mx.array):
     `small` b32 438 / 418 / 400 -> 393 / 352 / 376 ms."""
     streams = [str(s) for s in (_STREAMS or [])]
     k = streams.index(str(stream)) + 1 if str(stream) in streams else 0
+    return with_leading_axes(k, fn, *arrays)
+
+
+def with_leading_axes(k: int, fn, *arrays: mx.array):
+    """fn(*arrays) traced with k leading length-1 axes, its result handed back in the first array's shape (free
+    reshapes); k = 0 calls fn as it is. The reshapes also cut a compiled fn's outputs apart: each is then made by a
+    kernel of its own, which MLX lets write over an input nothing else holds. A kernel of several outputs gets such
+    inputs only in input order, item size matching (mlx/backend/common/compiled.cpp), so some of its outputs may be
+    allocated anew while the old arrays live (train.optim.FUSED_UPDATE_MAX, GPU_INPLACE_UPDATE)."""
     if k == 0:
         return fn(*arrays)
     lead, shape = (1,) * k, arrays[0].shape

@@ -71,7 +71,7 @@ def test_doctor_reports_the_cache_and_attention_settings():
            "MLXCLIP_GPU_DKDV_ROWS": "32", "MLXCLIP_GPU_LDMATRIX": "0", "MLXCLIP_GPU_REDUCE": "0",
            "MLXCLIP_GPU_ACTIVATION": "off", "MLXCLIP_QKV_BLOCK": "1", "MLXCLIP_PATCH_EMBED": "conv",
            "MLXCLIP_PACK_WINDOWS": "0", "MLXCLIP_QUEUE_STATE": "0", "MLXCLIP_NORM_SQUARES": "reduce",
-           "MLXCLIP_GPU_EMBEDDING": "0", "MLXCLIP_GPU_FOLD_CLIP": "0",
+           "MLXCLIP_GPU_EMBEDDING": "0", "MLXCLIP_GPU_FOLD_CLIP": "0", "MLXCLIP_GPU_INPLACE_UPDATE": "1",
            "MLXCLIP_GPU_DQ_STEP": "16", "MLXCLIP_GPU_DKDV_STEP": "32", "MLXCLIP_GPU_DKDV_WARPS": "4",
            "MLXCLIP_GPU_FWD_ROWS": "32", "MLXCLIP_GPU_FWD_WARPS": "4", "MLXCLIP_GPU_DQ_WARPS": "4"}
     proc = subprocess.run([sys.executable, "-m", "mlx_clip", "doctor", "--json", "--no-bench"], capture_output=True,
@@ -86,7 +86,7 @@ def test_doctor_reports_the_cache_and_attention_settings():
     assert info["gpu_embedding"] is False
     assert info["patch_embed"] == "conv" and info["norm_squares"] == "reduce"
     assert info["pack_text"] == {"packed": True, "windows": False} and info["queue_state"] is False
-    assert info["fold_clip"] is False
+    assert info["fold_clip"] is False and info["gpu_inplace_update"] is True
     if info["device"].startswith("Device(cpu"):  # CPU builds take the cache size from the variable
         assert info["cache_limit_bytes"] == 10**9
 
@@ -107,7 +107,7 @@ def test_unknown_gpu_attention_mode_is_named_and_ignored():
     assert info["qkv_block"] is False  # opt-in
     assert info["patch_embed"] == "matmul" and info["norm_squares"] == "auto"
     assert info["pack_text"] == {"packed": True, "windows": True} and info["queue_state"] is True
-    assert info["fold_clip"] is True  # the GPU's default since session 22
+    assert info["fold_clip"] is True and info["gpu_inplace_update"] is False  # the defaults since session 22
     kernels = info["gpu_attention_kernels"]
     assert kernels["dkdv_rows"] == 16 and kernels["ldmatrix"] == 1 and kernels["dkdv_warps"] == 8
     assert (kernels["fwd_rows"], kernels["fwd_warps"], kernels["dq_step"], kernels["dq_warps"]) == (16, 8, 32, 8)

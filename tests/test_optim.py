@@ -179,6 +179,38 @@ def test_large_parameter_update_writes_over_its_inputs():
     assert extra < 4 * shape[0] * shape[1] // 2, f"{extra} bytes beyond the inputs"  # less than half a weight
 
 
+def test_gpu_inplace_update_allocates_no_new_weight(monkeypatch):
+    """The GPU branch's train step (traced and run here, bf16 weights, fp32 moments): each parameter's update is one
+    kernel making p, m and v, and MLX hands it old buffers in input order, so not every output gets one: the `tiny`
+    model's token table (its one parameter over optim.FUSED_UPDATE_MAX) is made anew each step. With
+    optim.GPU_INPLACE_UPDATE (MLXCLIP_GPU_INPLACE_UPDATE) its update is single-output kernels writing over their
+    inputs: the step's peak at least the table's size lower, and the same weights after four steps."""
+    from benchmarks import step_census
+    from mlx_clip import cpu_streams
+    from mlx_clip.train import optim as optim_mod
+
+    monkeypatch.setattr(cpu_streams, "on_cpu", lambda: False)
+    monkeypatch.setattr(optim_mod, "on_cpu", lambda: False)
+    monkeypatch.setattr(step_census, "DTYPE", "bfloat16")
+    peaks, weights = {}, {}
+    for inplace in (False, True):
+        monkeypatch.setattr(optim_mod, "GPU_INPLACE_UPDATE", inplace)
+        load = step_census._workload("tiny", 2)
+        load.run()
+        load.run()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        load.run()
+        peaks[inplace] = mx.get_peak_memory() - base
+        _, params, _ = load.launch()  # a fourth step, whose outputs include the model's state
+        mx.eval(params)
+        (table,) = [p for _, p in tree_flatten(params)
+                    if isinstance(p, mx.array) and p.size > optim_mod.FUSED_UPDATE_MAX]
+        weights[inplace] = (np.array(table.astype(mx.float32)), table.nbytes)
+    assert peaks[False] - peaks[True] >= weights[True][1], peaks
+    np.testing.assert_array_equal(weights[False][0], weights[True][0])
+
+
 def test_weight_decay_skips_biases_norms_embeddings_and_logit_scale(tiny_dir):
     model, _, _ = load(tiny_dir)
     hparams = param_hparams(model, 0.1)

@@ -12,7 +12,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_clip.cpu_streams import Spread, in_own_shape, on_cpu
+from mlx_clip.cpu_streams import Spread, in_own_shape, on_cpu, with_leading_axes
 from mlx_clip.model import CLIP
 from mlx_clip.switches import env_switch
 from mlx_clip.train import multi_tensor
@@ -99,6 +99,16 @@ def _base_name(name: str) -> str:
 # list), so the one kernel allocates p, m and v anew while the old ones live: for 64 MB arrays 448 vs 256 MB peak
 # (benchmarks/perf-notes.md change 26). Small arrays cost little memory that way and save the launches and passes.
 FUSED_UPDATE_MAX = 1 << 18
+# Off the CPU every update is that one kernel (the fewest launches and graph nodes: the ViT-B/32 step is host-bound).
+# Its outputs get old buffers in input order, item size matching (mlx/backend/common/compiled.cpp): with bf16 weights
+# and fp32 moments the new weight, and with the fold (FOLD_CLIP_GPU) more, is allocated anew each step while the old
+# lives. MLXCLIP_GPU_INPLACE_UPDATE=1 (opt-in, prepared in session 22, not yet measured on a card) gives parameters
+# above FUSED_UPDATE_MAX the CPU's form there too, kernels writing over p, m and v. The GPU-branch ViT-B-32 step (bf16,
+# b2) traced and run on the CPU: peak +654 -> +381 MiB over the model and optimizer state (fold off: +549 -> +313),
+# but 6,464 -> 7,439 graph nodes (99 parameters, 7 views and 2 kernels more each), the host's time where the step is
+# host-bound. Queued, a step's updates overlap the next step's forward (ViT-B/16 on an H200: 22.9 GiB peak queued,
+# 22.0 one step at a time): benchmarks/device_run.sh s27c measures it there.
+GPU_INPLACE_UPDATE = env_switch("MLXCLIP_GPU_INPLACE_UPDATE", False)
 
 
 class GroupedAdamW(optim.Adam):
@@ -185,10 +195,15 @@ class GroupedAdamW(optim.Adam):
             new, state["m"], state["v"] = self._adamw_arrays(gradient, parameter, state["m"], state["v"], state,
                                                              self._tag(stream))
             return new
+        if not on_cpu() and GPU_INPLACE_UPDATE and parameter.size > FUSED_UPDATE_MAX:
+            new, state["m"], state["v"] = with_leading_axes(
+                1, lambda g, p, m, v: self._adamw_arrays(g, p, m, v, state), gradient, parameter, state["m"],
+                state["v"])
+            return new
         # In a shape of this stream's own: equal-shaped parameters on two streams would otherwise share their
         # broadcast constants and run the strided kernel (cpu_streams.in_own_shape says why). Reshaping m and v
         # back cuts them out of the parameter's kernel: on the CPU four single-output kernels, each writing over
-        # its input (elsewhere in_own_shape changes nothing and the update is one kernel).
+        # its input (elsewhere in_own_shape changes nothing and the update is one kernel: GPU_INPLACE_UPDATE).
         new, state["m"], state["v"] = in_own_shape(
             stream, lambda g, p, m, v: self._adamw_arrays(g, p, m, v, state), gradient, parameter, state["m"],
             state["v"])
