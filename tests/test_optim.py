@@ -321,3 +321,24 @@ def test_global_norm_matches_torch_clip_grad_norm(way, monkeypatch):
     assert norm.shape == () and float(norm) == pytest.approx(want, rel=1e-6)  # 0-d: it scales arrays of every shape
     with cpu_streams.batch_parallel_mode(True):  # the sums of squares then spread over the CPU streams
         assert float(mx.compile(step._global_norm)(tree)) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("way", ["flat", "dot"])
+def test_global_norm_reads_one_dimensional_gradients_as_they_are(way, monkeypatch, tmp_path):
+    """The flat and dot ways flatten each gradient for its sum of squares, but not a 1-D one (biases, LayerNorm
+    gains: ~200 a ViT step): MLX makes a Reshape node even to the same shape, and a host-bound GPU step pays per node.
+    Traced: one Reshape per gradient of another rank, and the total's one (flat keeps each sum as one element)."""
+    import re
+
+    from mlx_clip.train import step
+
+    monkeypatch.setattr(step, "NORM_SQUARES", way)
+    tree = {"bias": mx.ones((5,)) * 2, "weight": mx.ones((3, 4)) * 3, "gain": mx.ones((7,)) * 4,
+            "cube": mx.ones((2, 3, 2)) * 5}
+    mx.eval(tree)
+    norm = step._global_norm(tree)
+    path = tmp_path / "norm.dot"
+    mx.export_to_dot(str(path), norm)
+    reshapes = sum(label.startswith("Reshape") for label in re.findall(r'label ?= ?"([^"]*)"', path.read_text()))
+    assert reshapes == 2 + (way == "flat"), path.read_text()
+    assert float(norm) == pytest.approx(float(np.sqrt(5 * 4 + 12 * 9 + 7 * 16 + 12 * 25)), rel=1e-6)
