@@ -5,6 +5,8 @@
 # (each tree runs from its own directory: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH,
 # so an old tree named only in PYTHONPATH would be shadowed by this one, as it was before session 7)
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# A row spec "VAR=1 VAR2=2 --flag value": e gets the variables (for env), a the bench arguments from the first --
+split_row() { e=${1%%--*}; a=""; [[ $1 == *--* ]] && a="--${1#*--}"; }
 BENCH="python3 -m benchmarks.bench --backend mlx,torch --task train --mode compiled --batch 256 --dtype bfloat16 --device cuda --runs 10 --warmup 3 --caption-tokens 5-30"
 for step in "$@"; do
   case $step in
@@ -220,7 +222,7 @@ for step in "$@"; do
           # buffers hold their inputs longer, and a step runs ahead into the next): the same under MLX's memory limit
           # (the eval loop waits while active memory is over it), a middle size, then torch alone on this machine
       for v in "MLX_MAX_OPS_PER_BUFFER=400 MLX_MAX_MB_PER_BUFFER=4000 --memory-limit 19GiB" "MLX_MAX_OPS_PER_BUFFER=200 MLX_MAX_MB_PER_BUFFER=2000" "MLX_MAX_OPS_PER_BUFFER=200 MLX_MAX_MB_PER_BUFFER=2000 --memory-limit 19GiB"; do
-        e=${v%% --*}; a=""; [[ $v == *--* ]] && a="--${v#*--}"
+        split_row "$v"
         env $e MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 100 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-16 $a --out $OUT/s25f 2>&1 | grep "items/s" | sed "s/^/[$v] /"; done | tee $OUT/s25f.txt
       timeout 150 ${BENCH/mlx,torch/torch} --runs 6 --warmup 2 --arch ViT-B-16 --out $OUT/s25f 2>&1 | grep "items/s" | tee -a $OUT/s25f.txt ;;
     s26) # prepared in session 21: the queued step's updates left to the next step's queueing (MLXCLIP_QUEUE_STATE=0),
@@ -254,14 +256,14 @@ for step in "$@"; do
          # torch's peak for +1% time; s25f measured it only with bigger buffers). MLX alone, ViT-B-16, alternating
       for v in "" MLX_MAX_OPS_PER_BUFFER=1000 MLX_MAX_OPS_PER_BUFFER=400 "" MLX_MAX_MB_PER_BUFFER=400 \
                "MLX_MAX_OPS_PER_BUFFER=1000 MLX_MAX_MB_PER_BUFFER=400" MLX_MAX_OPS_PER_BUFFER=1000 "--memory-limit 19GiB"; do
-        e=${v%%--*}; a=""; [[ $v == *--* ]] && a="--${v#*--}"
+        split_row "$v"
         env $e MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 200 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-16 $a --out $OUT/s27 2>&1 | grep "items/s" | sed "s/^/[$v] /"
       done | tee $OUT/s27.txt ;;
     s27b) # the same for the host-bound ViT-B-32 (fewer commits: less host work a step?), then where the norm kernel's
           # extra peak comes from (s26b: +1.9-2.5 GiB): one step at a time (--steps-per-run 1), with and without it;
           # the same peak there says the queue's in-flight buffers hold it, not the step's own graph
       for v in "" MLX_MAX_OPS_PER_BUFFER=1000 "" "--steps-per-run 1" "MLXCLIP_GPU_NORM_KERNEL=1 --steps-per-run 1"; do
-        e=${v%%--*}; a=""; [[ $v == *--* ]] && a="--${v#*--}"
+        split_row "$v"
         env $e MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 160 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-32 $a --out $OUT/s27b 2>&1 | grep "items/s" | sed "s/^/[$v] /"
       done | tee $OUT/s27b.txt ;;
     s27c) # prepared in session 22: MLXCLIP_GPU_INPLACE_UPDATE=1, the large parameters' AdamW as single-output kernels

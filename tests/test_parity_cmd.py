@@ -303,6 +303,14 @@ def test_bench_memory_limit_reaches_the_mlx_worker(tmp_path, capsys):
         cli.main([*common, "--memory-limit", "19 gigs"], standalone_mode=False)
 
 
+def _fake_record(spec: dict, v: float) -> dict:
+    """What bench_worker measures for `spec`, made up: v items/s (the best run v + 1), peak memory int(v) bytes."""
+    b = spec["batch"]
+    return dict(spec, items_per_s=v, items_per_s_best=v + 1, latency_ms_p50=1e3 * b / v, median_s=b / v,
+                min_s=b / (1.1 * v), max_s=b / (0.9 * v), spread_pct=1.0, first_run_s=1.0, peak_mem_bytes=int(v),
+                peak_mem_source="test", load_avg=[0.0])
+
+
 def test_bench_rounds_take_turns_and_report_the_median_round(tmp_path, capsys, monkeypatch):
     """--rounds N runs every measurement N times, the backends alternating first, and keeps the median round."""
     import benchmarks.bench as bench_module
@@ -311,11 +319,7 @@ def test_bench_rounds_take_turns_and_report_the_median_round(tmp_path, capsys, m
 
     def fake_run_one(spec):
         order.append(spec["backend"])
-        v = next(speeds)
-        return [dict(spec, items_per_s=v, items_per_s_best=v + 1, latency_ms_p50=1e3 * spec["batch"] / v,
-                     median_s=spec["batch"] / v, min_s=spec["batch"] / (1.1 * v), max_s=spec["batch"] / (0.9 * v),
-                     spread_pct=1.0, first_run_s=1.0,
-                     peak_mem_bytes=int(v), peak_mem_source="test", load_avg=[0.0])], None
+        return [_fake_record(spec, next(speeds))], None
 
     monkeypatch.setattr(bench_module, "run_one", fake_run_one)
     cli.main(["bench", "--arch", "tiny", "--backend", "mlx,torch", "--task", "train", "--mode", "compiled",
@@ -335,13 +339,7 @@ def test_bench_names_the_switches_it_ran_under(tmp_path, capsys, monkeypatch):
     (a result measured with an opt-in kernel or other command-buffer sizes says so); none set is said too."""
     import benchmarks.bench as bench_module
 
-    def fake_run_one(spec):
-        b = spec["batch"]
-        return [dict(spec, items_per_s=10.0, items_per_s_best=11.0, latency_ms_p50=100.0 * b, median_s=b / 10,
-                     min_s=b / 11, max_s=b / 9, spread_pct=1.0, first_run_s=1.0, peak_mem_bytes=1,
-                     peak_mem_source="test", load_avg=[0.0])], None
-
-    monkeypatch.setattr(bench_module, "run_one", fake_run_one)
+    monkeypatch.setattr(bench_module, "run_one", lambda spec: ([_fake_record(spec, 10.0)], None))
     for name in [k for k in os.environ if k.startswith(("MLX_", "MLXCLIP_"))]:
         monkeypatch.delenv(name)
     args = ["bench", "--arch", "tiny", "--backend", "mlx", "--task", "embed-text", "--mode", "eager", "--batch", "2",

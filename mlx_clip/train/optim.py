@@ -195,18 +195,16 @@ class GroupedAdamW(optim.Adam):
             new, state["m"], state["v"] = self._adamw_arrays(gradient, parameter, state["m"], state["v"], state,
                                                              self._tag(stream))
             return new
+        update = lambda g, p, m, v: self._adamw_arrays(g, p, m, v, state)  # noqa: E731
+        arrays = (gradient, parameter, state["m"], state["v"])
         if not on_cpu() and GPU_INPLACE_UPDATE and parameter.size > FUSED_UPDATE_MAX:
-            new, state["m"], state["v"] = with_leading_axes(
-                1, lambda g, p, m, v: self._adamw_arrays(g, p, m, v, state), gradient, parameter, state["m"],
-                state["v"])
-            return new
-        # In a shape of this stream's own: equal-shaped parameters on two streams would otherwise share their
-        # broadcast constants and run the strided kernel (cpu_streams.in_own_shape says why). Reshaping m and v
-        # back cuts them out of the parameter's kernel: on the CPU four single-output kernels, each writing over
-        # its input (elsewhere in_own_shape changes nothing and the update is one kernel: GPU_INPLACE_UPDATE).
-        new, state["m"], state["v"] = in_own_shape(
-            stream, lambda g, p, m, v: self._adamw_arrays(g, p, m, v, state), gradient, parameter, state["m"],
-            state["v"])
+            new, state["m"], state["v"] = with_leading_axes(1, update, *arrays)
+        else:
+            # In a shape of this stream's own: equal-shaped parameters on two streams would otherwise share their
+            # broadcast constants and run the strided kernel (cpu_streams.in_own_shape says why). Reshaping m and v
+            # back cuts them out of the parameter's kernel: on the CPU four single-output kernels, each writing over
+            # its input (elsewhere in_own_shape changes nothing and the update is one kernel: GPU_INPLACE_UPDATE).
+            new, state["m"], state["v"] = in_own_shape(stream, update, *arrays)
         return new
 
     def _tag(self, stream) -> mx.array:
