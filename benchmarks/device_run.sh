@@ -10,7 +10,9 @@ split_row() { e=${1%%--*}; a=""; [[ $1 == *--* ]] && a="--${1#*--}"; }
 BENCH="python3 -m benchmarks.bench --backend mlx,torch --task train --mode compiled --batch 256 --dtype bfloat16 --device cuda --runs 10 --warmup 3 --caption-tokens 5-30"
 for step in "$@"; do
   case $step in
-    tests) MLX_ENABLE_TF32=0 timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_attention.py tests/test_gpu_reduce.py tests/test_layer_norm.py tests/test_mlp_block.py tests/test_multi_tensor.py tests/test_linear.py tests/test_optim.py "tests/test_parity.py::test_loss_gradients_match_open_clip" "tests/test_finetune.py::test_a_nonfinite_step_is_as_if_it_never_happened" 2>&1 | tail -40 | tee $OUT/gpu-tests.txt ;;
+    # the card's tests in two calls (session 23: together they ran past 480 s on a bare machine, NVRTC compiling)
+    tests) MLX_ENABLE_TF32=0 timeout ${TESTS_TIMEOUT:-540} python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_reduce.py tests/test_layer_norm.py tests/test_mlp_block.py tests/test_multi_tensor.py tests/test_linear.py tests/test_optim.py tests/test_gpu_buffers.py "tests/test_parity.py::test_loss_gradients_match_open_clip" "tests/test_finetune.py::test_a_nonfinite_step_is_as_if_it_never_happened" 2>&1 | tail -40 | tee $OUT/gpu-tests.txt ;;
+    tests-attn) MLX_ENABLE_TF32=0 timeout ${TESTS_TIMEOUT:-540} python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_attention.py 2>&1 | tail -20 | tee $OUT/gpu-tests-attn.txt ;;
     modes) timeout 240 python3 -m benchmarks.attention_modes 2>&1 | tee $OUT/attention-modes.txt ;;
     b32) MLXCLIP_GPU_ATTENTION=fused timeout 300 $BENCH --arch ViT-B-32 --out $OUT/b32-fused 2>&1 | tail -25 ;;
     b32ab) for r in 0 1; do MLXCLIP_GPU_REDUCE=$r timeout 200 ${BENCH/mlx,torch/mlx} --arch ViT-B-32 --out $OUT/b32-reduce$r 2>&1 | grep items/s; done | tee $OUT/b32ab.txt ;;
@@ -274,6 +276,19 @@ for step in "$@"; do
       for a in ViT-B-16 ViT-B-32; do for v in "" MLXCLIP_GPU_INPLACE_UPDATE=1 "" MLXCLIP_GPU_INPLACE_UPDATE=1; do
         env $v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 160 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch $a --out $OUT/s27c 2>&1 | grep "items/s" | sed "s/^/[$v] /"
       done; done | tee $OUT/s27c.txt ;;
+    s28) # session 23 made 1,000 kernels a command buffer the CUDA default (gpu_buffers.py: ViT-B-32 alone 60-65 ->
+         # 37.5 / 41.3 ms on a slow-host machine). Paired against torch.compile with it, both archs, then ViT-B-32
+         # under its 8 GiB limit (the memory bar) and ViT-B-16 with the element bound at 400 (peak 18.3 GiB alone).
+         # Both archs take ~560 s: one a call, S28_ARCHS=ViT-B-32 then S28_ARCHS=ViT-B-16
+      for a in ${S28_ARCHS:-ViT-B-32 ViT-B-16}; do MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 280 $BENCH --arch $a --out $OUT/s28-${a#ViT-} 2>&1 | grep "items/s\|MLX/torch"; done | tee $OUT/s28.txt ;;
+    s28b) MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 280 $BENCH --arch ViT-B-32 --memory-limit 8GiB --out $OUT/s28-B-32-limit8 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s28b.txt
+      MLX_MAX_MB_PER_BUFFER=400 MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 280 $BENCH --arch ViT-B-16 --out $OUT/s28-B-16-mb400 2>&1 | grep "items/s\|MLX/torch" | tee -a $OUT/s28b.txt ;;
+    s28c) # ViT-B-16 at 100 / 1,000 kernels a buffer, alternating (1,000 alone never measured on it), then ViT-B-32's
+          # six runs' times at each (does the default's "fast, then slow" within a process go with 1,000?)
+      for a in ViT-B-16 ViT-B-32; do for v in 100 1000 100 1000; do
+        MLX_MAX_OPS_PER_BUFFER=$v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 120 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch $a --out $OUT/s28c-$a-$v 2>&1 | grep "items/s" | sed "s/^/[ops $v] /"
+        python3 -c "import json,sys; r=json.loads(open(sys.argv[1]).readline()); print(' runs ms:', ' '.join(f'{1e3*t:.1f}' for t in r['times_s']))" $OUT/s28c-$a-$v/*.jsonl
+      done; done | tee $OUT/s28c.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

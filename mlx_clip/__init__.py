@@ -9,6 +9,10 @@ from mlx_clip import cpu_cache  # noqa: E402  (after the BLAS preload)
 
 cpu_cache.configure()  # CPU builds: MLXCLIP_CPU_CACHE, if set, sizes MLX's buffer cache (cpu_cache.py says why)
 
+from mlx_clip import gpu_buffers  # noqa: E402
+
+gpu_buffers.configure()  # CUDA: 1,000 kernels a command buffer unless MLX_MAX_OPS_PER_BUFFER is set (gpu_buffers.py)
+
 __version__ = "0.1.0"
 
 # Public names, imported on first use so `import mlx_clip.tokenizer` stays light.

@@ -27,13 +27,14 @@ import warnings
 
 import mlx.core as mx
 
+from mlx_clip import gpu_buffers
+
 MLX_CPU_DEFAULT = 32 << 20  # mlx/backend/common allocator's cache_limit_
 TRAINING_LIMIT = 1 << 30  # measured above: the step's freed buffers kept for the next one, +0.4 GiB peak RSS
 
 
 def _cpu_only_build() -> bool:
-    gpu = getattr(mx, "cuda", None)
-    return not mx.metal.is_available() and not (gpu is not None and gpu.is_available())
+    return not mx.metal.is_available() and not gpu_buffers.cuda_available()
 
 
 def wanted_limit() -> int:

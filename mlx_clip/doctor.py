@@ -56,8 +56,8 @@ def _malloc() -> str:
 def report(measure: bool = True) -> dict:
     import mlx.core as mx
 
-    from mlx_clip import (cpu_cache, cpu_jit, fastmath, gpu_activation, gpu_attention, gpu_embedding, gpu_reduce, model,
-                          qkv_block)
+    from mlx_clip import (cpu_cache, cpu_jit, fastmath, gpu_activation, gpu_attention, gpu_buffers, gpu_embedding,
+                          gpu_reduce, model, qkv_block)
     from mlx_clip.train import loop, optim, step
 
     info = {
@@ -93,6 +93,8 @@ def report(measure: bool = True) -> dict:
         "fold_clip": optim.FOLD_CLIP_GPU,  # MLXCLIP_GPU_FOLD_CLIP: off the CPU, the clip factor in AdamW's moments
         # MLXCLIP_GPU_INPLACE_UPDATE: off the CPU, large parameters' AdamW as kernels writing over p, m and v (opt-in)
         "gpu_inplace_update": optim.GPU_INPLACE_UPDATE,
+        # MLX_MAX_OPS_PER_BUFFER on CUDA (1,000 unless set, gpu_buffers.py); None where MLX's own default applies
+        "gpu_ops_per_buffer": gpu_buffers.in_force(),
         "torch": torch_info(),
     }
     if measure:

@@ -108,6 +108,11 @@ def test_unknown_gpu_attention_mode_is_named_and_ignored():
     assert info["patch_embed"] == "matmul" and info["norm_squares"] == "auto"
     assert info["pack_text"] == {"packed": True, "windows": True} and info["queue_state"] is True
     assert info["fold_clip"] is True and info["gpu_inplace_update"] is False  # the defaults since session 22
+    # MLX's command-buffer size: 1,000 kernels on CUDA unless set (gpu_buffers.py), nothing set elsewhere
+    from mlx_clip import gpu_buffers
+
+    assert info["gpu_ops_per_buffer"] == ((os.environ.get("MLX_MAX_OPS_PER_BUFFER") or "1000")
+                                          if gpu_buffers.cuda_available() else None)
     kernels = info["gpu_attention_kernels"]
     assert kernels["dkdv_rows"] == 16 and kernels["ldmatrix"] == 1 and kernels["dkdv_warps"] == 8
     assert (kernels["fwd_rows"], kernels["fwd_warps"], kernels["dq_step"], kernels["dq_warps"]) == (16, 8, 32, 8)
