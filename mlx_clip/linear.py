@@ -76,13 +76,22 @@ def _dense(stream, has_bias: bool, row_major: bool, copied: bool = False):
         # Only the gradients asked for are evaluated (a frozen weight's GEMM is never run: MLX is lazy).
         x, weight = primals[:2]
         with mx.stream(stream):
-            rows, x_rows = cotangent.reshape(-1, cotangent.shape[-1]), x.reshape(-1, x.shape[-1])
+            rows, x_rows = as_rows(cotangent), as_rows(x)
             dw = rows.T @ x_rows if row_major else (x_rows.T @ rows).T
             dw = mx.contiguous(dw) if copied else dw
-            grads = ((cotangent @ weight).astype(x.dtype), dw.astype(weight.dtype))
+            # dx from the rows already made: `cotangent @ weight` on (B, L, N) would flatten and unflatten it again,
+            # two graph nodes where one reshape does (the same product; a host-bound GPU step pays per node)
+            dx = rows @ weight
+            grads = ((dx if dx.shape == x.shape else dx.reshape(x.shape)).astype(x.dtype), dw.astype(weight.dtype))
             return grads + (gpu_reduce.column_sum(rows).astype(primals[2].dtype),) if has_bias else grads
 
     return dense
+
+
+def as_rows(t: mx.array) -> mx.array:
+    """t as one (rows, last axis) matrix: every leading axis' entries as rows; a matrix as it is (MLX makes a Reshape
+    node even to the same shape)."""
+    return t if t.ndim == 2 else t.reshape(-1, t.shape[-1])
 
 
 def _turn_round(x: mx.array, weight: mx.array) -> bool:

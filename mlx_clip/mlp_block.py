@@ -59,15 +59,22 @@ def _block(stream, activation, eps: float):
 def _block_vjp(activation, eps: float, primals, cotangents, outputs):
     x, ln_w, ln_b, w1, b1, w2, b2 = primals
     g, h = cotangents[0], outputs[1]
-    rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (tokens of every batch row as one matrix)
+    rows = linear.as_rows  # tokens of every batch row as one matrix
+    # The products run on rows, their results shaped back by one reshape each: `g @ w2` on (B, L, D) would flatten
+    # and unflatten (2 graph nodes, and a host-bound GPU step pays per node). act(h) and LayerNorm(x) are recomputed
+    # on h and x as they are, so that compilation can merge them with the forward's where it keeps those
+    g_rows = rows(g)
+    g_h = (g_rows @ w2).reshape(h.shape)
     kind = fastmath.GPU_KINDS.get(activation)
     if kind and gpu_activation.applies(h):  # a = act(h) recomputed, and dh: one pass over h (gpu_activation says why)
-        a, dh = gpu_activation.value_and_grad(kind, h, g @ w2)
+        a, dh = gpu_activation.value_and_grad(kind, h, g_h)
     else:
-        a, (dh,) = _value_and_vjp(activation, [h], g @ w2)
-    y, dx, d_ln_w, d_ln_b = ln.recomputed(x, ln_w, ln_b, dh @ w1, eps)  # y recomputed, and the LayerNorm's gradients
-    dw2, db2 = rows(g).T @ rows(a), gpu_reduce.column_sum(rows(g))  # MLX's sum where the kernel does not apply
-    dw1, db1 = rows(dh).T @ rows(y), gpu_reduce.column_sum(rows(dh))
+        a, (dh,) = _value_and_vjp(activation, [h], g_h)
+    dh_rows = rows(dh)
+    g_x = (dh_rows @ w1).reshape(x.shape)
+    y, dx, d_ln_w, d_ln_b = ln.recomputed(x, ln_w, ln_b, g_x, eps)  # y recomputed, and the LayerNorm's gradients
+    dw2, db2 = g_rows.T @ rows(a), gpu_reduce.column_sum(g_rows)  # MLX's sum where the kernel does not apply
+    dw1, db1 = dh_rows.T @ rows(y), gpu_reduce.column_sum(dh_rows)
     return dx, d_ln_w, d_ln_b, dw1, db1.astype(b1.dtype), dw2, db2.astype(b2.dtype)
 
 
