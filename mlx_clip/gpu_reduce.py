@@ -319,11 +319,15 @@ def finish(partial: mx.array, dtype: mx.Dtype) -> mx.array:
 def column_sum(x: mx.array) -> mx.array:
     """Σ over every axis but the last, (..., C) -> (C,) in x's dtype: our kernel where it applies, else MLX's sum."""
     rows, width = _rows_and_width(x)
-    if x.ndim < 2 or not column_sum_fits(rows, width, x.dtype):
+    if x.ndim < 2:
         return x.reshape(-1, width).sum(axis=0)
+    # a matrix as it is: MLX makes a Reshape node even to the same shape (the dense and MLP backward hand in rows)
+    matrix = x if x.ndim == 2 else x.reshape(rows, width)
+    if not column_sum_fits(rows, width, x.dtype):
+        return matrix.sum(axis=0)
     blocks = _blocks(rows, SUM_WARPS)
     kernel = _kernel("mlxclip_column_sum", COLUMN_SUM, ("x",), ("partial",))
-    (partial,) = kernel(inputs=[x.reshape(rows, width)], template=_template(x, width),
+    (partial,) = kernel(inputs=[matrix], template=_template(x, width),
                         grid=(blocks * 32 * SUM_WARPS, 1, 1), threadgroup=(32 * SUM_WARPS, 1, 1),
                         output_shapes=[(blocks, width)], output_dtypes=[mx.float32])
     return finish(partial, x.dtype)
