@@ -115,8 +115,9 @@ def _add(total, part):
 # ---- gradient checkpointing ----------------------------------------------------------------------------------------
 
 
-def checkpointed(layer, x: mx.array, mask=None) -> mx.array:
-    """`layer(x, mask)` whose activations are recomputed in the backward pass instead of kept (mx.checkpoint).
+def checkpointed(layer, x: mx.array, *args, call=None) -> mx.array:
+    """`layer(x, *args)` (or `call(x, *args)`, a method of the layer) whose activations are recomputed in the backward
+    pass instead of kept (mx.checkpoint).
 
     The layer's trainable parameters are explicit inputs of the checkpointed function, so their gradients flow
     (mlx-lm's pattern); frozen ones are constants. Randomness inside the layer (LoRA dropout) would be redrawn on
@@ -125,7 +126,7 @@ def checkpointed(layer, x: mx.array, mask=None) -> mx.array:
 
     def run(params, x):
         layer.update(params)
-        return layer(x, mask)
+        return (call or layer)(x, *args)
 
     return mx.checkpoint(run)(layer.trainable_parameters(), x)
 

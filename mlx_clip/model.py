@@ -47,14 +47,16 @@ class Attention(nn.Module):
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, mask=None) -> mx.array:
         """Attention of projected (B, L, D) queries, keys and values, then the output projection."""
+        return self.out_proj(self.context(q, k, v, mask))
+
+    def context(self, q: mx.array, k: mx.array, v: mx.array, mask=None) -> mx.array:
+        """Attention of projected (B, L, D) queries, keys and values, before the output projection: (B, L, D)."""
         if isinstance(mask, packed_attention.RowWindows):  # packed caption rows: key windows, T x 2s scores at most
-            out = packed_attention.attend(q, k, v, self.num_heads, self.scale, mask)
-        elif self.chunk:
+            return packed_attention.attend(q, k, v, self.num_heads, self.scale, mask)
+        if self.chunk:
             heads = (fastmath.split_heads(t, self.num_heads) for t in (q, k, v))
-            out = fastmath.merge_heads(sliced_attention(*heads, scale=self.scale, mask=mask, chunk=self.chunk))
-        else:
-            out = fastmath.token_attention(q, k, v, self.num_heads, self.scale, mask)
-        return self.out_proj(out)
+            return fastmath.merge_heads(sliced_attention(*heads, scale=self.scale, mask=mask, chunk=self.chunk))
+        return fastmath.token_attention(q, k, v, self.num_heads, self.scale, mask)
 
     def pooled(self, x: mx.array, positions, mask=None) -> mx.array:
         """The attention output at the pooled positions only, (B, n, D): keys and values from every token, the query,
@@ -116,14 +118,26 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def __call__(self, x: mx.array, mask=None) -> mx.array:
-        return self._mlp(x + self._attention(x, mask))
+        """(B, L, D) -> (B, L, D)."""
+        return self.rows(x.reshape(-1, x.shape[-1]), x.shape[:-1], mask).reshape(x.shape)
 
-    def _attention(self, x: mx.array, mask=None) -> mx.array:
+    def rows(self, x: mx.array, lengths: tuple, mask=None) -> mx.array:
+        """The block on a batch's tokens as rows: (B·L, D) of a (B, L) = `lengths` batch -> (B·L, D). Its dense
+        layers, LayerNorms and residual adds take a matrix: MLX's addmm of a (B, L, D) input reshapes it and its
+        result, and the backward each again (~5 graph nodes a dense layer, which a host-bound GPU step pays per
+        node); attention reads (B, L, D) views of the projections. The same products on the same numbers."""
+        return self._mlp(x + self._attention(x, lengths, mask))
+
+    def _attention(self, x: mx.array, lengths: tuple, mask=None) -> mx.array:
         attn, norm = self.self_attn, self.layer_norm1
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
         if qkv_block.applies(norm, *projections):  # same numbers, LayerNorm(x) not kept for the backward pass
-            return attn.attend(*qkv_block.qkv_block(norm, *projections, x), mask)
-        return attn(norm(x), mask)
+            q, k, v = qkv_block.qkv_block(norm, *projections, x)
+        else:
+            y = norm(x)
+            q, k, v = (p(y) for p in projections)
+        out = attn.context(*(t.reshape(*lengths, t.shape[-1]) for t in (q, k, v)), mask)
+        return attn.out_proj(out.reshape(x.shape[0], -1))
 
     def pooled(self, x: mx.array, positions, mask=None) -> mx.array:
         """The block's output at the pooled positions only, (B, D) (or (B, n, D) for (B, n) positions): what a tower's
@@ -153,10 +167,15 @@ class Encoder(nn.Module):
         tower's work, forward and backward. With `hidden_states` every block's full output is kept, so no shortcut."""
         layers = self.layers
         last = layers[-1] if pool is not None and hidden_states is None and layers else None
-        for layer in layers[:-1] if last is not None else layers:
-            x = checkpointed(layer, x, mask) if self.grad_checkpoint else layer(x, mask)
-            if hidden_states is not None:
-                hidden_states.append(x)
+        body = layers[:-1] if last is not None else layers
+        if body:  # the blocks on rows (EncoderLayer.rows says why), shaped back once
+            shape, rows = x.shape, x.reshape(-1, x.shape[-1])
+            for layer in body:
+                rows = (checkpointed(layer, rows, shape[:-1], mask, call=layer.rows) if self.grad_checkpoint
+                        else layer.rows(rows, shape[:-1], mask))
+                if hidden_states is not None:
+                    hidden_states.append(rows.reshape(shape))
+            x = rows.reshape(shape)
         if last is not None:
             return last.pooled(x, pool, mask)
         return x if pool is None else _pooled_rows(take_rows(x, pool), pool)
