@@ -289,6 +289,17 @@ for step in "$@"; do
         MLX_MAX_OPS_PER_BUFFER=$v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 120 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch $a --out $OUT/s28c-$a-$v 2>&1 | grep "items/s" | sed "s/^/[ops $v] /"
         python3 -c "import json,sys; r=json.loads(open(sys.argv[1]).readline()); print(' runs ms:', ' '.join(f'{1e3*t:.1f}' for t in r['times_s']))" $OUT/s28c-$a-$v/*.jsonl
       done; done | tee $OUT/s28c.txt ;;
+    s28d) # session 23's graph-node cuts (changes 46-47: GPU-branch ViT-B-32 6,457 -> 5,561 nodes, bit-identical), timed:
+          # the tree before them against this one, MLX alone, alternating processes (make ab_old first, here:
+          # mkdir ab_old && git archive 966b773 mlx_clip benchmarks | tar -x -C ab_old; both at 1,000 kernels a buffer,
+          # the old tree predating that default); then the weight gradients
+          # row-major on the GPU (MLXCLIP_ROW_MAJOR_GRADS_GPU=1: one Transpose node a dense layer fewer, and the clip
+          # norm's flat reshape no longer copies 98 transposed gradients; opt-in since session 10's H100 A/B, when
+          # the step was not host-bound)
+      for r in 1 2; do for t in ab_old .; do
+        (cd $t && PYTHONPATH=/tmp/site:$PWD MLX_MAX_OPS_PER_BUFFER=1000 MLXCLIP_MALLOC=$OLDPWD/.whlP/libmimalloc.so.2 timeout 120 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-32 --out $OUT/s28d-$r 2>&1 | grep "items/s" | sed "s|^|[tree $t] |")
+      done; done | tee $OUT/s28d.txt
+      for v in 0 1 0 1; do MLXCLIP_ROW_MAJOR_GRADS_GPU=$v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 120 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-32 --out $OUT/s28d-rm 2>&1 | grep "items/s" | sed "s/^/[row-major $v] /"; done | tee -a $OUT/s28d.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done
