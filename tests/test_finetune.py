@@ -426,6 +426,10 @@ def test_metrics_lines_and_report(run_a, data_dir):
     from mlx_clip import _blas  # the run names the BLAS its CPU products ran on (MKL, oneDNN's sgemm)
 
     assert run_a.summary["blas"] == _blas.describe() and f"| blas | {_blas.describe()} |" in summary_md
+    from mlx_clip import gpu_buffers  # and MLX's CUDA command-buffer size where it ran on CUDA (None elsewhere)
+
+    ops = run_a.summary["gpu_ops_per_buffer"]
+    assert ops == gpu_buffers.in_force() and (ops is None) == (not gpu_buffers.cuda_available())
     with Image.open(run_a.dir / "curves.png") as png:
         assert png.format == "PNG" and png.width > 100
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_clip import _blas, cpu_cache, cpu_streams, host_malloc
+from mlx_clip import _blas, cpu_cache, cpu_streams, gpu_buffers, host_malloc
 from mlx_clip.adapters import FEATURE_METHODS
 from mlx_clip.data.pipeline import Loader, LoaderConfig
 from mlx_clip.data.sources import open_source
@@ -193,6 +193,7 @@ def _finetune(args: TrainingArgs, quiet: bool) -> dict:
                **{f"{k}_after": v for k, v in history.get("after", {}).items() if k != "eval_seconds"},
                "skipped_images": skipped,
                "host_malloc": host_malloc.in_use(),  # a GPU step's speed depends on it (host_malloc.py)
+               "gpu_ops_per_buffer": gpu_buffers.in_force(),  # and on MLX's CUDA command buffers (gpu_buffers.py)
                "blas": _blas.describe()}  # and a CPU step's on this (MKL, oneDNN's sgemm: onednn_blas.py)
     if main:
         write_report(run_dir, summary, log.records())
