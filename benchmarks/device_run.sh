@@ -297,9 +297,10 @@ for step in "$@"; do
           # norm's flat reshape no longer copies 98 transposed gradients; opt-in since session 10's H100 A/B, when
           # the step was not host-bound)
       for r in 1 2; do for t in ab_old .; do
-        (cd $t && PYTHONPATH=/tmp/site:$PWD MLX_MAX_OPS_PER_BUFFER=1000 MLXCLIP_MALLOC=$OLDPWD/.whlP/libmimalloc.so.2 timeout 120 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-32 --out $OUT/s28d-$r 2>&1 | grep "items/s" | sed "s|^|[tree $t] |")
+        (cd $t && PYTHONPATH=/tmp/site:$PWD MLX_MAX_OPS_PER_BUFFER=1000 MLXCLIP_MALLOC=$OLDPWD/.whlP/libmimalloc.so.2 timeout 120 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-32 --out $OUT/s28d-$r-${t%.} 2>&1 | grep "items/s" | sed "s|^|[tree $t] |")
       done; done | tee $OUT/s28d.txt
-      for v in 0 1 0 1; do MLXCLIP_ROW_MAJOR_GRADS_GPU=$v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 120 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-32 --out $OUT/s28d-rm 2>&1 | grep "items/s" | sed "s/^/[row-major $v] /"; done | tee -a $OUT/s28d.txt ;;
+      # each row its own --out (a bench writes its file anew: rows sharing one would keep only the last's run times)
+      i=0; for v in 0 1 0 1; do i=$((i + 1)); MLXCLIP_ROW_MAJOR_GRADS_GPU=$v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 120 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-32 --out $OUT/s28d-rm$i 2>&1 | grep "items/s" | sed "s/^/[row-major $v] /"; done | tee -a $OUT/s28d.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done
