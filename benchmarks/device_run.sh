@@ -280,8 +280,8 @@ for step in "$@"; do
          # 37.5 / 41.3 ms on a slow-host machine). Paired against torch.compile with it, both archs, then ViT-B-32
          # under its 8 GiB limit (the memory bar) and ViT-B-16 with the element bound at 400 (peak 18.3 GiB alone).
          # One arch a call (S28_ARCHS=ViT-B-32, then ViT-B-16): on a bare machine the first MLX process compiles its NVRTC
-         # kernels first (session 23: three ViT-B-16 rows ran into 110 s timeouts before one finished; MLX keeps what
-         # it compiled on disk, so each try went further), hence 450 s a row
+         # kernels first (session 23: three ViT-B-16 rows ran into 110 s timeouts before one finished, so what was
+         # compiled seems kept on disk between processes), hence 450 s a row
       for a in ${S28_ARCHS:-ViT-B-32 ViT-B-16}; do MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S28_TIMEOUT:-450} $BENCH --arch $a --out $OUT/s28-${a#ViT-} 2>&1 | grep "items/s\|MLX/torch"; done | tee $OUT/s28.txt ;;
     s28b) MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 280 $BENCH --arch ViT-B-32 --memory-limit 8GiB --out $OUT/s28-B-32-limit8 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s28b.txt
       MLX_MAX_MB_PER_BUFFER=400 MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 280 $BENCH --arch ViT-B-16 --out $OUT/s28-B-16-mb400 2>&1 | grep "items/s\|MLX/torch" | tee -a $OUT/s28b.txt ;;
