@@ -321,8 +321,9 @@ def column_sum(x: mx.array) -> mx.array:
     rows, width = _rows_and_width(x)
     if x.ndim < 2:
         return x.reshape(-1, width).sum(axis=0)
-    # a matrix as it is: MLX makes a Reshape node even to the same shape (the dense and MLP backward hand in rows)
-    matrix = x if x.ndim == 2 else x.reshape(rows, width)
+    # an explicit shape: a matrix comes back as it is, no graph node (reshape(-1, width) would make one; the dense and
+    # MLP backward hand in rows)
+    matrix = x.reshape(rows, width)
     if not column_sum_fits(rows, width, x.dtype):
         return matrix.sum(axis=0)
     blocks = _blocks(rows, SUM_WARPS)

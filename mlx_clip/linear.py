@@ -81,16 +81,15 @@ def _dense(stream, has_bias: bool, row_major: bool, copied: bool = False):
             dw = mx.contiguous(dw) if copied else dw
             # dx from the rows already made: `cotangent @ weight` on (B, L, N) would flatten and unflatten it again,
             # two graph nodes where one reshape does (the same product; a host-bound GPU step pays per node)
-            dx = rows @ weight
-            grads = ((dx if dx.shape == x.shape else dx.reshape(x.shape)).astype(x.dtype), dw.astype(weight.dtype))
+            grads = ((rows @ weight).reshape(x.shape).astype(x.dtype), dw.astype(weight.dtype))
             return grads + (gpu_reduce.column_sum(rows).astype(primals[2].dtype),) if has_bias else grads
 
     return dense
 
 
 def as_rows(t: mx.array) -> mx.array:
-    """t as one (rows, last axis) matrix: every leading axis' entries as rows; a matrix as it is (MLX makes a Reshape
-    node even to the same shape)."""
+    """t as one (rows, last axis) matrix: every leading axis' entries as rows; a matrix as it is (MLX's reshape
+    returns an array already of an explicit shape, but one with -1 is a graph node even where nothing changes)."""
     return t if t.ndim == 2 else t.reshape(-1, t.shape[-1])
 
 

@@ -102,12 +102,13 @@ FUSED_UPDATE_MAX = 1 << 18
 # Off the CPU every update is that one kernel (the fewest launches and graph nodes: the ViT-B/32 step is host-bound).
 # Its outputs get old buffers in input order, item size matching (mlx/backend/common/compiled.cpp): with bf16 weights
 # and fp32 moments the new weight, and with the fold (FOLD_CLIP_GPU) more, is allocated anew each step while the old
-# lives. MLXCLIP_GPU_INPLACE_UPDATE=1 (opt-in, prepared in session 22, not yet measured on a card) gives parameters
-# above FUSED_UPDATE_MAX the CPU's form there too, kernels writing over p, m and v. The GPU-branch ViT-B-32 step (bf16,
+# lives. MLXCLIP_GPU_INPLACE_UPDATE=1 gives parameters above FUSED_UPDATE_MAX the CPU's form there too, kernels
+# writing over p, m and v; opt-in: on an H200 (session 23) ViT-B/16's peak did not move, 23,329 MiB either way
+# (benchmarks/results/gpu-s23-h200.md). The GPU-branch ViT-B-32 step (bf16,
 # b2) traced and run on the CPU: peak +654 -> +381 MiB over the model and optimizer state (fold off: +549 -> +313),
 # but 6,464 -> 7,439 graph nodes (99 parameters, 7 views and 2 kernels more each), the host's time where the step is
 # host-bound. Queued, a step's updates overlap the next step's forward (ViT-B/16 on an H200: 22.9 GiB peak queued,
-# 22.0 one step at a time): benchmarks/device_run.sh s27c measures it there.
+# 22.0 one step at a time).
 GPU_INPLACE_UPDATE = env_switch("MLXCLIP_GPU_INPLACE_UPDATE", False)
 
 

@@ -193,9 +193,9 @@ def _sum_of_squares(g: mx.array) -> mx.array:
     if way in ("auto", "kernel"):  # "kernel" reaches here off CUDA only
         way = "dot" if cpu_streams.on_cpu() else "flat"
     if way != "reduce":
-        # a 1-D gradient (biases, LayerNorm gains) is read as it is: MLX makes a Reshape node even to the same shape,
-        # and each node costs the host time of a host-bound GPU step (~200 of them a ViT step)
-        flat = (g if g.ndim == 1 else g.reshape(-1)).astype(mx.float32)
+        # an explicit length: a 1-D gradient (biases, LayerNorm gains) comes back as it is, where reshape(-1) would be
+        # a graph node, and each node costs the host time of a host-bound GPU step (~200 of them a ViT step)
+        flat = g.reshape(g.size).astype(mx.float32)
         # flat: kept as one element (keepdims), as "reduce" does: a full reduction to 0-d is a Sum and a Squeeze, one
         # graph node more per gradient (~400 a ViT step, whose GPU step is host-bound); _global_norm reshapes once
         return flat @ flat if way == "dot" else mx.sum(flat * flat, keepdims=True)
