@@ -1,5 +1,6 @@
 """Fixtures and helpers shared by the fine-tuning tests (test_finetune.py, test_finetune_recovery.py): the `tiny` model,
-a synthetic industrial dataset, the uninterrupted reference run, and readers of a run's files."""
+a synthetic industrial dataset, the uninterrupted reference run (registered once, in tests/conftest.py), and readers of
+a run's files."""
 
 import json
 from pathlib import Path

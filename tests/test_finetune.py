@@ -28,8 +28,8 @@ from mlx_clip.data.sources import open_source
 from mlx_clip.io import load
 from mlx_clip.train.args import resolve_args
 from mlx_clip.train.lora import load_with_adapters
-# the shared fixtures (imported for pytest to find them) and helpers; tests/ is on sys.path under pytest
-from finetune_util import data_dir, tiny_dir, run_a  # noqa: E402,F401
+# helpers shared with the other fine-tuning tests (their fixtures data_dir, tiny_dir, run_a: tests/conftest.py);
+# tests/ is on sys.path under pytest
 from finetune_util import run_args, metric_records, step_losses, saved_weights, assert_same, patch_train  # noqa: E402
 
 

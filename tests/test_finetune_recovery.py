@@ -17,8 +17,8 @@ from mlx_clip.train.args import TrainingArgs
 from mlx_clip.train.checkpoint import checkpoint_dirs, load_checkpoint, resolve_resume, save_checkpoint
 from mlx_clip.train.optim import GroupedAdamW, build_optimizer, freeze_towers, param_hparams
 from mlx_clip.train.step import make_loss_fn, make_step
-# the shared fixtures (imported for pytest to find them) and helpers; tests/ is on sys.path under pytest
-from finetune_util import data_dir, tiny_dir, run_a  # noqa: E402,F401
+# helpers shared with the other fine-tuning tests (their fixtures data_dir, tiny_dir, run_a: tests/conftest.py);
+# tests/ is on sys.path under pytest
 from finetune_util import (assert_same, metric_records, nan_at, patch_train, run_args, saved_weights,  # noqa: E402
                            snapshot, step_losses)
 
