@@ -293,7 +293,7 @@ for step in "$@"; do
       done; done | tee $OUT/s28c.txt ;;
     s28d) # session 23's graph-node cuts (changes 46-47: GPU-branch ViT-B-32 6,457 -> 5,561 nodes, bit-identical), timed:
           # the tree before them against this one, MLX alone, alternating processes (make ab_old first, here:
-          # mkdir ab_old && git archive 966b773 mlx_clip benchmarks | tar -x -C ab_old; both at 1,000 kernels a buffer,
+          # mkdir ab_old && git archive 966b773 mlx_clip benchmarks converters | tar -x -C ab_old; both at 1,000 kernels a buffer,
           # the old tree predating that default); then the weight gradients
           # row-major on the GPU (MLXCLIP_ROW_MAJOR_GRADS_GPU=1: one Transpose node a dense layer fewer, and the clip
           # norm's flat reshape no longer copies 98 transposed gradients; opt-in since session 10's H100 A/B, when
