@@ -10,6 +10,9 @@
   batch-parallel slices, no CPU kernels; MLX's SDPA, LayerNorm and reductions), traced and run here. Our CUDA kernels
   (gpu_attention, gpu_reduce, gpu_activation, multi_tensor) need a CUDA device, so this is the Metal graph and, but
   for those kernels, the CUDA one: where a host-bound GPU step's graph nodes come from, counted without a card.
+- same-process A/B (`--ab module.NAME=VALUE`): two workloads traced in one process, with the setting as it is and as
+  VALUE (a module constant read when a step is traced), their steps run alternately for `--seconds`: the VM's drift
+  (±15-30% within an hour here) moves both alike, which separate processes do not.
 - without attention (`--no-attention`, with `--fit`): each attention replaced by its value input (projections kept;
   wrong numbers, right shapes), the upper bound of what a faster attention could save.
 
@@ -17,6 +20,7 @@
     python -m benchmarks.step_census --arch small --fit 2,8,32
     python -m benchmarks.step_census --arch small --fit 32 --no-attention
     python -m benchmarks.step_census --arch ViT-B-32 --batch 2 --gpu-branch
+    python -m benchmarks.step_census --arch small --batch 32 --ab mlx_clip.train.step.DOT_ROWS_MIN=2**40
 
 The workload is `mlxclip bench`'s train step (benchmarks/workloads_mlx.py), in the product's CPU mode.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import os
 import re
 import tempfile
@@ -113,6 +118,34 @@ def step_ms(arch: str, batch: int, steps: int) -> float:
     return 1e3 * float(np.median(times))
 
 
+def ab(arch: str, batch: int, setting: str, seconds: float) -> dict[str, list[float]]:
+    """{label: step times in s} of two workloads traced in this process, `setting` ("pkg.module.NAME=VALUE", VALUE a
+    Python literal or arithmetic of them) as it is and as VALUE, stepped alternately for `seconds` (at least once)."""
+    target, _, value = setting.partition("=")
+    module_name, _, name = target.rpartition(".")
+    if not value or not module_name:
+        raise ValueError(f"--ab wants module.NAME=VALUE, got {setting!r}")
+    module = importlib.import_module(module_name)
+    old, new = getattr(module, name), eval(value, {"__builtins__": {}})  # a literal or 2**40: the user's own input
+    loads = {}
+    try:
+        for label, v in ((f"{name}={old!r}", old), (f"{name}={new!r}", new)):
+            setattr(module, name, v)  # read while the step is traced, in the warm-up steps
+            loads[label] = _workload(arch, batch)
+            loads[label].run()
+            loads[label].run()
+    finally:
+        setattr(module, name, old)
+    times = {label: [] for label in loads}
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or not all(times.values()):
+        for label, load in loads.items():
+            start = time.perf_counter()
+            load.run()
+            times[label].append(time.perf_counter() - start)
+    return times
+
+
 def _gpu_branch() -> None:
     from mlx_clip.train import optim
 
@@ -148,6 +181,9 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-attention", action="store_true", help="time the steps with attention cut out (see above)")
     ap.add_argument("--gpu-branch", action="store_true", help="the step as built off the CPU (see above)")
+    ap.add_argument("--ab", default="", help="module.NAME=VALUE: same-process A/B of a setting read at trace time "
+                                             "(see above)")
+    ap.add_argument("--seconds", type=float, default=60.0, help="--ab's time")
     ap.add_argument("--context", default="", help="comma-separated primitive names: for each, what makes its inputs "
                                                   "and what reads its output, most common first")
     args = ap.parse_args()
@@ -155,6 +191,12 @@ def main():
         _gpu_branch()
     if args.no_attention:
         _cut_attention()
+    if args.ab:
+        for label, times in ab(args.arch, args.batch, args.ab, args.seconds).items():
+            ms = 1e3 * np.array(times)
+            print(f"{args.arch} train b{args.batch} {label}: {np.median(ms):.1f} ms median of {len(ms)} steps "
+                  f"(quartiles {np.percentile(ms, 25):.1f}-{np.percentile(ms, 75):.1f})")
+        return
     if args.fit:
         batches = [int(b) for b in args.fit.split(",")]
         ms = [step_ms(args.arch, b, args.steps) for b in batches]

@@ -68,3 +68,23 @@ def test_gpu_branch_auto_norm_is_flat(monkeypatch):
         monkeypatch.setattr(step, "NORM_SQUARES", way)
         counts[way] = step_census.census("tiny", 2)
     assert counts["auto"] == counts["flat"] != counts["reduce"]
+
+
+def test_ab_traces_each_workload_under_its_value_and_restores_the_setting(monkeypatch):
+    """--ab: two workloads built in one process, the first under the setting as it is, the second under the given
+    value (held while its warm-up steps trace it), stepped alternately; the module's value restored after."""
+    seen = []
+    real = step_census._workload
+
+    def workload(arch, batch):
+        seen.append(step.DOT_ROWS_MIN)
+        return real(arch, batch)
+
+    monkeypatch.setattr(step_census, "_workload", workload)
+    before = step.DOT_ROWS_MIN
+    times = step_census.ab("tiny", 2, "mlx_clip.train.step.DOT_ROWS_MIN=2**40", seconds=0)
+    assert seen == [before, 2 ** 40] and step.DOT_ROWS_MIN == before
+    assert list(times) == [f"DOT_ROWS_MIN={before!r}", f"DOT_ROWS_MIN={2 ** 40!r}"]
+    assert all(len(t) == 1 and t[0] > 0 for t in times.values())
+    with pytest.raises(ValueError, match="module.NAME=VALUE"):
+        step_census.ab("tiny", 2, "DOT_ROWS_MIN", seconds=0)

@@ -185,6 +185,26 @@ NORM_WAYS = ("auto", "dot", "reduce", "flat", "concat", "kernel")
 NORM_SQUARES = env_word("MLXCLIP_NORM_SQUARES", NORM_WAYS,
                         "kernel" if env_switch("MLXCLIP_GPU_NORM_KERNEL", False) else "auto")
 NORM_CHUNK = 64
+# "dot" on a long gradient: MLX makes a 1-D dot one (1 x n) @ (n x 1) product, which this CPU's BLAS runs as one
+# serial loop, ~1.2 ns an element (the `small` token table's 6.3 M: 7.8 ms, a quarter of that step's fixed part). Cut
+# into rows of DOT_ROW, one short product each in one batched call, it runs ~5x faster from ~150 K elements on (6.3 M:
+# 1.5 ms; 590 K: 0.46 -> 0.22 ms) and equal below (benchmarks/perf-notes.md change 48); a few graph nodes more each.
+DOT_ROW = 8192
+DOT_ROWS_MIN = 1 << 17
+
+
+def _dot_squares(flat: mx.array) -> mx.array:
+    """Σ flat² of a 1-D fp32 array as a 0-d array: one dot, or past DOT_ROWS_MIN elements one per DOT_ROW-long row
+    and the rest's dot."""
+    whole = flat.size - flat.size % DOT_ROW
+    if whole < DOT_ROWS_MIN:
+        return flat @ flat
+    rows = (flat if whole == flat.size else flat[:whole]).reshape(-1, 1, DOT_ROW)
+    total = (rows @ rows.swapaxes(-1, -2)).sum()  # (rows, 1, 1) partial sums; the transposed view is not copied
+    if whole == flat.size:
+        return total
+    rest = flat[whole:]
+    return total + rest @ rest
 
 
 def _sum_of_squares(g: mx.array) -> mx.array:
@@ -198,7 +218,7 @@ def _sum_of_squares(g: mx.array) -> mx.array:
         flat = g.reshape(g.size).astype(mx.float32)
         # flat: kept as one element (keepdims), as "reduce" does: a full reduction to 0-d is a Sum and a Squeeze, one
         # graph node more per gradient (~400 a ViT step, whose GPU step is host-bound); _global_norm reshapes once
-        return flat @ flat if way == "dot" else mx.sum(flat * flat, keepdims=True)
+        return _dot_squares(flat) if way == "dot" else mx.sum(flat * flat, keepdims=True)
     # Reduced where it lies, dimensions kept: flattening first copied every transposed weight gradient (autodiff's
     # (xᵀg)ᵀ), and a full reduction's result is squeezed by a node of its own; so 2 graph nodes an array, not 4
     # (~800 fewer in a ViT-B/32 step, whose GPU step is host-bound). _global_norm squeezes the total once.
