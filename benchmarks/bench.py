@@ -56,11 +56,11 @@ def _split(value, allowed, what: str) -> list[str]:
     return items
 
 
-def _env(backend: str, device: str, dtype: str) -> dict:
+def _env(backend: str, device: str, dtype: str, task: str) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # MLX runs under the malloc the product would give it (host_malloc.py: mimalloc or jemalloc on a GPU), torch
-    # under the one torch users run it with
-    library, _ = host_malloc.choose(os.environ.get("MLXCLIP_MALLOC"), on_gpu=device != "cpu")
+    # MLX runs under the malloc the product would give it (host_malloc.py: mimalloc or jemalloc on a GPU and for CPU
+    # training, as `mlxclip finetune` runs), torch under the one torch users run it with
+    library, _ = host_malloc.choose(os.environ.get("MLXCLIP_MALLOC"), on_gpu=device != "cpu", training=task == "train")
     env = host_malloc.with_preload(env, library) if backend == "mlx" and library else \
         host_malloc.without_preload(env, library)
     if backend == "torch":
@@ -82,13 +82,14 @@ def _json_lines(module: str, *args: str, env: dict) -> tuple[list[dict], str]:
 def run_one(spec: dict) -> tuple[list[dict], str]:
     """(records, error text) of one worker process."""
     return _json_lines("benchmarks.bench_worker", json.dumps(spec),
-                       env=_env(spec["backend"], spec["device"], spec["dtype"]))
+                       env=_env(spec["backend"], spec["device"], spec["dtype"], spec["task"]))
 
 
 def measure_peak(device: str, dtype: str) -> dict:
     """MLX's matmul rate on `device` in `dtype` (benchmarks/flops.py), in a process of its own with the MLX worker's
-    environment (so TF32, the BLAS and the malloc are those the MLX rows ran under)."""
-    records, error = _json_lines("benchmarks.flops", device, dtype, env=_env("mlx", device, dtype))
+    environment (so TF32 and the BLAS are those the MLX rows ran under; the malloc a train row's, which a large
+    matmul's rate does not depend on)."""
+    records, error = _json_lines("benchmarks.flops", device, dtype, env=_env("mlx", device, dtype, "train"))
     if error or not records:
         raise RuntimeError(f"measuring the {dtype} matmul rate on {device} failed: {error or '(no output)'}")
     return records[-1]

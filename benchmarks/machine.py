@@ -20,10 +20,14 @@ def gpu_name(device: str) -> str | None:
 
 
 def _malloc_label(device: str) -> str:
+    """The malloc MLX's rows run under; on the CPU "auto" gives train rows another than the rest (host_malloc.py)."""
     from mlx_clip import host_malloc
 
-    library, why = host_malloc.choose(os.environ.get("MLXCLIP_MALLOC"), on_gpu=device != "cpu")
-    return f"{os.path.basename(library)} ({why})" if library else why
+    labels = []
+    for training in (True, False):
+        library, why = host_malloc.choose(os.environ.get("MLXCLIP_MALLOC"), on_gpu=device != "cpu", training=training)
+        labels.append(f"{os.path.basename(library)} ({why})" if library else why)
+    return labels[0] if labels[0] == labels[1] else f"train rows {labels[0]}; other rows {labels[1]}"
 
 
 def settings() -> dict[str, str]:

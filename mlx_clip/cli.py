@@ -416,7 +416,7 @@ def run():
 
     try:
         if sys.argv[1:2] and sys.argv[1] in host_malloc.COMMANDS:
-            host_malloc.ensure(sys.argv[1:])  # may re-execute this process under mimalloc / jemalloc (GPU only)
+            host_malloc.ensure(sys.argv[1:])  # may re-execute under mimalloc / jemalloc (a GPU; CPU finetune)
         main(standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)

@@ -6,10 +6,16 @@ objects. On the H200 (benchmarks/results/gpu-s16-h200.md) mimalloc cut that host
 with it (`gpu_host`, two rounds: 63.4 / 55.4 ms -> 43.3 / 44.0 ms); no glibc tunable came close. A malloc can only
 be swapped when a process starts (LD_PRELOAD), so the CLI re-executes itself once with it set (`ensure`).
 
+On the CPU the same holds for training (`mlxclip finetune`, the bench's train task): the stream threads compute
+while the main thread replays the step's ~5,500 nodes, and on 2 cores that thread's glibc malloc work takes time
+from them. `small`'s b32 step under mimalloc, alternating processes (session 24, benchmarks/perf-notes.md change
+49): 305 / 323 / 319 / 308 / 322 / 333 ms against 355 / 344 / 361 / 335 / 369 / 354, the host thread 44 -> 38 ms a
+step; ViT-B-32's, whose host work is ~5% of a 3.3 s step, unchanged. Latency work on the CPU keeps glibc's: there
+mimalloc made the single pair slower (benchmarks/results/cpu-s16-pair-malloc.txt).
+
 MLXCLIP_MALLOC picks it:
-- unset or "auto": the first of mimalloc, jemalloc found on the system (e.g. `apt install libmimalloc2.0`), only
-  when MLX runs on a GPU under Linux (on this project's 2-core CPU neither made a step faster, and mimalloc made
-  the pair latency slower: benchmarks/results/cpu-s16-pair-malloc.txt);
+- unset or "auto": the first of mimalloc, jemalloc found on the system (e.g. `apt install libmimalloc2.0`), when MLX
+  runs on a GPU under Linux, or trains on its CPU (TRAINING_COMMANDS); glibc's for the CPU's other work;
 - "system": glibc's malloc, never re-execute;
 - a path: that library, on any device.
 """
@@ -25,6 +31,7 @@ from mlx_clip import _libs
 
 # the CLI commands that run MLX long enough for its host work to matter: they re-execute under the chosen malloc
 COMMANDS = ("finetune", "serve", "embed", "eval", "memory")
+TRAINING_COMMANDS = ("finetune",)  # these also on the CPU (the module docstring says why)
 LIBRARIES = ("mimalloc", "jemalloc")  # the order they are preferred in: mimalloc measured a little faster
 _REEXEC_GUARD = "MLXCLIP_MALLOC_REEXEC"  # set in the re-executed process: never loop, whatever happens
 
@@ -44,8 +51,9 @@ def find(name: str, dirs: list[str] | None = None) -> str | None:
 
 
 def choose(setting: str | None, on_gpu: bool, platform: str = sys.platform,
-           dirs: list[str] | None = None) -> tuple[str | None, str]:
-    """(library to preload or None, why): the rule of the module docstring, for MLXCLIP_MALLOC = `setting`."""
+           dirs: list[str] | None = None, training: bool = False) -> tuple[str | None, str]:
+    """(library to preload or None, why): the rule of the module docstring, for MLXCLIP_MALLOC = `setting`, for
+    training work (`training`) or other."""
     setting = (setting or "auto").strip()
     if setting == "system":
         return None, "glibc's malloc (MLXCLIP_MALLOC=system)"
@@ -56,13 +64,14 @@ def choose(setting: str | None, on_gpu: bool, platform: str = sys.platform,
         return setting, "MLXCLIP_MALLOC"
     if not platform.startswith("linux"):
         return None, "the system's malloc (not Linux)"
-    if not on_gpu:
-        return None, "glibc's malloc (MLX on the CPU: mimalloc and jemalloc made no step faster there)"
+    if not on_gpu and not training:
+        return None, "glibc's malloc (MLX's CPU latency work: mimalloc made the single pair slower there)"
     for name in LIBRARIES:
         path = find(name, dirs)
         if path:
-            return path, f"{name}: MLX on a GPU is host-bound (MLXCLIP_MALLOC=system keeps glibc's)"
-    return None, "glibc's malloc (install libmimalloc2.0 or libjemalloc2 for a faster GPU step)"
+            reason = "MLX on a GPU is host-bound" if on_gpu else "the CPU training step's host thread shares the cores"
+            return path, f"{name}: {reason} (MLXCLIP_MALLOC=system keeps glibc's)"
+    return None, f"glibc's malloc (install libmimalloc2.0 or libjemalloc2 for a faster {'GPU' if on_gpu else 'CPU training'} step)"
 
 
 def _preloads_but(env: dict, library: str | None) -> list[str]:
@@ -106,9 +115,10 @@ def on_gpu() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu
 
 
-def current() -> tuple[str | None, str]:
-    """What this process would run under: (library, why), from MLXCLIP_MALLOC and MLX's default device."""
-    return choose(os.environ.get("MLXCLIP_MALLOC"), on_gpu())
+def current(training: bool = False) -> tuple[str | None, str]:
+    """What this process would run under, for training work or other: (library, why), from MLXCLIP_MALLOC and MLX's
+    default device."""
+    return choose(os.environ.get("MLXCLIP_MALLOC"), on_gpu(), training=training)
 
 
 def ensure(argv: list[str]) -> None:
@@ -116,7 +126,7 @@ def ensure(argv: list[str]) -> None:
     chosen, or this is the re-executed process. Returns only when no re-execution is needed."""
     if os.environ.get(_REEXEC_GUARD):
         return
-    library, _ = current()
+    library, _ = current(training=bool(argv) and argv[0] in TRAINING_COMMANDS)
     if library is None or loaded(library):
         return
     env = dict(with_preload(dict(os.environ), library), **{_REEXEC_GUARD: "1"})

@@ -31,6 +31,25 @@ def test_auto_prefers_mimalloc_on_a_linux_gpu(libdir):
     assert library == str(libdir / "libjemalloc.so.2")
 
 
+def test_auto_prefers_mimalloc_for_cpu_training_and_keeps_glibc_for_cpu_latency_work(libdir):
+    library, why = host_malloc.choose(None, on_gpu=False, platform="linux", dirs=[str(libdir)], training=True)
+    assert library == str(libdir / "libmimalloc.so.2") and "CPU training" in why
+    library, why = host_malloc.choose(None, on_gpu=False, platform="linux", dirs=[str(libdir)], training=False)
+    assert library is None and "glibc" in why
+    assert host_malloc.choose(None, on_gpu=False, platform="darwin", dirs=[str(libdir)], training=True)[0] is None
+    assert host_malloc.choose("system", on_gpu=False, platform="linux", dirs=[str(libdir)], training=True)[0] is None
+
+
+def test_only_the_training_commands_choose_as_training(monkeypatch):
+    """ensure() asks for the training choice for `finetune` only: serve / embed / eval are latency work on a CPU."""
+    asked = []
+    monkeypatch.delenv("MLXCLIP_MALLOC_REEXEC", raising=False)
+    monkeypatch.setattr(host_malloc, "current", lambda training=False: asked.append(training) or (None, "none"))
+    for argv in (["finetune", "--demo"], ["serve"], ["embed", "x"], ["eval"], []):
+        host_malloc.ensure(argv)
+    assert asked == [True, False, False, False, False]
+
+
 def test_auto_keeps_the_system_malloc_on_cpu_macos_or_when_none_is_installed(libdir, tmp_path_factory):
     assert host_malloc.choose(None, on_gpu=False, platform="linux", dirs=[str(libdir)])[0] is None
     assert host_malloc.choose(None, on_gpu=True, platform="darwin", dirs=[str(libdir)])[0] is None
@@ -69,11 +88,16 @@ def test_bench_gives_the_malloc_to_mlx_and_keeps_it_from_torch(libdir, monkeypat
     path = str(libdir / "libmimalloc.so.2")
     monkeypatch.setenv("MLXCLIP_MALLOC", path)
     monkeypatch.setenv("LD_PRELOAD", path)  # as if the bench itself had been started under it
-    assert _env("mlx", "cuda", "bfloat16")["LD_PRELOAD"].split()[0] == path
-    assert path not in _env("torch", "cuda", "bfloat16").get("LD_PRELOAD", "")
+    assert _env("mlx", "cuda", "bfloat16", "train")["LD_PRELOAD"].split()[0] == path
+    assert path not in _env("torch", "cuda", "bfloat16", "train").get("LD_PRELOAD", "")
     monkeypatch.delenv("MLXCLIP_MALLOC")
     monkeypatch.delenv("LD_PRELOAD")
-    assert "LD_PRELOAD" not in _env("mlx", "cpu", "float32")  # auto on the CPU: glibc's
+    assert "LD_PRELOAD" not in _env("mlx", "cpu", "float32", "embed-image")  # auto on the CPU, latency work: glibc's
+    # auto for CPU training: the malloc `mlxclip finetune` would run under (none where none is installed)
+    library, _ = host_malloc.choose(None, on_gpu=False, training=True)
+    trained = _env("mlx", "cpu", "float32", "train").get("LD_PRELOAD", "")
+    assert (trained.split()[0] == library) if library else not trained
+    assert library is None or library not in _env("torch", "cpu", "float32", "train").get("LD_PRELOAD", "")
 
 
 def _any_library() -> str:
@@ -113,3 +137,16 @@ def test_in_use_names_the_allocator_mapped(tmp_path):
     assert host_malloc.in_use(str(maps)) == "jemalloc"
     maps.write_text("7f00-7f01 r-xp 00000000 08:01 42 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
     assert host_malloc.in_use(str(maps)) == "system"
+
+
+def test_doctor_names_finetunes_malloc_apart_when_it_differs(monkeypatch):
+    """On the CPU "auto" gives `finetune` mimalloc and the latency commands glibc's: doctor says which is which."""
+    from mlx_clip import doctor
+
+    choice = {True: ("/x/libmimalloc.so.2", "mimalloc: training"), False: (None, "glibc's malloc (latency)")}
+    monkeypatch.setattr(host_malloc, "current", lambda training=False: choice[training])
+    text = doctor._malloc()
+    assert text.startswith("finetune: /x/libmimalloc.so.2, not in this process; `mlxclip finetune` re-executes")
+    assert text.endswith("serve, embed, eval, memory: glibc's malloc (latency)")
+    choice[True] = choice[False]
+    assert doctor._malloc() == "glibc's malloc (latency)"
