@@ -71,7 +71,8 @@ def choose(setting: str | None, on_gpu: bool, platform: str = sys.platform,
         if path:
             reason = "MLX on a GPU is host-bound" if on_gpu else "the CPU training step's host thread shares the cores"
             return path, f"{name}: {reason} (MLXCLIP_MALLOC=system keeps glibc's)"
-    return None, f"glibc's malloc (install libmimalloc2.0 or libjemalloc2 for a faster {'GPU' if on_gpu else 'CPU training'} step)"
+    work = "GPU" if on_gpu else "CPU training"
+    return None, f"glibc's malloc (install libmimalloc2.0 or libjemalloc2 for a faster {work} step)"
 
 
 def _preloads_but(env: dict, library: str | None) -> list[str]:

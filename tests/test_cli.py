@@ -27,6 +27,8 @@ def tiny_dir(tmp_path_factory):
 def _run(monkeypatch, capsys, *args):
     """`mlxclip ARGS` through the console-script entry point, in process: (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["mlxclip", *map(str, args)])
+    # in process: `finetune` would re-execute this very process (pytest) under mimalloc on the CPU (host_malloc.ensure)
+    monkeypatch.setenv("MLXCLIP_MALLOC", "system")
     code = 0
     try:
         cli.run()

@@ -43,6 +43,8 @@ def _val_pixels_and_labels(data_dir, preprocess):
 
 def _run_cli(monkeypatch, capsys, *args):
     monkeypatch.setattr(sys, "argv", ["mlxclip", *map(str, args)])
+    # in process: `finetune` would re-execute this very process (pytest) under mimalloc on the CPU (host_malloc.ensure)
+    monkeypatch.setenv("MLXCLIP_MALLOC", "system")
     code = 0
     try:
         cli.run()
