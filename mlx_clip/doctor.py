@@ -46,19 +46,20 @@ def _malloc() -> str:
     """The malloc the CLI's MLX commands run under; on the CPU "auto" gives `finetune` another than the rest."""
     from mlx_clip import host_malloc
 
-    def label(training: bool, commands: tuple) -> str:
-        library, why = host_malloc.current(training=training)
+    def label(choice: tuple, commands: tuple) -> str:
+        library, why = choice
         if library is None:
             return why
         state = "loaded" if host_malloc.loaded(library) else \
             f"not in this process; `mlxclip {' / '.join(commands)}` re-executes under it"
         return f"{library}, {state} ({why})"
 
-    if host_malloc.current(training=True) == host_malloc.current(training=False):
-        return label(False, host_malloc.COMMANDS)
+    training, other = host_malloc.current(training=True), host_malloc.current(training=False)
+    if training == other:
+        return label(other, host_malloc.COMMANDS)
     others = tuple(c for c in host_malloc.COMMANDS if c not in host_malloc.TRAINING_COMMANDS)
-    return (f"{', '.join(host_malloc.TRAINING_COMMANDS)}: {label(True, host_malloc.TRAINING_COMMANDS)}; "
-            f"{', '.join(others)}: {label(False, others)}")
+    return (f"{', '.join(host_malloc.TRAINING_COMMANDS)}: {label(training, host_malloc.TRAINING_COMMANDS)}; "
+            f"{', '.join(others)}: {label(other, others)}")
 
 
 def report(measure: bool = True) -> dict:

@@ -94,4 +94,3 @@ def run_a(tiny_dir, data_dir, tmp_path_factory):
         mp.setattr(ft, "_save_final", save_final)
         summary = ft.finetune(args, quiet=True)
     return SimpleNamespace(dir=Path(args.out), args=args, summary=summary, model=kept["model"])
-

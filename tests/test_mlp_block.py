@@ -11,6 +11,7 @@ import pytest
 from mlx_clip import fastmath, layer_norm, mlp_block
 from mlx_clip.train.lora import LoRALinear
 from block_util import assert_matches_autodiff  # noqa: E402  (tests/ is on sys.path under pytest)
+from graph_util import primitives  # noqa: E402
 
 
 def _layers(seed=0, dims=24, hidden=96):
@@ -75,16 +76,7 @@ def test_one_pass_activation_path_matches_autodiff(monkeypatch):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5, err_msg=str(i))
 
 
-def _primitives(*arrays, tmp_path):
-    """The primitive names of the graph making `arrays` (mx.export_to_dot's labels)."""
-    import re
-
-    path = tmp_path / "graph.dot"
-    mx.export_to_dot(str(path), *arrays)
-    return [label.split()[0] for label in re.findall(r'label ?= ?"([^"]*)"', path.read_text()) if label]
-
-
-def test_backward_products_run_on_rows_without_flattening(tmp_path):
+def test_backward_products_run_on_rows_without_flattening():
     """The backward's four products take (tokens, width) rows made once: no Flatten / Unflatten pair around `g @ w2`
     and `dh @ w1` (MLX's matmul of a (B, L, D) array), which a host-bound GPU step pays per node; the LayerNorm and
     activation recomputed on x and h as they are (so compilation can merge them with the forward's)."""
@@ -95,13 +87,13 @@ def test_backward_products_run_on_rows_without_flattening(tmp_path):
     cotangents = [mx.random.normal((3, 7, 24), key=mx.random.key(2)), mx.zeros(outputs[1].shape)]
     mx.eval(primals, outputs, cotangents)  # the backward's graph alone below
     grads = mlp_block._block_vjp(fastmath.gelu, norm.eps, primals, cotangents, outputs)
-    names = _primitives(*grads, tmp_path=tmp_path)
+    names = primitives(*grads)
     # what the two recomputations make by themselves (on this CPU the LayerNorm's row statistics are products of
     # (B, L, D) arrays, flattened by MLX): the block's backward may add products, but no flattening of its own
     h = outputs[1]
     g_h, g_x = (mx.random.normal(t.shape, key=mx.random.key(3)) for t in (h, x))
     mx.eval(g_h, g_x)
-    alone = _primitives(*mlp_block._value_and_vjp(fastmath.gelu, [h], g_h)[1],
-                        *layer_norm.recomputed(x, norm.weight, norm.bias, g_x, norm.eps), tmp_path=tmp_path)
+    alone = primitives(*mlp_block._value_and_vjp(fastmath.gelu, [h], g_h)[1],
+                       *layer_norm.recomputed(x, norm.weight, norm.bias, g_x, norm.eps))
     assert names.count("Matmul") >= alone.count("Matmul") + 4, names
     assert [names.count(v) for v in ("Flatten", "Unflatten")] == [alone.count(v) for v in ("Flatten", "Unflatten")]
