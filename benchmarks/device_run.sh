@@ -303,6 +303,19 @@ for step in "$@"; do
       done; done | tee $OUT/s28d.txt
       # each row its own --out (a bench writes its file anew: rows sharing one would keep only the last's run times)
       i=0; for v in 0 1 0 1; do i=$((i + 1)); MLXCLIP_ROW_MAJOR_GRADS_GPU=$v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 120 ${BENCH/mlx,torch/mlx} --runs 6 --warmup 2 --arch ViT-B-32 --out $OUT/s28d-rm$i 2>&1 | grep "items/s" | sed "s/^/[row-major $v] /"; done | tee -a $OUT/s28d.txt ;;
+    s29) # session 25: the within-process regime change (ViT-B-32 ~42 ms for a few steps, then ~55, host-bound; sessions
+         # 13-15, 23-24), every step with the host's counters beside it (benchmarks/gpu_regime.py: system / user CPU,
+         # page faults, context switches, the core each busy thread ran on, GC, MLX's cache). The machine's
+         # topology first: a move of the main thread to another NUMA node or onto a busy thread's sibling would show
+      { nproc; lscpu | grep -i "model name\|socket\|numa\|thread\|mhz"; lscpu -e 2>/dev/null | head -40
+        cat /proc/sys/kernel/numa_balancing /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null; } | tee $OUT/s29-machine.txt
+      LD_PRELOAD=$PWD/.whlP/libmimalloc.so.2 timeout ${S29_TIMEOUT:-450} python3 -m benchmarks.gpu_regime ${S29_ARGS:---arch ViT-B-32} --steps ${S29_STEPS:-80} --out $OUT/s29-default.jsonl > $OUT/s29-default.txt 2>&1
+      grep -v "^step" $OUT/s29-default.txt | tail -30; grep "^step" $OUT/s29-default.txt | awk '{print $3}' | tr '\n' ' '; echo ;;
+    s29b) # each variant its own process (S29_VARIANTS: command prefixes separated by ';', e.g. "taskset -c 0-3 env")
+      i=0; IFS=';' read -ra vs <<< "${S29_VARIANTS:-env;taskset -c 0-3 env}"; for v in "${vs[@]}"; do i=$((i + 1))
+        echo "[$v]"; $v LD_PRELOAD=${S29_MALLOC-$PWD/.whlP/libmimalloc.so.2} timeout 150 python3 -m benchmarks.gpu_regime ${S29_ARGS:---arch ViT-B-32} --steps ${S29_STEPS:-60} --out $OUT/s29b-$i.jsonl > $OUT/s29b-$i.txt 2>&1
+        grep -v "^step" $OUT/s29b-$i.txt | grep " ms\|cpu\|flt\|csw\|time\|steps"; grep "^step" $OUT/s29b-$i.txt | awk '{print $3}' | tr '\n' ' '; echo
+      done ;;
     *) echo "unknown step $step" ;;
   esac
 done
