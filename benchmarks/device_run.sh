@@ -314,7 +314,7 @@ for step in "$@"; do
     s29b) # each variant its own process (S29_VARIANTS: command prefixes separated by ';', e.g. "taskset -c 0-3 env")
       i=0; IFS=';' read -ra vs <<< "${S29_VARIANTS:-env;taskset -c 0-3 env}"; for v in "${vs[@]}"; do i=$((i + 1))
         echo "[$v]"; $v LD_PRELOAD=${S29_MALLOC-$PWD/.whlP/libmimalloc.so.2} timeout 150 python3 -m benchmarks.gpu_regime ${S29_ARGS:---arch ViT-B-32} --steps ${S29_STEPS:-60} --out $OUT/s29b-$i.jsonl > $OUT/s29b-$i.txt 2>&1
-        grep -v "^step" $OUT/s29b-$i.txt | grep " ms\|cpu\|flt\|csw\|time\|steps"; grep "^step" $OUT/s29b-$i.txt | awk '{print $3}' | tr '\n' ' '; echo
+        grep -v "^step" $OUT/s29b-$i.txt | grep " ms\|cpu\|flt\|csw\|time\|steps\|probe\|steal"; grep "^step" $OUT/s29b-$i.txt | awk '{print $3}' | tr '\n' ' '; echo
       done ;;
     *) echo "unknown step $step" ;;
   esac

@@ -11,7 +11,10 @@ times the counters that would name a host-side cause:
 - CPU time of every thread of the process (/proc/self/task): a helper thread (MLX's completion workers, the CUDA
   driver's) that takes over a core;
 - Python's garbage collector (time in collections, via gc.callbacks);
-- MLX's allocator: active and cached bytes.
+- MLX's allocator: active and cached bytes;
+- a fixed pure-Python probe timed on the main thread after each step, and the machine's steal time (/proc/stat):
+  if the probe slows with the step, the core itself got slower (clock, a noisy neighbour, the hypervisor); if it
+  holds while the step slows, the cause is in the process's own state (memory layout, caches).
 
 The summary sets the slowest third of the steps against the fastest third, counter by counter.
 
@@ -95,6 +98,22 @@ def _thread_cores(names) -> dict[str, int]:
     return out
 
 
+def _steal_ms() -> float:
+    """The machine's steal time (all cores, ms): a hypervisor running something else on our vCPUs."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return 1e3 * int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
+def _probe_ms(n: int = 100_000) -> float:
+    """A fixed CPU-bound loop on the main thread: its time follows the core's pace, not the process's state."""
+    start = time.perf_counter()
+    total = 0
+    for i in range(n):
+        total += i * i & 7
+    return 1e3 * (time.perf_counter() - start)
+
+
 def _deltas(after: dict, before: dict) -> dict:
     return {k: after[k] - before.get(k, 0.0) for k in after}
 
@@ -106,12 +125,13 @@ def _rusage() -> dict:
 
 def measure_step(load, gc_clock: _GcClock) -> dict:
     """One step, split as gpu_host's, with the counters' changes over it."""
-    usage, threads = _rusage(), _thread_cpu()
+    usage, threads, steal = _rusage(), _thread_cpu(), _steal_ms()
     build, encode, wait, encode_cpu = _split(load)
+    steal = _steal_ms() - steal
     row = {"ms": 1e3 * (build + encode + wait), "build_ms": 1e3 * build, "encode_ms": 1e3 * encode,
            "wait_ms": 1e3 * wait, "encode_cpu_ms": 1e3 * encode_cpu, "gc_ms": 1e3 * gc_clock.read(),
            "cpu": _last_cpu(), "active_mib": mx.get_active_memory() / 2**20,
-           "cache_mib": mx.get_cache_memory() / 2**20}
+           "cache_mib": mx.get_cache_memory() / 2**20, "steal_ms": steal, "probe_ms": _probe_ms()}
     row.update({k[3:] + ("_ms" if k.endswith("time") else ""): v * (1e3 if k.endswith("time") else 1)
                 for k, v in _deltas(_rusage(), usage).items()})
     busy = {k: v for k, v in _deltas(_thread_cpu(), threads).items() if v > 0}
@@ -133,6 +153,14 @@ def summarise(rows: list[dict]) -> dict:
         out[name] = {k: float(np.mean([rows[i][k] for i in steps])) for k in keys}
         out[name].update(cpus=sorted({rows[i]["cpu"] for i in steps}), steps=steps)
     return out
+
+
+def pace_free(rows: list[dict]) -> dict:
+    """The host's work per step in units of the probe (median over steps): the same for a setting whatever pace the
+    core ran at (the probe runs on the main thread, so its own time is taken out of the main thread's)."""
+    def ratio(key, minus=0.0):
+        return float(np.median([(r[key] - minus * r["probe_ms"]) / r["probe_ms"] for r in rows]))
+    return {"main_cpu": ratio("main_cpu_ms", 1.0), "build": ratio("build_ms"), "encode_cpu": ratio("encode_cpu_ms")}
 
 
 def _print_summary(summary: dict) -> None:
@@ -166,7 +194,7 @@ def main():
         print(f"step {i:3d} {r['ms']:6.1f} ms (build {r['build_ms']:5.1f} encode {r['encode_ms']:5.1f} cpu "
               f"{r['encode_cpu_ms']:5.1f} wait {r['wait_ms']:5.1f}) sys {r['stime_ms']:5.1f} user "
               f"{r['utime_ms']:5.1f} minflt {r['minflt']:6.0f} ivcsw {r['nivcsw']:4.0f} cpu{r['cpu']} "
-              f"gc {r['gc_ms']:.1f} cache {r['cache_mib']:.0f} MiB threads {r['threads_ms']} on cores "
+              f"probe {r['probe_ms']:.2f} steal {r['steal_ms']:.0f} gc {r['gc_ms']:.1f} cache {r['cache_mib']:.0f} MiB threads {r['threads_ms']} on cores "
               f"{r['threads_core']}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
@@ -174,6 +202,9 @@ def main():
     print(f"{args.arch} b{args.batch} {args.dtype}: median {np.median([r['ms'] for r in rows]):.1f} ms; "
           "fastest third vs slowest third:")
     _print_summary(summarise(rows))
+    free = pace_free(rows)
+    print(f"host work in probes (pace-free, median): main thread {free['main_cpu']:.2f}, build {free['build']:.2f}, "
+          f"encode {free['encode_cpu']:.2f}; probe median {np.median([r['probe_ms'] for r in rows]):.2f} ms")
 
 
 if __name__ == "__main__":
