@@ -186,7 +186,9 @@ def _median_round(recs: list[dict]) -> dict:
 
 
 def _host_note(rec: dict) -> str:
-    return f", host {rec['host_ms_p50']:.1f} ms" if "host_ms_p50" in rec else ""
+    """MLX's host time a step, and the host core's pace (benchmarks.host_pace) the row ran at."""
+    note = f", host {rec['host_ms_p50']:.1f} ms" if "host_ms_p50" in rec else ""
+    return note + (f", pace {rec['host_probe_ms_p50']:.2f} ms" if "host_probe_ms_p50" in rec else "")
 
 
 def _rounds_note(rec: dict) -> str:

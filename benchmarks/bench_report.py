@@ -50,6 +50,12 @@ def ratio_lines(records: list[dict]) -> list[str]:
             f"best vs best {_x(r.get('best'))}" for r in ratios(records)]
 
 
+def _host_pace(r: dict) -> str:
+    """The host probe's median and range over a row's runs (benchmarks.host_pace; older records have none)."""
+    runs = r.get("host_probe_ms")
+    return f"{r['host_probe_ms_p50']:.2f} ({min(runs):.2f}-{max(runs):.2f})" if runs else "—"
+
+
 def _captions(records: list[dict]) -> str:
     return ", ".join(sorted({str(r.get("caption_tokens") or DEFAULT_CAPTIONS) for r in records})) or DEFAULT_CAPTIONS
 
@@ -73,7 +79,9 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
         "Median of the timed runs after warm-up (first run, which includes compilation, reported apart); spread = "
         "(slowest − fastest) / median. Peak memory: see `benchmarks/bench_worker.py` (CPU: resident-set growth of "
         "the measuring process, same rule for both backends; CUDA: allocator peak). Each row is its own process; "
-        "the load average of the machine before and after each row shows what else was running.",
+        "the load average of the machine before and after each row shows what else was running, and the host pace "
+        "a fixed loop's time after each run (`benchmarks/host_pace.py`, median and range): a row that ran slower "
+        "with a slower probe met a slower machine.",
         "",
         "Same work, less of it computed: MLX's towers run their last block for the pooled token only (CLS, EOT: the "
         "query, attention output and MLP of that row; keys and values from every token; exact, as the product does), "
@@ -86,8 +94,8 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
         "a token attending to its own row only: `tokenizer.pack_rows`), as the product does.",
         "",
         "| task | batch | backend | mode | items/s | best run items/s | ms / iteration (p50) | spread | runs "
-        "| first run s | peak MiB | source | load avg before/after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| first run s | peak MiB | source | load avg before/after | host pace ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (task, batch), got in _groups(records).items():
         for key in SERIES:
@@ -98,7 +106,7 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
                              f"{r['latency_ms_p50']:.1f} | {r['spread_pct']:.0f}% | {r['runs']} | "
                              f"{r['first_run_s']:.1f} | "
                              f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['peak_mem_source']} | "
-                             f"{'/'.join(str(x) for x in r.get('load_avg', []))} |")
+                             f"{'/'.join(str(x) for x in r.get('load_avg', []))} | {_host_pace(r)} |")
     fastest = {(r["task"], r["batch"]): r for r in ratios(records, "items_per_s_best")}
     lines += ["", "## MLX / torch (items/s ratio; > 1 means MLX is faster)", "",
               "From the medians; in brackets, from each side's fastest run (less disturbed by other jobs).", "",

@@ -36,6 +36,7 @@ import numpy as np
 
 from benchmarks.batches import CAPTION_HELP, parse_caption_tokens
 from benchmarks.gpu_host import _split
+from benchmarks.host_pace import probe_ms
 from benchmarks.workloads_mlx import mlx_workload
 from mlx_clip.config import get_config
 
@@ -105,15 +106,6 @@ def _steal_ms() -> float:
     return 1e3 * int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
-def _probe_ms(n: int = 100_000) -> float:
-    """A fixed CPU-bound loop on the main thread: its time follows the core's pace, not the process's state."""
-    start = time.perf_counter()
-    total = 0
-    for i in range(n):
-        total += i * i & 7
-    return 1e3 * (time.perf_counter() - start)
-
-
 def _deltas(after: dict, before: dict) -> dict:
     return {k: after[k] - before.get(k, 0.0) for k in after}
 
@@ -131,7 +123,7 @@ def measure_step(load, gc_clock: _GcClock) -> dict:
     row = {"ms": 1e3 * (build + encode + wait), "build_ms": 1e3 * build, "encode_ms": 1e3 * encode,
            "wait_ms": 1e3 * wait, "encode_cpu_ms": 1e3 * encode_cpu, "gc_ms": 1e3 * gc_clock.read(),
            "cpu": _last_cpu(), "active_mib": mx.get_active_memory() / 2**20,
-           "cache_mib": mx.get_cache_memory() / 2**20, "steal_ms": steal, "probe_ms": _probe_ms()}
+           "cache_mib": mx.get_cache_memory() / 2**20, "steal_ms": steal, "probe_ms": probe_ms()}
     row.update({k[3:] + ("_ms" if k.endswith("time") else ""): v * (1e3 if k.endswith("time") else 1)
                 for k, v in _deltas(_rusage(), usage).items()})
     busy = {k: v for k, v in _deltas(_thread_cpu(), threads).items() if v > 0}

@@ -58,3 +58,9 @@ def test_pace_free_work_holds_when_the_core_slows():
     from benchmarks.gpu_regime import pace_free
     out = pace_free(rows)
     assert np.isclose(out["main_cpu"], 6.0) and np.isclose(out["build"], 1.0) and np.isclose(out["encode_cpu"], 4.0)
+
+
+def test_the_pace_probe_times_a_fixed_amount_of_work():
+    from benchmarks.host_pace import probe_ms
+    short, long = min(probe_ms(20_000) for _ in range(3)), min(probe_ms(200_000) for _ in range(3))
+    assert 0 < short < long  # ten times the loop: a timer of the work, not a constant

@@ -1,0 +1,23 @@
+"""The host core's pace, as one fixed loop's time (issue 7).
+
+On the lent H200 the host's vCPUs ran the same instructions up to 2x slower for minutes at a time, within one
+process (results/gpu-s25-h200.md: a fixed pure-Python loop slowed with MLX's host-bound step, correlation 0.8-0.94),
+and this 2-core VM drifts too. Timing this loop beside a measurement says at what pace it ran: a slower row with a
+slower probe is the machine, one with the same probe is the code.
+"""
+
+from __future__ import annotations
+
+import time
+
+PROBE_ITERATIONS = 100_000
+
+
+def probe_ms(n: int = PROBE_ITERATIONS) -> float:
+    """A fixed CPU-bound loop on the calling thread, ms: no allocation, no memory traffic, nothing of MLX's or torch's,
+    so its time follows the core's pace and not the process's state (~6 ms on the H200 host at its fast pace)."""
+    start = time.perf_counter()
+    total = 0
+    for i in range(n):
+        total += i * i & 7
+    return 1e3 * (time.perf_counter() - start)
