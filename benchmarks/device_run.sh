@@ -316,6 +316,10 @@ for step in "$@"; do
         echo "[$v]"; $v LD_PRELOAD=${S29_MALLOC-$PWD/.whlP/libmimalloc.so.2} timeout 150 python3 -m benchmarks.gpu_regime ${S29_ARGS:---arch ViT-B-32} --steps ${S29_STEPS:-60} --out $OUT/s29b-$i.jsonl > $OUT/s29b-$i.txt 2>&1
         grep -v "^step" $OUT/s29b-$i.txt | grep " ms\|cpu\|flt\|csw\|time\|steps\|probe\|steal"; grep "^step" $OUT/s29b-$i.txt | awk '{print $3}' | tr '\n' ' '; echo
       done ;;
+    s30) # session 25 found the host-bound ViT-B-32 step following the host core's pace (up to 2x within minutes) while
+         # torch.compile's holds: the bars' rows with the backends taking turns (--rounds), each row's pace printed
+         # (bench's "pace": benchmarks/host_pace.py after every run). One arch a call (S30_ARCHS), ~240 s a ViT-B-32 row
+      for a in ${S30_ARCHS:-ViT-B-32}; do MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S30_TIMEOUT:-540} $BENCH --arch $a --rounds ${S30_ROUNDS:-3} --out $OUT/s30-${a#ViT-} 2>&1 | grep "items/s\|MLX/torch"; done | tee $OUT/s30.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done
