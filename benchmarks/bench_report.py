@@ -80,7 +80,7 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
         "(slowest − fastest) / median. Peak memory: see `benchmarks/bench_worker.py` (CPU: resident-set growth of "
         "the measuring process, same rule for both backends; CUDA: allocator peak). Each row is its own process; "
         "the load average of the machine before and after each row shows what else was running, and the host pace "
-        "a fixed loop's time after each run (`benchmarks/host_pace.py`, median and range): a row that ran slower "
+        "a fixed loop's time, three times before and three after the timed runs (`benchmarks/host_pace.py`, median and range): a row that ran slower "
         "with a slower probe met a slower machine.",
         "",
         "Same work, less of it computed: MLX's towers run their last block for the pooled token only (CLS, EOT: the "

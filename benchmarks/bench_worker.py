@@ -23,8 +23,9 @@ import statistics
 import sys
 import time
 
-from benchmarks.host_pace import probe_ms
+from benchmarks.host_pace import settled_probe_ms
 
+PACE_PROBES = 3  # host-pace probes before and after a row's timed runs
 MIN_LATENCY_RUNS = 20  # batch-1 runs are short and their median is the latency: take more of them
 
 
@@ -59,18 +60,20 @@ def _reset_high_water() -> None:
 def measure(run, warmup: int, runs: int, per_run: int = 1) -> dict:
     """Time `runs` calls after `warmup` untimed ones (at least one: it pays for compilation and is reported apart, as
     the whole call). A call that does `per_run` iterations (train steps queued back to back) is timed per iteration.
-    After each timed call a fixed loop is timed too (benchmarks.host_pace): the host core's pace during the run."""
+    Around the timed calls, not between them (they run back to back, as before), a fixed loop is timed PACE_PROBES
+    times before and after (benchmarks.host_pace): the host core's pace while the row ran."""
     tick = time.perf_counter()
     run()
     first = time.perf_counter() - tick
     for _ in range(max(warmup, 1) - 1):
         run()
-    times, pace = [], []
+    pace = [settled_probe_ms() for _ in range(PACE_PROBES)]
+    times = []
     for _ in range(runs):
         tick = time.perf_counter()
         run()
         times.append((time.perf_counter() - tick) / per_run)
-        pace.append(probe_ms())  # after the timed call, outside it: the host core's pace during this run
+    pace += [settled_probe_ms() for _ in range(PACE_PROBES)]
     return {"first_run_s": first, "times_s": times, "median_s": statistics.median(times), "min_s": min(times),
             "max_s": max(times), "host_probe_ms": pace, "host_probe_ms_p50": statistics.median(pace)}
 

@@ -318,7 +318,7 @@ for step in "$@"; do
       done ;;
     s30) # session 25 found the host-bound ViT-B-32 step following the host core's pace (up to 2x within minutes) while
          # torch.compile's holds: the bars' rows with the backends taking turns (--rounds), each row's pace printed
-         # (bench's "pace": benchmarks/host_pace.py after every run). One arch a call (S30_ARCHS), ~240 s a ViT-B-32 row
+         # (bench's "pace": benchmarks/host_pace.py around each row's timed runs). One arch a call (S30_ARCHS), ~240 s a ViT-B-32 row
       for a in ${S30_ARCHS:-ViT-B-32}; do MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S30_TIMEOUT:-540} $BENCH --arch $a --rounds ${S30_ROUNDS:-3} --out $OUT/s30-${a#ViT-} 2>&1 | grep "items/s\|MLX/torch"; done | tee $OUT/s30.txt ;;
     *) echo "unknown step $step" ;;
   esac

@@ -64,3 +64,11 @@ def test_the_pace_probe_times_a_fixed_amount_of_work():
     from benchmarks.host_pace import probe_ms
     short, long = min(probe_ms(20_000) for _ in range(3)), min(probe_ms(200_000) for _ in range(3))
     assert 0 < short < long  # ten times the loop: a timer of the work, not a constant
+
+
+def test_the_settled_probe_waits_for_leftover_threads_first():
+    import time
+    from benchmarks import host_pace
+    start = time.perf_counter()
+    assert host_pace.settled_probe_ms() > 0
+    assert time.perf_counter() - start >= host_pace.SETTLE_S
