@@ -51,7 +51,7 @@ def ratio_lines(records: list[dict]) -> list[str]:
 
 
 def _host_pace(r: dict) -> str:
-    """The host probe's median and range over a row's runs (benchmarks.host_pace; older records have none)."""
+    """The host probe's median and range around a row's timed runs (benchmarks.host_pace; older records have none)."""
     runs = r.get("host_probe_ms")
     return f"{r['host_probe_ms_p50']:.2f} ({min(runs):.2f}-{max(runs):.2f})" if runs else "—"
 
@@ -80,8 +80,8 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
         "(slowest − fastest) / median. Peak memory: see `benchmarks/bench_worker.py` (CPU: resident-set growth of "
         "the measuring process, same rule for both backends; CUDA: allocator peak). Each row is its own process; "
         "the load average of the machine before and after each row shows what else was running, and the host pace "
-        "a fixed loop's time, three times before and three after the timed runs (`benchmarks/host_pace.py`, median and range): a row that ran slower "
-        "with a slower probe met a slower machine.",
+        "a fixed loop's time, three times before and three after the timed runs (`benchmarks/host_pace.py`, median "
+        "and range): a row that ran slower with a slower probe met a slower machine.",
         "",
         "Same work, less of it computed: MLX's towers run their last block for the pooled token only (CLS, EOT: the "
         "query, attention output and MLP of that row; keys and values from every token; exact, as the product does), "

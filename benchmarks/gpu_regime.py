@@ -16,7 +16,10 @@ times the counters that would name a host-side cause:
   if the probe slows with the step, the core itself got slower (clock, a noisy neighbour, the hypervisor); if it
   holds while the step slows, the cause is in the process's own state (memory layout, caches).
 
-The summary sets the slowest third of the steps against the fastest third, counter by counter.
+The summary sets the slowest third of the steps against the fastest third, counter by counter. Session 25's answer
+(results/gpu-s25-h200.md): the probe slows with the step (correlation with the main thread's CPU 0.66-0.94) and
+nothing else moves, so it is the core's pace. The probe runs right after each step, unsettled (host_pace.SETTLE_S is
+for torch's spinning workers; MLX's threads block), to follow the pace step by step.
 
     python -m benchmarks.gpu_regime --arch ViT-B-32 --steps 60 --out regime.jsonl
 """
@@ -186,8 +189,8 @@ def main():
         print(f"step {i:3d} {r['ms']:6.1f} ms (build {r['build_ms']:5.1f} encode {r['encode_ms']:5.1f} cpu "
               f"{r['encode_cpu_ms']:5.1f} wait {r['wait_ms']:5.1f}) sys {r['stime_ms']:5.1f} user "
               f"{r['utime_ms']:5.1f} minflt {r['minflt']:6.0f} ivcsw {r['nivcsw']:4.0f} cpu{r['cpu']} "
-              f"probe {r['probe_ms']:.2f} steal {r['steal_ms']:.0f} gc {r['gc_ms']:.1f} cache {r['cache_mib']:.0f} MiB threads {r['threads_ms']} on cores "
-              f"{r['threads_core']}", flush=True)
+              f"probe {r['probe_ms']:.2f} steal {r['steal_ms']:.0f} gc {r['gc_ms']:.1f} cache {r['cache_mib']:.0f} "
+              f"MiB threads {r['threads_ms']} on cores {r['threads_core']}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -18,8 +18,9 @@ SETTLE_S = 0.1
 
 
 def probe_ms(n: int = PROBE_ITERATIONS) -> float:
-    """A fixed CPU-bound loop on the calling thread, ms: no allocation, no memory traffic, nothing of MLX's or torch's,
-    so its time follows the core's pace and not the process's state (~6 ms on the H200 host at its fast pace)."""
+    """A fixed CPU-bound loop on the calling thread, ms: a few small Python ints, no arrays, nothing of MLX's or
+    torch's, so its time follows the core's pace and not the process's state (~6 ms on the H200 host at its fast
+    pace, ~5 ms on this VM)."""
     start = time.perf_counter()
     total = 0
     for i in range(n):

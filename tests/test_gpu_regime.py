@@ -54,7 +54,8 @@ def test_summary_sets_the_slowest_third_against_the_fastest():
 
 def test_pace_free_work_holds_when_the_core_slows():
     # Same work, the core at two paces: the probe and every host time scale together, so the ratios do not move.
-    rows = [{"probe_ms": p, "main_cpu_ms": 7 * p, "build_ms": 1 * p, "encode_cpu_ms": 4 * p} for p in (6.0, 6.2, 9.0, 12.0)]
+    rows = [{"probe_ms": p, "main_cpu_ms": 7 * p, "build_ms": 1 * p, "encode_cpu_ms": 4 * p}
+            for p in (6.0, 6.2, 9.0, 12.0)]
     from benchmarks.gpu_regime import pace_free
     out = pace_free(rows)
     assert np.isclose(out["main_cpu"], 6.0) and np.isclose(out["build"], 1.0) and np.isclose(out["encode_cpu"], 4.0)

@@ -227,7 +227,8 @@ def test_bench_train_reports_mlx_host_time(tmp_path, capsys):
     for r in records.values():
         assert len(r["host_probe_ms"]) == 6 and all(p > 0 for p in r["host_probe_ms"])  # three before, three after
         assert r["host_probe_ms_p50"] == pytest.approx(sum(sorted(r["host_probe_ms"])[2:4]) / 2)
-        assert f"| {r['host_probe_ms_p50']:.2f} ({min(r['host_probe_ms']):.2f}-{max(r['host_probe_ms']):.2f}) |" in report
+        probes = r["host_probe_ms"]
+        assert f"| {r['host_probe_ms_p50']:.2f} ({min(probes):.2f}-{max(probes):.2f}) |" in report
     # MFU: the model's FLOPs per training pair at the row's items/s over the matmul rate measured in this run, the
     # same peak and FLOP count for both backends
     from benchmarks import flops
