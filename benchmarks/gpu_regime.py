@@ -64,6 +64,9 @@ class _GcClock:
         out, self.total = self.total, 0.0
         return out
 
+    def close(self) -> None:
+        gc.callbacks.remove(self._on)
+
 
 def _last_cpu(task: str = "self") -> int:
     # Field 39 of /proc/.../stat (processor); the comm field may hold spaces, so count from its closing paren.
@@ -184,13 +187,14 @@ def main():
     gc_clock = _GcClock()
     rows = []
     for i in range(args.steps):
-        rows.append(measure_step(load, gc_clock))
+        rows.append(measure_step(load, gc_clock))  # the probe's own time is in main_cpu_ms (pace_free takes it out)
         r = rows[-1]
         print(f"step {i:3d} {r['ms']:6.1f} ms (build {r['build_ms']:5.1f} encode {r['encode_ms']:5.1f} cpu "
               f"{r['encode_cpu_ms']:5.1f} wait {r['wait_ms']:5.1f}) sys {r['stime_ms']:5.1f} user "
               f"{r['utime_ms']:5.1f} minflt {r['minflt']:6.0f} ivcsw {r['nivcsw']:4.0f} cpu{r['cpu']} "
               f"probe {r['probe_ms']:.2f} steal {r['steal_ms']:.0f} gc {r['gc_ms']:.1f} cache {r['cache_mib']:.0f} "
               f"MiB threads {r['threads_ms']} on cores {r['threads_core']}", flush=True)
+    gc_clock.close()
     if args.out:
         with open(args.out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -24,6 +24,7 @@ def test_a_step_row_adds_up_and_counts_the_main_thread():
     load, clock = _Load(), _GcClock()
     mx.eval(load.launch())
     row = measure_step(load, clock)
+    clock.close()
     assert np.isclose(row["ms"], row["build_ms"] + row["encode_ms"] + row["wait_ms"])
     assert row["ms"] > 0 and row["utime_ms"] >= 0 and row["minflt"] >= 0
     assert "main" in row["threads_ms"] and row["main_cpu_ms"] == row["threads_ms"]["main"]
@@ -39,7 +40,10 @@ def test_the_garbage_collectors_time_is_counted_once():
     import gc
     gc.collect()
     first = clock.read()
+    clock.close()
     assert first > 0 and clock.read() == 0.0
+    gc.collect()  # closed: no longer counted
+    assert clock.read() == 0.0
 
 
 def test_summary_sets_the_slowest_third_against_the_fastest():
