@@ -37,8 +37,27 @@ def ratios(records: list[dict], key: str = "items_per_s") -> list[dict]:
         if mlx and torch:
             row["best"] = max(mlx) / max(torch)
         if len(row) > 2:
+            row["pace_gap"] = _pace_gap(got)
             rows.append(row)
     return rows
+
+
+# Rows whose host paces (benchmarks.host_pace) differ by more than this ran on a machine going at different speeds:
+# this VM's probe moves between ~5.0 and ~8.5 ms, the lent H200's between ~6 and ~12 (results/gpu-s25-h200.md).
+PACE_GAP = 1.15
+
+
+def _pace_gap(got: dict) -> str:
+    """"" or a note naming each backend's host pace when they differ by more than PACE_GAP (the ratio then says as
+    much about the machine as about the code)."""
+    paces = {}
+    for (backend, _), r in got.items():
+        if "host_probe_ms_p50" in r:
+            paces.setdefault(backend, []).append(r["host_probe_ms_p50"])
+    paces = {b: sorted(v)[len(v) // 2] for b, v in paces.items()}
+    if len(paces) < 2 or max(paces.values()) <= PACE_GAP * min(paces.values()):
+        return ""
+    return "host pace differed: " + ", ".join(f"{b} {v:.2f} ms" for b, v in sorted(paces.items()))
 
 
 def _x(value) -> str:
@@ -47,7 +66,8 @@ def _x(value) -> str:
 
 def ratio_lines(records: list[dict]) -> list[str]:
     return [f"MLX/torch {r['task']} batch {r['batch']}: eager {_x(r.get('eager'))}, compiled {_x(r.get('compiled'))}, "
-            f"best vs best {_x(r.get('best'))}" for r in ratios(records)]
+            f"best vs best {_x(r.get('best'))}" + (f" ({r['pace_gap']})" if r["pace_gap"] else "")
+            for r in ratios(records)]
 
 
 def _host_pace(r: dict) -> str:
@@ -115,6 +135,11 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
         f = fastest.get((r["task"], r["batch"]), {})
         cells = [f"{_x(r.get(k))} ({_x(f.get(k))})" for k in ("eager", "compiled", "best")]
         lines.append(f"| {r['task']} | {r['batch']} | " + " | ".join(cells) + " |")
+    gaps = [f"{r['task']} batch {r['batch']}: {r['pace_gap']}" for r in ratios(records) if r["pace_gap"]]
+    if gaps:
+        lines += ["", f"The backends' rows ran at host paces more than {PACE_GAP:.2f}× apart (a fixed loop's time, "
+                  "`benchmarks/host_pace.py`): " + "; ".join(gaps) + ". Those ratios say as much about the machine as "
+                  "about the code; rerun, or take more `--rounds`."]
     hosted = [r for r in records if "host_ms_p50" in r]
     if hosted:
         lines += ["", "## MLX's host time (train)", "",

@@ -340,6 +340,31 @@ def test_bench_rounds_take_turns_and_report_the_median_round(tmp_path, capsys, m
     assert "## Rounds" in (tmp_path / "bench-cpu-tiny-float32-b2.md").read_text()
 
 
+def test_bench_names_rows_that_ran_at_different_host_paces(tmp_path, capsys, monkeypatch):
+    """The ratio line and the report say when MLX's and torch's rows ran at host paces more than PACE_GAP apart (the
+    machine's speed then moved between them), and say nothing when they agree."""
+    import benchmarks.bench as bench_module
+    from benchmarks.bench_report import PACE_GAP
+
+    def run(paces):
+        it = iter(paces)
+
+        def fake_run_one(spec):
+            return [dict(_fake_record(spec, 10.0), host_probe_ms_p50=next(it))], None
+
+        monkeypatch.setattr(bench_module, "run_one", fake_run_one)
+        cli.main(["bench", "--arch", "tiny", "--backend", "mlx,torch", "--task", "train", "--mode", "compiled",
+                  "--batch", "2", "--device", "cpu", "--out", str(tmp_path / str(paces[0]))], standalone_mode=False)
+        return capsys.readouterr().out, (tmp_path / str(paces[0]) / "bench-cpu-tiny-float32-b2.md").read_text()
+
+    out, report = run([8.0, 5.0])  # 1.6x apart
+    assert "MLX/torch train batch 2: eager —, compiled 1.00×, best vs best 1.00× (host pace differed: mlx 8.00 ms, " \
+           "torch 5.00 ms)" in out
+    assert "train batch 2: host pace differed: mlx 8.00 ms, torch 5.00 ms" in report
+    out, report = run([5.0 * PACE_GAP * 0.99, 5.0])  # within the gap
+    assert "host pace differed" not in out and "host pace differed" not in report
+
+
 def test_bench_names_the_switches_it_ran_under(tmp_path, capsys, monkeypatch):
     """The MLX_* and MLXCLIP_* variables set when `mlxclip bench` runs are named in its report and in every JSON row
     (a result measured with an opt-in kernel or other command-buffer sizes says so); none set is said too."""
