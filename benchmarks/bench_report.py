@@ -48,8 +48,8 @@ PACE_GAP = 1.15
 
 
 def _pace_gap(got: dict) -> str:
-    """"" or a note naming each backend's host pace when they differ by more than PACE_GAP (the ratio then says as
-    much about the machine as about the code)."""
+    """A note naming each backend's host pace when they differ by more than PACE_GAP (the ratio then says as much
+    about the machine as about the code), else an empty string."""
     paces = {}
     for (backend, _), r in got.items():
         if "host_probe_ms_p50" in r:
