@@ -76,6 +76,15 @@ def parse_caption_tokens(spec: str | None) -> tuple[int, int] | None:
     return bounds
 
 
+def add_card_step_args(ap) -> None:
+    """The arguments every card script (gpu_ab, gpu_host, gpu_profile, gpu_regime) takes for its train step: the bench's
+    GPU rows' arch, batch, dtype and captions by default."""
+    ap.add_argument("--arch", default="ViT-B-32")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--caption-tokens", default="5-30", help=CAPTION_HELP)
+
+
 def random_batch(config: CLIPConfig, batch: int, seed: int = 0, words: tuple[int, int] | None = None) -> dict:
     """Normal pixels and token rows shaped as the tokenizer's (SOT, words, EOT, zero padding). `words` bounds the
     word tokens of a caption (both ends included; at most the context less SOT and EOT); by default 3 to context - 3,

@@ -131,11 +131,12 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
     lines += ["", "## MLX / torch (items/s ratio; > 1 means MLX is faster)", "",
               "From the medians; in brackets, from each side's fastest run (less disturbed by other jobs).", "",
               "| task | batch | eager / eager | mx.compile / torch.compile | best mode / best mode |", "|---|---|---|---|---|"]
-    for r in ratios(records):
+    medians = ratios(records)
+    for r in medians:
         f = fastest.get((r["task"], r["batch"]), {})
         cells = [f"{_x(r.get(k))} ({_x(f.get(k))})" for k in ("eager", "compiled", "best")]
         lines.append(f"| {r['task']} | {r['batch']} | " + " | ".join(cells) + " |")
-    gaps = [f"{r['task']} batch {r['batch']}: {r['pace_gap']}" for r in ratios(records) if r["pace_gap"]]
+    gaps = [f"{r['task']} batch {r['batch']}: {r['pace_gap']}" for r in medians if r["pace_gap"]]
     if gaps:
         lines += ["", f"The backends' rows ran at host paces more than {PACE_GAP:.2f}× apart (a fixed loop's time, "
                   "`benchmarks/host_pace.py`): " + "; ".join(gaps) + ". Those ratios say as much about the machine as "

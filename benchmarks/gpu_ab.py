@@ -33,7 +33,7 @@ import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from benchmarks.batches import parse_caption_tokens, CAPTION_HELP
+from benchmarks.batches import add_card_step_args, parse_caption_tokens
 from benchmarks.workloads_mlx import TASKS, mlx_workload
 from mlx_clip import cpu_streams, fastmath, gpu_activation, gpu_attention, gpu_reduce, layer_norm, linear, qkv_block
 from mlx_clip.config import get_config
@@ -92,13 +92,10 @@ def _set(variant: str):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="ViT-B-32")
+    add_card_step_args(ap)
     ap.add_argument("--task", default="train", choices=TASKS)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--variants", default="default,optimizer=multi")
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--caption-tokens", default="5-30", help=CAPTION_HELP)
     ap.add_argument("--torch", action="store_true",
                     help="also time torch.compile(open_clip)'s step (the bench's torch side) in the same rotation")
     args = ap.parse_args()

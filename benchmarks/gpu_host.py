@@ -23,7 +23,7 @@ import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from benchmarks.batches import CAPTION_HELP, parse_caption_tokens
+from benchmarks.batches import add_card_step_args, parse_caption_tokens
 from benchmarks.workloads_mlx import mlx_workload
 from mlx_clip.config import get_config
 
@@ -74,12 +74,9 @@ def _peak_gib(fn, *args) -> float:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="ViT-B-32")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--dtype", default="bfloat16")
+    add_card_step_args(ap)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--pipeline", type=int, default=8, help="steps in each pipelined timing")
-    ap.add_argument("--caption-tokens", default="5-30", help=CAPTION_HELP)
     args = ap.parse_args()
     load = mlx_workload(get_config(args.arch), "train", args.batch, "compiled", args.dtype,
                         words=parse_caption_tokens(args.caption_tokens))

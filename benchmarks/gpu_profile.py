@@ -20,7 +20,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from benchmarks.batches import CAPTION_HELP, parse_caption_tokens
+from benchmarks.batches import add_card_step_args, parse_caption_tokens
 from benchmarks.trace_steps import STEP_NAME, format_rows, load_events, summarize
 from mlx_clip.config import get_config
 
@@ -38,12 +38,9 @@ def _kind(name: str) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", choices=("mlx", "torch"), default="mlx")
-    ap.add_argument("--arch", default="ViT-B-32")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--dtype", default="bfloat16")
+    add_card_step_args(ap)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--caption-tokens", default="5-30", help=CAPTION_HELP)
     ap.add_argument("--trace", help="write the profiled steps' timeline here (Chrome trace JSON)")
     ap.add_argument("--queued", type=int, default=1, help="steps queued back to back per annotated group (as the "
                     "training loop and `mlxclip bench --steps-per-run` run them); times per group")

@@ -37,7 +37,7 @@ import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from benchmarks.batches import CAPTION_HELP, parse_caption_tokens
+from benchmarks.batches import add_card_step_args, parse_caption_tokens
 from benchmarks.gpu_host import _split
 from benchmarks.host_pace import probe_ms
 from benchmarks.workloads_mlx import mlx_workload
@@ -172,12 +172,9 @@ def _print_summary(summary: dict) -> None:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="ViT-B-32")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--dtype", default="bfloat16")
+    add_card_step_args(ap)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--caption-tokens", default="5-30", help=CAPTION_HELP)
     ap.add_argument("--out", help="write each step's row here (JSON lines)")
     args = ap.parse_args()
     load = mlx_workload(get_config(args.arch), "train", args.batch, "compiled", args.dtype,
