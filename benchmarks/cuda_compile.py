@@ -73,6 +73,10 @@ def compile_ptx(unit: str, arch: str = "sm_90") -> tuple[bool, str, int]:
     root = _cuda_root()
     if root is None:
         raise RuntimeError("NVRTC not installed: pip install nvidia-cuda-nvrtc nvidia-cuda-runtime")
+    # NVRTC dlopens its builtins library by file name; loaded first, it is found whatever the library path (a process
+    # that imported torch has it loaded already, one that did not would fail to open it)
+    for builtins in sorted((root / "lib").glob("libnvrtc-builtins.so*")):
+        ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
     lib = ctypes.CDLL(str(sorted((root / "lib").glob("libnvrtc.so*"))[0]))
     program = ctypes.c_void_p()
     status = lib.nvrtcCreateProgram(ctypes.byref(program), unit.encode(), b"kernel.cu", 0, None, None)
@@ -133,7 +137,7 @@ def kernel_units(lengths=(50, 77, 197, 256, 320), heads=12) -> list[tuple[str, s
     units = []
     for length in lengths:
         nt, tiled = -(-length // 16), length > gpu_attention.MAX_TOKENS
-        for spec in gpu_attention.tiled_specs(nt) if tiled else gpu_attention.SHORT_SPECS:
+        for spec in gpu_attention.tiled_specs(nt) if tiled else gpu_attention.SHORT_SPECS + gpu_attention.JOINT_SPECS:
             for suffix, template in _variants(spec, tiled):
                 name = f"{spec.name}_L{length}{suffix}"
                 units.append((name, wrap(name, gpu_attention.HEADER, spec.source,

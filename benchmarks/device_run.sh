@@ -320,6 +320,11 @@ for step in "$@"; do
          # torch.compile's holds: the bars' rows with the backends taking turns (--rounds), each row's pace printed
          # (bench's "pace": benchmarks/host_pace.py around each row's timed runs). One arch a call (S30_ARCHS), ~240 s a ViT-B-32 row
       for a in ${S30_ARCHS:-ViT-B-32}; do MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S30_TIMEOUT:-540} $BENCH --arch $a --rounds ${S30_ROUNDS:-3} --out $OUT/s30-${a#ViT-} 2>&1 | grep "items/s\|MLX/torch"; done | tee $OUT/s30.txt ;;
+    s31) # session 26: q, k, v as one product (mlx_clip/fused_qkv.py; 6 of a block's 18 cuBLAS calls fewer, ~28 us of
+         # host each, on the host-bound ViT-B-32 step): the joint kernels' tests, then the step with it on and off
+         # in turns in one process (the host's pace moves both alike), each variant's main-thread time printed
+      MLX_ENABLE_TF32=0 timeout ${S31_TEST_TIMEOUT:-300} python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_attention.py -k "joint or one_qkv or model_attention" --tb=line 2>&1 | tail -25 | tee $OUT/s31-tests.txt
+      LD_PRELOAD=$PWD/.whlP/libmimalloc.so.2 timeout ${S31_TIMEOUT:-300} python3 -m benchmarks.gpu_ab --arch ${S31_ARCH:-ViT-B-32} --variants default,fusedqkv=off --rounds ${S31_ROUNDS:-40} 2>&1 | tee $OUT/s31-ab.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

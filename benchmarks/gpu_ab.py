@@ -18,7 +18,8 @@ A variant is `default` (the process's settings) or settings joined by `+`:
   (MLXCLIP_GPU_CONTIGUOUS_GRADS);
 - reduce=ours|mlx (MLXCLIP_GPU_REDUCE, mlx_clip/gpu_reduce.py), lnforward=ours|mlx (MLXCLIP_GPU_LAYER_NORM_FORWARD),
   activation=ours|mlx (MLXCLIP_GPU_ACTIVATION, mlx_clip/gpu_activation.py), actfused=1|0
-  (MLXCLIP_GPU_ACTIVATION_FUSED), qkv=on|off (MLXCLIP_QKV_BLOCK, mlx_clip/qkv_block.py), finish=0|1
+  (MLXCLIP_GPU_ACTIVATION_FUSED), qkv=on|off (MLXCLIP_QKV_BLOCK, mlx_clip/qkv_block.py), fusedqkv=on|off
+  (MLXCLIP_GPU_FUSED_QKV, mlx_clip/fused_qkv.py), finish=0|1
   (MLXCLIP_GPU_REDUCE_FINISH), fold=1|0 (optim.FOLD_CLIP_GPU, MLXCLIP_GPU_FOLD_CLIP: the clip factor in AdamW's
   moment coefficients; off by default since session 17).
 `--torch` adds torch.compile's step (CUDA, or the CPU when MLX runs there) to the rotation. Peak memory measured here
@@ -35,7 +36,8 @@ import numpy as np
 
 from benchmarks.batches import add_card_step_args, parse_caption_tokens
 from benchmarks.workloads_mlx import TASKS, mlx_workload
-from mlx_clip import cpu_streams, fastmath, gpu_activation, gpu_attention, gpu_reduce, layer_norm, linear, qkv_block
+from mlx_clip import (cpu_streams, fastmath, fused_qkv, gpu_activation, gpu_attention, gpu_reduce, layer_norm, linear,
+                      qkv_block)
 from mlx_clip.config import get_config
 from mlx_clip.memory import parse_bytes
 from mlx_clip.train import multi_tensor, optim, step
@@ -63,6 +65,7 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "activation": (gpu_activation, "ENABLED", {"ours": True, "mlx": False}),  # the MLP's GELU forward and backward
     "actfused": (gpu_activation, "FUSED", {"1": True, "0": False}),  # its backward as one kernel or two
     "qkv": (qkv_block, "ENABLED", {"on": True, "off": False}),  # LayerNorm-1 recomputed in the backward
+    "fusedqkv": (fused_qkv, "ENABLED", {"on": True, "off": False}),  # q, k, v as one product (CUDA)
     "lnforward": (gpu_reduce, "LN_FORWARD", {"ours": True, "mlx": False}),  # the GPU LayerNorm forward's kernel
     "fold": (optim, "FOLD_CLIP_GPU", {"1": True, "0": False}),  # the clip factor in AdamW's moment coefficients
     "finish": (gpu_reduce, "FINISH_KERNEL", {"1": True, "0": False}),  # the column sums' partials summed by our kernel
@@ -138,8 +141,10 @@ def main():
             times[variant].append(time.perf_counter() - start)
     for variant in variants:
         t = float(np.median(times[variant]))
+        host = getattr(loads[variant], "host_s", None)  # an MLX train step's main-thread CPU time, the timed runs'
+        host = f", host {1e3 * float(np.median(host[-args.rounds:])):.1f} ms" if host else ""
         print(f"{args.arch} {args.task} b{args.batch} {variant}: {1e3 * t:.1f} ms p50, {args.batch / t:.0f} img/s, "
-              f"step peak {peaks[variant]:.2f} GiB", flush=True)
+              f"step peak {peaks[variant]:.2f} GiB{host}", flush=True)
 
 
 if __name__ == "__main__":

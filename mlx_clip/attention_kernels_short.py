@@ -148,17 +148,16 @@ __device__ inline void columns_times(const bf16* a, const bf16* b, float* out, i
 
 # One block of 4 warps per (batch, head); warp w owns query rows [16w, 16w + 16) (and key rows in the dK/dV phase).
 # L, H, NT (= ceil(L / 16) tiles) and CAUSAL are template constants.
-FORWARD = r"""
-  using namespace mlxclip_attention;
+_FORWARD = r"""
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* qs = reinterpret_cast<bf16*>(smem);  // q, then p over the same rows (each warp overwrites only its own)
   bf16* ks = qs + 64 * LDH;
   bf16* vs = ks + 64 * LDH;
   float* sf = reinterpret_cast<float*>(vs + 64 * LDH);
   const int b = blockIdx.x / H, h = blockIdx.x % H, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  load_tile(q, qs, b, h, L, H, 16 * NT);
-  load_tile(k, ks, b, h, L, H, 16 * NT);
-  load_tile(v, vs, b, h, L, H, 16 * NT);
+  load_tile(q, qs, b, h + Q_AT, L, QKV_HEADS, 16 * NT);
+  load_tile(k, ks, b, h + K_AT, L, QKV_HEADS, 16 * NT);
+  load_tile(v, vs, b, h + V_AT, L, QKV_HEADS, 16 * NT);
   __syncthreads();
   if (warp >= NT) return;
   const int r0 = 16 * warp;
@@ -173,8 +172,7 @@ FORWARD = r"""
 
 # p is recomputed from q and k (nothing but the inputs is kept from the forward pass);
 # ds = p * (dp - rowsum(p * dp)), dq = SCALE ds k, dk = SCALE ds^T q, dv = p^T dout.
-BACKWARD = r"""
-  using namespace mlxclip_attention;
+_BACKWARD = r"""
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* qs = reinterpret_cast<bf16*>(smem);
   bf16* ks = qs + 64 * LDH;
@@ -185,9 +183,9 @@ BACKWARD = r"""
   float* pf = reinterpret_cast<float*>(dsh + 64 * LDH);
   float* dpf = pf + 64 * LDF;
   const int b = blockIdx.x / H, h = blockIdx.x % H, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  load_tile(q, qs, b, h, L, H, 16 * NT);
-  load_tile(k, ks, b, h, L, H, 16 * NT);
-  load_tile(v, vs, b, h, L, H, 16 * NT);
+  load_tile(q, qs, b, h + Q_AT, L, QKV_HEADS, 16 * NT);
+  load_tile(k, ks, b, h + K_AT, L, QKV_HEADS, 16 * NT);
+  load_tile(v, vs, b, h + V_AT, L, QKV_HEADS, 16 * NT);
   load_tile(dout, gs, b, h, L, H, 16 * NT);
   __syncthreads();
   const int r0 = 16 * warp;
@@ -214,13 +212,30 @@ BACKWARD = r"""
     __syncwarp();
     rows_times(dsh, ks, dpf, r0, NT);  // dq = ds k
     __syncwarp();
-    store_rows(dpf, dq, b, h, L, H, r0, SCALE, lane);
+    store_rows(dpf, dq, b, h + Q_AT, L, QKV_HEADS, r0, SCALE, lane);
   }
   __syncthreads();  // dk and dv read every query row of ds and p
   if (warp >= NT) return;
   columns_times(dsh, qs, pf, r0, NT);  // dk = ds^T q, for key rows [r0, r0 + 16)
   columns_times(ph, gs, dpf, r0, NT);  // dv = p^T dout
   __syncwarp();
-  store_rows(pf, dk, b, h, L, H, r0, SCALE, lane);
-  store_rows(dpf, dv, b, h, L, H, r0, 1.0f, lane);
+  store_rows(pf, dk, b, h + K_AT, L, QKV_HEADS, r0, SCALE, lane);
+  store_rows(dpf, dv, b, h + V_AT, L, QKV_HEADS, r0, 1.0f, lane);
 """
+
+# q, k and v as three (B, L, H * 64) arrays, or (the joint kernels, mlx_clip.fused_qkv) as the column blocks of one
+# (B, L, 3 * H * 64) product, read in place: a row then holds 3H heads, q's at 0, k's at H, v's at 2H. The backward
+# writes dq, dk and dv the same way into one array, the gradient of that product, so nothing joins them afterwards.
+_SEPARATE = """
+  using namespace mlxclip_attention;
+  constexpr int QKV_HEADS = H, Q_AT = 0, K_AT = 0, V_AT = 0;
+"""
+_JOINT = """
+  using namespace mlxclip_attention;
+  constexpr int QKV_HEADS = 3 * H, Q_AT = 0, K_AT = H, V_AT = 2 * H;
+  const bf16 *q = qkv, *k = qkv, *v = qkv;
+"""
+FORWARD = _SEPARATE + _FORWARD
+BACKWARD = _SEPARATE + _BACKWARD
+JOINT_FORWARD = _JOINT + _FORWARD
+JOINT_BACKWARD = _JOINT + "  bf16 *dq = dqkv, *dk = dqkv, *dv = dqkv;\n" + _BACKWARD

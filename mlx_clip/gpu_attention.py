@@ -52,8 +52,12 @@ HEADER = short.HEADER + "\n" + tiled.HEADER + "}  // namespace mlxclip_attention
 def supported(q: mx.array, heads: int, scale: float, mask) -> bool:
     """Whether the fused kernels take this call: a CUDA device with bf16 tensor cores, bf16 (B, L, heads * 64) inputs,
     L <= 320, no mask or causal, the default 1/sqrt(64) scale."""
-    return (mx.default_device() == mx.gpu and mx.cuda.is_available() and q.dtype == mx.bfloat16 and q.ndim == 3
-            and q.shape[1] <= MAX_LONG_TOKENS and q.shape[2] == heads * HEAD_DIM
+    return q.ndim == 3 and _takes(q.dtype, q.shape[1], q.shape[2], heads, scale, mask)
+
+
+def _takes(dtype, length: int, width: int, heads: int, scale: float, mask) -> bool:
+    return (mx.default_device() == mx.gpu and mx.cuda.is_available() and dtype == mx.bfloat16
+            and length <= MAX_LONG_TOKENS and width == heads * HEAD_DIM
             and abs(scale - HEAD_DIM ** -0.5) < 1e-9 and (mask is None or (isinstance(mask, str) and mask == "causal"))
             and _device_capable())
 
@@ -93,6 +97,13 @@ SHORT_SPECS = (
     KernelSpec("mlxclip_attention_backward", short.BACKWARD, ("q", "k", "v", "dout"), ("dq", "dk", "dv"),
                short.BACKWARD_SMEM),
 )
+# The same one-block kernels reading q, k and v from one (B, L, 3 * heads * 64) product (mlx_clip.fused_qkv), the
+# backward writing their gradients into one array of that shape
+JOINT_SPECS = (
+    KernelSpec("mlxclip_attention_joint_forward", short.JOINT_FORWARD, ("qkv",), ("o",), short.FORWARD_SMEM),
+    KernelSpec("mlxclip_attention_joint_backward", short.JOINT_BACKWARD, ("qkv", "dout"), ("dqkv",),
+               short.BACKWARD_SMEM),
+)
 
 
 def tiled_specs(nt: int) -> list[KernelSpec]:
@@ -106,8 +117,9 @@ def tiled_specs(nt: int) -> list[KernelSpec]:
 
 
 def kernel_specs(nt: int) -> list[KernelSpec]:
-    """Every kernel: the short ones and the tiled ones for nt tiles (benchmarks/cuda_compile.py compiles them all)."""
-    return list(SHORT_SPECS) + tiled_specs(nt)
+    """Every kernel: the short ones, the tiled ones for nt tiles and the joint short ones (benchmarks/cuda_compile.py
+    compiles them all)."""
+    return list(SHORT_SPECS) + tiled_specs(nt) + list(JOINT_SPECS)
 
 
 def _build(specs) -> list:
@@ -122,17 +134,23 @@ def _short_kernels():
 
 
 @lru_cache(maxsize=None)
+def _joint_kernels():
+    return _build(JOINT_SPECS)
+
+
+@lru_cache(maxsize=None)
 def _tiled_kernels(nt: int):
     return _build(tiled_specs(nt))
 
 
 def _launch(kernel, inputs: list[mx.array], heads: int, causal: bool, outputs: int, blocks: int = 0,
-            stats: bool = False, row_tiles: int = 0, warps: int = 4, extra: tuple = ()) -> list[mx.array]:
-    """`outputs` arrays shaped as q, then (with `stats`) one fp32 (B, L, heads) row statistic (lse, delta).
-    blocks: 0 for the one-block kernels, else the tiled kernels' blocks per (batch, head); row_tiles: the dq and dk/dv
-    kernels' 16-row tiles per warp; warps: a block's (the tiled kernels' WARPS); extra: more (name, value) template
-    arguments."""
-    batch, length, width = inputs[0].shape
+            stats: bool = False, row_tiles: int = 0, warps: int = 4, extra: tuple = (),
+            width: int = 0) -> list[mx.array]:
+    """`outputs` arrays shaped as the first input (or `width` wide), then (with `stats`) one fp32 (B, L, heads) row
+    statistic (lse, delta). blocks: 0 for the one-block kernels, else the tiled kernels' blocks per (batch, head);
+    row_tiles: the dq and dk/dv kernels' 16-row tiles per warp; warps: a block's (the tiled kernels' WARPS); extra:
+    more (name, value) template arguments."""
+    batch, length, width = inputs[0].shape[:2] + (width or inputs[0].shape[2],)
     shapes = [(batch, length, width)] * outputs + ([(batch, length, heads)] if stats else [])
     template = [("L", length), ("H", heads), ("NT", -(-length // 16)), ("CAUSAL", causal)]
     if blocks:
@@ -154,6 +172,20 @@ def _short(heads: int, causal: bool):
     def attention_vjp(primals, cotangent, output):
         q, k, v = primals
         return tuple(_launch(_short_kernels()[1], [q, k, v, cotangent.astype(q.dtype)], heads, causal, 3))
+
+    return attention
+
+
+def _joint(heads: int, causal: bool):
+    """The one-block kernels on one (B, L, 3 * heads * 64) array of q, k and v side by side."""
+
+    @mx.custom_function
+    def attention(qkv):
+        return _launch(_joint_kernels()[0], [qkv], heads, causal, 1, width=heads * HEAD_DIM)[0]
+
+    @attention.vjp
+    def attention_vjp(qkv, cotangent, output):  # one primal: MLX passes it (and the cotangent) as the array itself
+        return _launch(_joint_kernels()[1], [qkv, cotangent.astype(qkv.dtype)], heads, causal, 1)[0]
 
     return attention
 
@@ -200,3 +232,16 @@ def fused(heads: int, causal: bool):
         return short(q, k, v) if q.shape[1] <= MAX_TOKENS else tiled(q, k, v)[0]
 
     return attention
+
+
+def supported_joint(width: int, length: int, dtype, heads: int, scale: float, mask) -> bool:
+    """Whether `fused_qkv` takes a (B, `length`, 3 * `width`) product of `dtype`: as `supported` for q of (B, length,
+    width), and short enough for the one-block kernels (the tiled ones read q, k and v apart)."""
+    return length <= MAX_TOKENS and _takes(dtype, length, width, heads, scale, mask)
+
+
+@lru_cache(maxsize=None)
+def fused_qkv(heads: int, causal: bool):
+    """As `fused`, of the (B, L, 3 * heads * 64) array [q | k | v] (L <= MAX_TOKENS), as (B, L, heads * 64); its
+    gradient is one array shaped as the input."""
+    return _joint(heads, causal)

@@ -11,7 +11,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_clip import cpu_streams, fastmath, gpu_embedding, mlp_block, packed_attention, qkv_block, switches
+from mlx_clip import cpu_streams, fastmath, fused_qkv, gpu_embedding, mlp_block, packed_attention, qkv_block, switches
 from mlx_clip.layer_norm import LayerNorm
 from mlx_clip.linear import Linear
 from mlx_clip.config import CLIPConfig, TextConfig, VisionConfig
@@ -135,6 +135,8 @@ class EncoderLayer(nn.Module):
             q, k, v = qkv_block.qkv_block(norm, *projections, x)
         else:
             y = norm(x)
+            if fused_qkv.applies(attn, y.dtype, lengths, mask):  # CUDA: one product, q, k and v read in place
+                return attn.out_proj(fused_qkv.context(attn, y, lengths, mask))
             q, k, v = (p(y) for p in projections)
         out = attn.context(*(t.reshape(*lengths, t.shape[-1]) for t in (q, k, v)), mask)
         return attn.out_proj(out.reshape(x.shape[0], -1))

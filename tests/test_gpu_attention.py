@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_clip import fastmath, gpu_attention
+from mlx_clip import fastmath, fused_qkv, gpu_attention
 
 pytestmark = pytest.mark.gpu
 if not mx.cuda.is_available():
@@ -116,6 +116,7 @@ def test_model_attention_takes_the_fused_kernel_and_agrees_with_sdpa(monkeypatch
     calls = []
     real = gpu_attention.fused
     monkeypatch.setattr(gpu_attention, "fused", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(fused_qkv, "ENABLED", False)  # q, k, v apart (one product: the test below)
 
     params = layer.trainable_parameters()
 
@@ -139,3 +140,67 @@ def test_model_attention_takes_the_fused_kernel_and_agrees_with_sdpa(monkeypatch
             assert float(mx.abs(a).max()) <= 1e-5 and float(mx.abs(b).max()) <= 1e-5
             continue
         assert _rel(a, np.array(b.astype(mx.float32))) <= 3e-2, name
+
+
+@pytest.mark.parametrize("length,heads,causal", [(50, 12, False), (32, 8, True), (17, 2, True), (64, 3, False),
+                                                 (7, 2, False)])
+def test_joint_kernels_read_q_k_v_from_one_array(length, heads, causal):
+    """gpu_attention.fused_qkv of [q | k | v] equals float64 attention of q, k, v; its gradient is [dq | dk | dv]."""
+    q, k, v, w = _inputs(length, heads, seed=length + 2)
+    qkv = mx.array(np.concatenate([q, k, v], axis=-1)).astype(mx.bfloat16)
+    mask = "causal" if causal else None
+    assert gpu_attention.supported_joint(heads * 64, length, mx.bfloat16, heads, 0.125, mask)
+    attend = gpu_attention.fused_qkv(heads, causal)
+    want, want_grads = _reference(q, k, v, w, heads, causal)
+    assert _rel(attend(qkv), want) <= 1e-2
+    grad = mx.grad(lambda t: (attend(t).astype(mx.float32) * mx.array(w)).sum())(qkv)
+    assert grad.shape == qkv.shape
+    for got, ref in zip(mx.split(grad, 3, axis=-1), want_grads):
+        assert _rel(got, ref) <= 2e-2
+
+
+def test_joint_kernels_take_only_short_sequences():
+    assert gpu_attention.supported_joint(768, 64, mx.bfloat16, 12, 0.125, "causal")
+    assert not gpu_attention.supported_joint(768, 65, mx.bfloat16, 12, 0.125, None)  # the tiled kernels: apart
+    assert not gpu_attention.supported_joint(768, 50, mx.float32, 12, 0.125, None)
+
+
+@pytest.mark.parametrize("arch,tower,tokens,mask", [("ViT-B-32", "vision_config", 50, None),
+                                                    ("ViT-B-32", "text_config", 30, "causal")])
+def test_model_layer_with_one_qkv_product_agrees_with_three(monkeypatch, arch, tower, tokens, mask):
+    """value_and_grad of one encoder block with q, k, v as one product (mlx_clip.fused_qkv) and as three: the same
+    numbers, every parameter's gradient included."""
+    from mlx_clip.config import get_config
+    from mlx_clip.io import cast
+    from mlx_clip.model import EncoderLayer
+
+    cfg = getattr(get_config(arch), tower)
+    layer = cast(EncoderLayer(cfg), "bfloat16")
+    x = mx.random.normal((4 * tokens, cfg.hidden_size), key=mx.random.key(2)).astype(mx.bfloat16)
+    mx.eval(layer.parameters(), x)
+    calls = []
+    real = gpu_attention.fused_qkv
+    monkeypatch.setattr(gpu_attention, "fused_qkv", lambda *a: calls.append(a) or real(*a))
+    params = layer.trainable_parameters()
+
+    def loss(params, x):
+        layer.update(params)
+        return layer.rows(x, (4, tokens), mask).astype(mx.float32).square().mean()
+
+    def run(enabled):
+        monkeypatch.setattr(fused_qkv, "ENABLED", enabled)
+        out = mx.value_and_grad(loss)(params, x)
+        mx.eval(out)
+        layer.update(params)
+        return out
+
+    joint_value, joint_grads = run(True)
+    assert calls == [(cfg.num_attention_heads, mask == "causal")]
+    value, grads = run(False)
+    assert len(calls) == 1
+    assert abs(joint_value.item() - value.item()) <= 1e-2 * abs(value.item())
+    for (name, a), (_, b) in zip(tree_flatten(joint_grads), tree_flatten(grads)):
+        if name.endswith("k_proj.bias"):  # softmax ignores a per-query constant: this gradient is 0 up to rounding
+            assert float(mx.abs(a).max()) <= 1e-5 and float(mx.abs(b).max()) <= 1e-5
+            continue
+        assert a.shape == b.shape and _rel(a, np.array(b.astype(mx.float32))) <= 3e-2, name
