@@ -325,6 +325,15 @@ for step in "$@"; do
          # in turns in one process (the host's pace moves both alike), each variant's main-thread time printed
       MLX_ENABLE_TF32=0 timeout ${S31_TEST_TIMEOUT:-300} python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gpu_attention.py -k "joint or one_qkv or model_attention" --tb=line 2>&1 | tail -25 | tee $OUT/s31-tests.txt
       LD_PRELOAD=$PWD/.whlP/libmimalloc.so.2 timeout ${S31_TIMEOUT:-300} python3 -m benchmarks.gpu_ab --arch ${S31_ARCH:-ViT-B-32} --variants default,fusedqkv=off --rounds ${S31_ROUNDS:-40} 2>&1 | tee $OUT/s31-ab.txt ;;
+    s32) # session 26, prepared: off the CPU each dense layer's dx now waits for its weight gradients (linear.py
+         # ORDERED_WEIGHT_GRADS): on the CPU's GPU-branch graph the strided norm kernel's shape raised ViT-B-32 b64's
+         # step peak 2.30 -> 3.39 GiB and ordering took it back to 2.31 (the default norm 2.30 -> 2.08). On the card:
+         # MLX alone, separate processes, ordering off / on, with and without the norm kernel (peak and host time),
+         # then the norm kernel paired in rounds: if its peak is now the default's, it can be the CUDA default
+      for r in 1 2; do for v in "MLXCLIP_ORDERED_WEIGHT_GRADS=0" "" "MLXCLIP_ORDERED_WEIGHT_GRADS=0 MLXCLIP_GPU_NORM_KERNEL=1" "MLXCLIP_GPU_NORM_KERNEL=1"; do
+        env $v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 150 ${BENCH/mlx,torch/mlx} --arch ${S32_ARCH:-ViT-B-32} --out $OUT/s32-alone 2>&1 | grep items/s | sed "s/^/[$v] /"
+      done; done | tee $OUT/s32-alone.txt
+      MLXCLIP_GPU_NORM_KERNEL=1 MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S32_TIMEOUT:-300} $BENCH --arch ${S32_ARCH:-ViT-B-32} --rounds 3 --out $OUT/s32-paired-normkernel 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s32-paired.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

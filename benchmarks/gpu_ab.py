@@ -19,7 +19,8 @@ A variant is `default` (the process's settings) or settings joined by `+`:
 - reduce=ours|mlx (MLXCLIP_GPU_REDUCE, mlx_clip/gpu_reduce.py), lnforward=ours|mlx (MLXCLIP_GPU_LAYER_NORM_FORWARD),
   activation=ours|mlx (MLXCLIP_GPU_ACTIVATION, mlx_clip/gpu_activation.py), actfused=1|0
   (MLXCLIP_GPU_ACTIVATION_FUSED), qkv=on|off (MLXCLIP_QKV_BLOCK, mlx_clip/qkv_block.py), fusedqkv=on|off
-  (MLXCLIP_GPU_FUSED_QKV, mlx_clip/fused_qkv.py), finish=0|1
+  (MLXCLIP_GPU_FUSED_QKV, mlx_clip/fused_qkv.py), gradorder=on|off (MLXCLIP_ORDERED_WEIGHT_GRADS, mlx_clip/linear.py),
+  finish=0|1
   (MLXCLIP_GPU_REDUCE_FINISH), fold=1|0 (optim.FOLD_CLIP_GPU, MLXCLIP_GPU_FOLD_CLIP: the clip factor in AdamW's
   moment coefficients; off by default since session 17).
 `--torch` adds torch.compile's step (CUDA, or the CPU when MLX runs there) to the rotation. Peak memory measured here
@@ -66,6 +67,7 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "actfused": (gpu_activation, "FUSED", {"1": True, "0": False}),  # its backward as one kernel or two
     "qkv": (qkv_block, "ENABLED", {"on": True, "off": False}),  # LayerNorm-1 recomputed in the backward
     "fusedqkv": (fused_qkv, "ENABLED", {"on": True, "off": False}),  # q, k, v as one product (CUDA)
+    "gradorder": (linear, "ORDERED_WEIGHT_GRADS", {"on": True, "off": False}),  # weight-gradient GEMMs in order
     "lnforward": (gpu_reduce, "LN_FORWARD", {"ours": True, "mlx": False}),  # the GPU LayerNorm forward's kernel
     "fold": (optim, "FOLD_CLIP_GPU", {"1": True, "0": False}),  # the clip factor in AdamW's moment coefficients
     "finish": (gpu_reduce, "FINISH_KERNEL", {"1": True, "0": False}),  # the column sums' partials summed by our kernel

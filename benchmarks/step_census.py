@@ -13,6 +13,9 @@
 - same-process A/B (`--ab module.NAME=VALUE`): two workloads traced in one process, with the setting as it is and as
   VALUE (a module constant read when a step is traced), their steps run alternately for `--seconds`: the VM's drift
   (±15-30% within an hour here) moves both alike, which separate processes do not.
+- step peak (`--peak`, with `--ab`): each workload's peak above its resident arrays, one step after warm-up; with
+  `--norm-like-kernel` the clip norm takes the CUDA strided kernel's graph shape (one node reading 24 gradients, from
+  MLX ops; wrong value, right shape): MLX's evaluation order, and so the peak, follows the graph's shape.
 - without attention (`--no-attention`, with `--fit`): each attention replaced by its value input (projections kept;
   wrong numbers, right shapes), the upper bound of what a faster attention could save.
 
@@ -21,6 +24,8 @@
     python -m benchmarks.step_census --arch small --fit 32 --no-attention
     python -m benchmarks.step_census --arch ViT-B-32 --batch 2 --gpu-branch
     python -m benchmarks.step_census --arch small --batch 32 --ab mlx_clip.train.step.DOT_ROWS_MIN=2**40
+    python -m benchmarks.step_census --arch ViT-B-32 --batch 64 --gpu-branch --dtype float32 --norm-like-kernel \
+        --peak --ab mlx_clip.linear.ORDERED_WEIGHT_GRADS=False
 
 The workload is `mlxclip bench`'s train step (benchmarks/workloads_mlx.py), in the product's CPU mode.
 """
@@ -121,6 +126,43 @@ def step_ms(arch: str, batch: int, steps: int) -> float:
 def ab(arch: str, batch: int, setting: str, seconds: float) -> dict[str, list[float]]:
     """{label: step times in s} of two workloads traced in this process, `setting` ("pkg.module.NAME=VALUE", VALUE a
     Python literal or arithmetic of them) as it is and as VALUE, stepped alternately for `seconds` (at least once)."""
+    loads = _ab_loads(arch, batch, setting)
+    times = {label: [] for label in loads}
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or not all(times.values()):
+        for label, load in loads.items():
+            start = time.perf_counter()
+            load.run()
+            times[label].append(time.perf_counter() - start)
+    return times
+
+
+def step_peak_gib(load) -> float:
+    """GiB above the resident arrays at one step's peak (a traced, warm workload)."""
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    load.run()
+    return (mx.get_peak_memory() - base) / 2**30
+
+
+def norm_like_kernel(grads: list[mx.array]) -> mx.array:
+    """The strided norm kernel's graph shape (multi_tensor.sum_of_squares_strided, CUDA only) from MLX ops, for the
+    CPU: one node reading 24 gradients (`mx.depends`) per launch, the launches' outputs summed. Its value is not the
+    norm (it is 1): the step's shape, and so its memory, is what it stands for."""
+    parts = [mx.depends([mx.zeros((1,))], grads[i:i + 24])[0] for i in range(0, len(grads), 24)]
+    return mx.concatenate(parts).sum() + 1.0
+
+
+def _norm_like_kernel() -> None:
+    from mlx_clip.train import multi_tensor, step
+
+    step.NORM_SQUARES = "kernel"
+    multi_tensor.applies = lambda arrays, switched_on=None: bool(switched_on)
+    multi_tensor.sum_of_squares_strided = norm_like_kernel
+
+
+def _ab_loads(arch: str, batch: int, setting: str) -> dict:
+    """{label: traced, warm workload} with `setting` as it is and as its VALUE (see `ab`)."""
     target, _, value = setting.partition("=")
     module_name, _, name = target.rpartition(".")
     if not value or not module_name:
@@ -136,14 +178,7 @@ def ab(arch: str, batch: int, setting: str, seconds: float) -> dict[str, list[fl
             loads[label].run()
     finally:
         setattr(module, name, old)
-    times = {label: [] for label in loads}
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or not all(times.values()):
-        for label, load in loads.items():
-            start = time.perf_counter()
-            load.run()
-            times[label].append(time.perf_counter() - start)
-    return times
+    return loads
 
 
 def _gpu_branch() -> None:
@@ -184,13 +219,27 @@ def main():
     ap.add_argument("--ab", default="", help="module.NAME=VALUE: same-process A/B of a setting read at trace time "
                                              "(see above)")
     ap.add_argument("--seconds", type=float, default=60.0, help="--ab's time")
+    ap.add_argument("--dtype", default="", help="the workload's dtype (default float32, bfloat16 with --gpu-branch; "
+                                                "bf16 products are slow on a CPU)")
+    ap.add_argument("--peak", action="store_true", help="with --ab: each workload's step peak above its resident "
+                                                        "arrays instead of times")
+    ap.add_argument("--norm-like-kernel", action="store_true", help="the clip norm in the CUDA strided kernel's graph "
+                                                                    "shape, from MLX ops (wrong value; see above)")
     ap.add_argument("--context", default="", help="comma-separated primitive names: for each, what makes its inputs "
                                                   "and what reads its output, most common first")
     args = ap.parse_args()
+    global DTYPE
     if args.gpu_branch:
         _gpu_branch()
+    DTYPE = args.dtype or DTYPE
     if args.no_attention:
         _cut_attention()
+    if args.norm_like_kernel:
+        _norm_like_kernel()
+    if args.ab and args.peak:
+        for label, load in _ab_loads(args.arch, args.batch, args.ab).items():
+            print(f"{args.arch} train b{args.batch} {label}: step peak {step_peak_gib(load):.3f} GiB above resident")
+        return
     if args.ab:
         for label, times in ab(args.arch, args.batch, args.ab, args.seconds).items():
             ms = 1e3 * np.array(times)

@@ -66,7 +66,7 @@ def report(measure: bool = True) -> dict:
     import mlx.core as mx
 
     from mlx_clip import (cpu_cache, cpu_jit, fastmath, fused_qkv, gpu_activation, gpu_attention, gpu_buffers,
-                          gpu_embedding, gpu_reduce, model, qkv_block)
+                          gpu_embedding, gpu_reduce, linear, model, qkv_block)
     from mlx_clip.train import loop, optim, step
 
     info = {
@@ -94,6 +94,8 @@ def report(measure: bool = True) -> dict:
         # MLXCLIP_GPU_EMBEDDING: the token table's gradient summed in a fixed order on CUDA (runs repeat bit for bit)
         "gpu_embedding": gpu_embedding.ENABLED,
         "qkv_block": qkv_block.ENABLED,  # MLXCLIP_QKV_BLOCK: LayerNorm-1 recomputed in the backward (opt-in)
+        # MLXCLIP_ORDERED_WEIGHT_GRADS: off the CPU each dense layer's weight-gradient GEMM where the backward reaches it
+        "ordered_weight_grads": linear.ORDERED_WEIGHT_GRADS,
         "gpu_fused_qkv": fused_qkv.ENABLED,  # MLXCLIP_GPU_FUSED_QKV: q, k, v as one product on CUDA (short sequences)
         "patch_embed": model.PATCH_EMBED,  # MLXCLIP_PATCH_EMBED: the patch stem as one product or mx.conv2d
         # MLXCLIP_PACK_TEXT / MLXCLIP_PACK_WINDOWS: CPU training packs captions, attended by key windows

@@ -37,6 +37,24 @@ ROW_MAJOR_GRADS_ON_GPU = env_switch("MLXCLIP_ROW_MAJOR_GRADS_GPU", False)
 CONTIGUOUS_GRADS_ON_GPU = env_switch("MLXCLIP_GPU_CONTIGUOUS_GRADS", False)
 
 
+# Off the CPU a dense layer's input gradient waits for its weight and bias gradients (`after_weight_grads`). MLX runs
+# a step's nodes in reverse breadth-first order from the step's outputs (`eval_impl`'s tape), so a weight gradient's
+# place is set by its readers: AdamW's update and the clip norm. Where one node reads many gradients (the strided norm
+# kernel: 24 a launch), every weight-gradient GEMM landed at the end of the backward pass and kept each layer's
+# activation and cotangent alive until then (session 26: ViT-B-32 b64 on the CPU's GPU-branch graph, the kernel's
+# shape emulated, step peak 2.30 -> 3.39 GiB; on an H200 +1.8 GiB at b256). Waiting for them puts each GEMM where the
+# backward reaches its layer. One graph node a layer (a no-op); MLXCLIP_ORDERED_WEIGHT_GRADS=0 leaves the order to MLX.
+ORDERED_WEIGHT_GRADS = env_switch("MLXCLIP_ORDERED_WEIGHT_GRADS", True)  # read when a graph is traced
+
+
+def after_weight_grads(dx: mx.array, *grads: mx.array) -> mx.array:
+    """`dx` (the gradient a layer hands back to the one before it), made to wait for the layer's parameter gradients
+    `grads` off the CPU (ORDERED_WEIGHT_GRADS)."""
+    if not ORDERED_WEIGHT_GRADS or cpu_streams.on_cpu() or not grads:
+        return dx
+    return mx.depends(dx, list(grads))
+
+
 def product(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
     """x @ weight.T (+ bias) for (..., K) inputs and an (N, K) weight, in the faster order for this call."""
     if _turn_round(x, weight):
@@ -81,8 +99,10 @@ def _dense(stream, has_bias: bool, row_major: bool, copied: bool = False):
             dw = mx.contiguous(dw) if copied else dw
             # dx from the rows already made: `cotangent @ weight` on (B, L, N) would flatten and unflatten it again,
             # two graph nodes where one reshape does (the same product; a host-bound GPU step pays per node)
-            grads = ((rows @ weight).reshape(x.shape).astype(x.dtype), dw.astype(weight.dtype))
-            return grads + (gpu_reduce.column_sum(rows).astype(primals[2].dtype),) if has_bias else grads
+            dw = dw.astype(weight.dtype)
+            db = (gpu_reduce.column_sum(rows).astype(primals[2].dtype),) if has_bias else ()
+            dx = (rows @ weight).reshape(x.shape).astype(x.dtype)
+            return (after_weight_grads(dx, dw, *db), dw, *db)
 
     return dense
 

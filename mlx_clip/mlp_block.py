@@ -75,7 +75,8 @@ def _block_vjp(activation, eps: float, primals, cotangents, outputs):
     y, dx, d_ln_w, d_ln_b = ln.recomputed(x, ln_w, ln_b, g_x, eps)  # y recomputed, and the LayerNorm's gradients
     dw2, db2 = g_rows.T @ rows(a), gpu_reduce.column_sum(g_rows)  # MLX's sum where the kernel does not apply
     dw1, db1 = dh_rows.T @ rows(y), gpu_reduce.column_sum(dh_rows)
-    return dx, d_ln_w, d_ln_b, dw1, db1.astype(b1.dtype), dw2, db2.astype(b2.dtype)
+    grads = (d_ln_w, d_ln_b, dw1, db1.astype(b1.dtype), dw2, db2.astype(b2.dtype))
+    return (linear.after_weight_grads(dx, *grads), *grads)  # each GEMM where the backward reaches it (linear says why)
 
 
 def _value_and_vjp(fn, primals: list, cotangent: mx.array):
