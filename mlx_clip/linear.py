@@ -42,8 +42,10 @@ CONTIGUOUS_GRADS_ON_GPU = env_switch("MLXCLIP_GPU_CONTIGUOUS_GRADS", False)
 # place is set by its readers: AdamW's update and the clip norm. Where one node reads many gradients (the strided norm
 # kernel: 24 a launch), every weight-gradient GEMM landed at the end of the backward pass and kept each layer's
 # activation and cotangent alive until then (session 26: ViT-B-32 b64 on the CPU's GPU-branch graph, the kernel's
-# shape emulated, step peak 2.30 -> 3.39 GiB; on an H200 +1.8 GiB at b256). Waiting for them puts each GEMM where the
-# backward reaches its layer. One graph node a layer (a no-op); MLXCLIP_ORDERED_WEIGHT_GRADS=0 leaves the order to MLX.
+# shape emulated: step peak 3.40 GiB against 2.30 with the default norm; on an H200 +1.8 GiB at b256). Waiting for
+# them puts each GEMM where the backward reaches its layer (the same step: 2.31 GiB; the default norm's 2.08). One
+# graph node a layer (a no-op); MLXCLIP_ORDERED_WEIGHT_GRADS=0 leaves the order to MLX
+# (`python -m benchmarks.step_census --gpu-branch --norm-like-kernel --peak --ab ...`).
 ORDERED_WEIGHT_GRADS = env_switch("MLXCLIP_ORDERED_WEIGHT_GRADS", True)  # read when a graph is traced
 
 
