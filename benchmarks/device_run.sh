@@ -329,11 +329,12 @@ for step in "$@"; do
          # ORDERED_WEIGHT_GRADS): on the CPU's GPU-branch graph the strided norm kernel's shape raised ViT-B-32 b64's
          # step peak 2.30 -> 3.39 GiB and ordering took it back to 2.31 (the default norm 2.30 -> 2.08). On the card:
          # MLX alone, separate processes, ordering off / on, with and without the norm kernel (peak and host time),
-         # then the norm kernel paired in rounds: if its peak is now the default's, it can be the CUDA default
-      for r in 1 2; do for v in "MLXCLIP_ORDERED_WEIGHT_GRADS=0" "" "MLXCLIP_ORDERED_WEIGHT_GRADS=0 MLXCLIP_GPU_NORM_KERNEL=1" "MLXCLIP_GPU_NORM_KERNEL=1"; do
-        env $v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 150 ${BENCH/mlx,torch/mlx} --arch ${S32_ARCH:-ViT-B-32} --out $OUT/s32-alone 2>&1 | grep items/s | sed "s/^/[$v] /"
-      done; done | tee $OUT/s32-alone.txt
-      MLXCLIP_GPU_NORM_KERNEL=1 MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S32_TIMEOUT:-300} $BENCH --arch ${S32_ARCH:-ViT-B-32} --rounds 3 --out $OUT/s32-paired-normkernel 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s32-paired.txt ;;
+         # then (s32p, its own call: ~240 s) the norm kernel paired in rounds: if its peak is now the default's, it
+         # can be the CUDA default. Four rows ~60 s each once the first process has compiled its NVRTC kernels
+      for v in "MLXCLIP_ORDERED_WEIGHT_GRADS=0" "" "MLXCLIP_ORDERED_WEIGHT_GRADS=0 MLXCLIP_GPU_NORM_KERNEL=1" "MLXCLIP_GPU_NORM_KERNEL=1"; do
+        env $v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 130 ${BENCH/mlx,torch/mlx} --arch ${S32_ARCH:-ViT-B-32} --out $OUT/s32-alone 2>&1 | grep items/s | sed "s/^/[$v] /"
+      done | tee $OUT/s32-alone.txt ;;
+    s32p) MLXCLIP_GPU_NORM_KERNEL=1 MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S32_TIMEOUT:-330} $BENCH --arch ${S32_ARCH:-ViT-B-32} --rounds 3 --out $OUT/s32-paired-normkernel 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s32-paired.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done
