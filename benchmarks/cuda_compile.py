@@ -16,6 +16,7 @@ extra, Linux x86-64): `nvrtc_available()` says whether they are installed.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -68,8 +69,9 @@ def wrap(name: str, header: str, source: str, inputs: list[tuple[str, str]], out
             + constants + "\n" + source + "\n}\n\n} // namespace mlx::core::cu\n")
 
 
-def compile_ptx(unit: str, arch: str = "sm_90") -> tuple[bool, str, int]:
-    """(ok, log, PTX size in bytes) of NVRTC compiling `unit` for `arch`."""
+@functools.lru_cache(maxsize=1)
+def _nvrtc() -> tuple[ctypes.CDLL, Path]:
+    """NVRTC, loaded once a process, and the CUDA root whose headers it compiles against."""
     root = _cuda_root()
     if root is None:
         raise RuntimeError("NVRTC not installed: pip install nvidia-cuda-nvrtc nvidia-cuda-runtime")
@@ -77,7 +79,12 @@ def compile_ptx(unit: str, arch: str = "sm_90") -> tuple[bool, str, int]:
     # that imported torch has it loaded already, one that did not would fail to open it)
     for builtins in sorted((root / "lib").glob("libnvrtc-builtins.so*")):
         ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
-    lib = ctypes.CDLL(str(sorted((root / "lib").glob("libnvrtc.so*"))[0]))
+    return ctypes.CDLL(str(sorted((root / "lib").glob("libnvrtc.so*"))[0])), root
+
+
+def compile_ptx(unit: str, arch: str = "sm_90") -> tuple[bool, str, int]:
+    """(ok, log, PTX size in bytes) of NVRTC compiling `unit` for `arch`."""
+    lib, root = _nvrtc()
     program = ctypes.c_void_p()
     status = lib.nvrtcCreateProgram(ctypes.byref(program), unit.encode(), b"kernel.cu", 0, None, None)
     if status != 0:

@@ -153,12 +153,14 @@ def norm_like_kernel(grads: list[mx.array]) -> mx.array:
     return mx.concatenate(parts).sum() + 1.0
 
 
-def _norm_like_kernel() -> None:
+def norm_like_kernel_settings() -> list[tuple]:
+    """(module, name, value) to set so that the clip norm takes `norm_like_kernel`'s shape where CUDA's kernel would
+    run (tests set them with monkeypatch)."""
     from mlx_clip.train import multi_tensor, step
 
-    step.NORM_SQUARES = "kernel"
-    multi_tensor.applies = lambda arrays, switched_on=None: bool(switched_on)
-    multi_tensor.sum_of_squares_strided = norm_like_kernel
+    return [(step, "NORM_SQUARES", "kernel"),
+            (multi_tensor, "applies", lambda arrays, switched_on=None: bool(switched_on)),
+            (multi_tensor, "sum_of_squares_strided", norm_like_kernel)]
 
 
 def _ab_loads(arch: str, batch: int, setting: str) -> dict:
@@ -181,16 +183,22 @@ def _ab_loads(arch: str, batch: int, setting: str) -> dict:
     return loads
 
 
-def _gpu_branch() -> None:
+def gpu_branch_settings() -> list[tuple]:
+    """(module, name, value) to set so that steps are built as off the CPU (tests set them with monkeypatch)."""
     from mlx_clip.train import optim
 
-    global DTYPE
-    cpu_streams.on_cpu = lambda: False  # read through the module by everything but optim, which imported it
-    optim.on_cpu = cpu_streams.on_cpu
-    DTYPE = "bfloat16"
+    off_cpu = lambda: False  # noqa: E731  (read through cpu_streams by everything but optim, which imported it)
     # On CUDA the dense layers take their hand-written backward (linear._dense) for the bias gradient's kernel; here
     # the same backward, its column sums MLX's (the kernel is CUDA's), so the census counts the GPU's dense nodes
-    linear.gpu_reduce = types.SimpleNamespace(column_sum_fits=lambda *shape: True, column_sum=gpu_reduce.column_sum)
+    sums = types.SimpleNamespace(column_sum_fits=lambda *shape: True, column_sum=gpu_reduce.column_sum)
+    return [(cpu_streams, "on_cpu", off_cpu), (optim, "on_cpu", off_cpu), (linear, "gpu_reduce", sums)]
+
+
+def _gpu_branch() -> None:
+    global DTYPE
+    for module, name, value in gpu_branch_settings():
+        setattr(module, name, value)
+    DTYPE = "bfloat16"
 
 
 def _cut_attention() -> None:
@@ -235,7 +243,8 @@ def main():
     if args.no_attention:
         _cut_attention()
     if args.norm_like_kernel:
-        _norm_like_kernel()
+        for module, name, value in norm_like_kernel_settings():
+            setattr(module, name, value)
     if args.ab and args.peak:
         for label, load in _ab_loads(args.arch, args.batch, args.ab).items():
             print(f"{args.arch} train b{args.batch} {label}: step peak {step_peak_gib(load):.3f} GiB above resident")

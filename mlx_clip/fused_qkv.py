@@ -18,7 +18,6 @@ MLXCLIP_GPU_FUSED_QKV=0 turns it off.
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from mlx_clip import fastmath, gpu_attention, linear
 from mlx_clip.switches import env_switch
@@ -31,7 +30,7 @@ def applies(attn, dtype, lengths: tuple, mask) -> bool:
     projections' input has `dtype`."""
     projections = (attn.q_proj, attn.k_proj, attn.v_proj)
     return (ENABLED and fastmath.GPU_ATTENTION in ("fused", "aligned") and not attn.chunk
-            and all(type(p) in (linear.Linear, nn.Linear) and "bias" in p and p.weight.dtype == dtype
+            and all(linear.is_plain(p) and "bias" in p and p.weight.dtype == dtype
                     for p in projections)
             and gpu_attention.supported_joint(attn.q_proj.weight.shape[0], lengths[-1], dtype, attn.num_heads,
                                               attn.scale, mask))

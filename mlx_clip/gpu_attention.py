@@ -176,20 +176,6 @@ def _short(heads: int, causal: bool):
     return attention
 
 
-def _joint(heads: int, causal: bool):
-    """The one-block kernels on one (B, L, 3 * heads * 64) array of q, k and v side by side."""
-
-    @mx.custom_function
-    def attention(qkv):
-        return _launch(_joint_kernels()[0], [qkv], heads, causal, 1, width=heads * HEAD_DIM)[0]
-
-    @attention.vjp
-    def attention_vjp(qkv, cotangent, output):  # one primal: MLX passes it (and the cotangent) as the array itself
-        return _launch(_joint_kernels()[1], [qkv, cotangent.astype(qkv.dtype)], heads, causal, 1)[0]
-
-    return attention
-
-
 def _tiled(heads: int, causal: bool):
     """The tiled kernels (MAX_TOKENS < L <= MAX_LONG_TOKENS): returns (o, lse); the backward reads lse, and its dq
     kernel writes delta for the dk/dv kernel."""
@@ -242,6 +228,15 @@ def supported_joint(width: int, length: int, dtype, heads: int, scale: float, ma
 
 @lru_cache(maxsize=None)
 def fused_qkv(heads: int, causal: bool):
-    """As `fused`, of the (B, L, 3 * heads * 64) array [q | k | v] (L <= MAX_TOKENS), as (B, L, heads * 64); its
-    gradient is one array shaped as the input."""
-    return _joint(heads, causal)
+    """As `fused`, of the (B, L, 3 * heads * 64) array [q | k | v] (L <= MAX_TOKENS), as (B, L, heads * 64): the
+    one-block kernels reading q, k and v side by side; its gradient is one array shaped as the input."""
+
+    @mx.custom_function
+    def attention(qkv):
+        return _launch(_joint_kernels()[0], [qkv], heads, causal, 1, width=heads * HEAD_DIM)[0]
+
+    @attention.vjp
+    def attention_vjp(qkv, cotangent, output):  # one primal: MLX passes it (and the cotangent) as the array itself
+        return _launch(_joint_kernels()[1], [qkv, cotangent.astype(qkv.dtype)], heads, causal, 1)[0]
+
+    return attention

@@ -127,3 +127,9 @@ class Linear(nn.Linear):
 
     def __call__(self, x: mx.array) -> mx.array:
         return product(x, self["weight"], self["bias"] if "bias" in self else None)
+
+
+def is_plain(module: nn.Module) -> bool:
+    """A dense layer whose weight is used as it is (nn.Linear or ours), not a LoRA, quantized or other wrapper: the
+    hand-written blocks (mlp_block, fused_qkv) read its weight and bias themselves."""
+    return type(module) in (nn.Linear, Linear)

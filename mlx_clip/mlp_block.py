@@ -19,7 +19,6 @@ from mlx_clip import cpu_streams, fastmath, gpu_activation, gpu_reduce, layer_no
 
 
 _WEIGHT_AND_BIAS = {"weight", "bias"}
-_LINEARS = (nn.Linear, linear.Linear)
 
 
 def applies(norm: nn.Module, fc1: nn.Module, fc2: nn.Module) -> bool:
@@ -29,7 +28,7 @@ def applies(norm: nn.Module, fc1: nn.Module, fc2: nn.Module) -> bool:
 def plain_and_trainable(norm: nn.Module, *linears: nn.Module) -> bool:
     """A plain LayerNorm and plain Linear layers, each with a trainable weight and bias (a hand-written backward
     returns every gradient). Checked on every forward call (each layer): one parameter walk per module."""
-    return (type(norm) in (nn.LayerNorm, ln.LayerNorm) and all(type(m) in _LINEARS for m in linears)
+    return (type(norm) in (nn.LayerNorm, ln.LayerNorm) and all(map(linear.is_plain, linears))
             and all(_WEIGHT_AND_BIAS <= m.trainable_parameters().keys() for m in (norm, *linears)))
 
 

@@ -6,8 +6,6 @@ norm kernel, which MLX gave +1.8 GiB of peak on an H200)."""
 
 import mlx_clip  # noqa: F401  (BLAS preload before mlx.core)
 
-import types
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -15,26 +13,23 @@ from mlx.utils import tree_flatten
 
 from benchmarks import step_census
 from benchmarks.workloads_mlx import mlx_workload
-from mlx_clip import cpu_streams, gpu_reduce, linear
+from mlx_clip import cpu_streams, linear
 from mlx_clip.config import get_config
-from mlx_clip.train import multi_tensor, optim, step
+from mlx_clip.train import step
 
 
 @pytest.fixture
 def gpu_branch(monkeypatch):
     """The step built as off the CPU (no batch-parallel slices, no CPU kernels), as step_census --gpu-branch does."""
-    monkeypatch.setattr(cpu_streams, "on_cpu", lambda: False)
-    monkeypatch.setattr(optim, "on_cpu", cpu_streams.on_cpu)
-    monkeypatch.setattr(linear, "gpu_reduce", types.SimpleNamespace(column_sum_fits=lambda *shape: True,
-                                                                    column_sum=gpu_reduce.column_sum))
+    for module, name, value in step_census.gpu_branch_settings():
+        monkeypatch.setattr(module, name, value)
 
 
 def _kernel_shaped_norm(monkeypatch):
     """The strided norm kernel's graph shape from MLX ops (step_census.norm_like_kernel: its value is 1, not the
     norm, which leaves the step's shape, not its numbers, to compare)."""
-    monkeypatch.setattr(step, "NORM_SQUARES", "kernel")
-    monkeypatch.setattr(multi_tensor, "applies", lambda arrays, switched_on=None: bool(switched_on))
-    monkeypatch.setattr(multi_tensor, "sum_of_squares_strided", step_census.norm_like_kernel)
+    for module, name, value in step_census.norm_like_kernel_settings():
+        monkeypatch.setattr(module, name, value)
 
 
 def _step_peak(batch: int) -> float:

@@ -16,6 +16,14 @@ def _mkl_on_every_core() -> bool:
     return cpu_streams.on_cpu() and cpu_streams.cores() > 1
 
 
+@pytest.fixture(autouse=True)
+def one_request_at_a_time():
+    """Outside batch-parallel mode, whatever an earlier test's workload left switched on (a bench workload sets the
+    mode before each run and leaves it): these tests are about that mode's orders."""
+    with cpu_streams.batch_parallel_mode(False):
+        yield
+
+
 @pytest.fixture(params=["turned", "plain", "plain-autodiff"])
 def order(request, monkeypatch):
     monkeypatch.setattr(linear, "FEW_ROWS", 10**9 if request.param == "turned" else 0)
