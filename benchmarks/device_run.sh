@@ -335,6 +335,11 @@ for step in "$@"; do
         env $v MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 130 ${BENCH/mlx,torch/mlx} --arch ${S32_ARCH:-ViT-B-32} --out $OUT/s32-alone 2>&1 | grep items/s | sed "s/^/[$v] /"
       done | tee $OUT/s32-alone.txt ;;
     s32p) MLXCLIP_GPU_NORM_KERNEL=1 MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S32_TIMEOUT:-330} $BENCH --arch ${S32_ARCH:-ViT-B-32} --rounds 3 --out $OUT/s32-paired-normkernel 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s32-paired.txt ;;
+    s33) # session 27: the norm kernel (speed and MFU met in s30's row) with ordering (change 51) under a memory limit
+         # below torch.compile's 8.6 GiB peak, which holds back the queued step's buffers: all three ViT-B-32 bars in one row?
+      MLXCLIP_GPU_NORM_KERNEL=1 MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S33_TIMEOUT:-330} $BENCH --arch ViT-B-32 --rounds ${S33_ROUNDS:-3} --memory-limit ${S33_LIMIT:-8GiB} --out $OUT/s33-normkernel-limit 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s33.txt ;;
+    s33b) # the same for ViT-B-16 (torch.compile's peak 18.9 GiB), one round (~140 s)
+      MLXCLIP_GPU_NORM_KERNEL=1 MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S33_TIMEOUT:-330} $BENCH --arch ViT-B-16 --memory-limit ${S33B_LIMIT:-18GiB} --out $OUT/s33-B-16-normkernel-limit 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s33b.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done
