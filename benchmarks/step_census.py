@@ -9,7 +9,8 @@
 - the GPU branch (`--gpu-branch`): the step as the product builds it off the CPU (cpu_streams.on_cpu() false: no
   batch-parallel slices, no CPU kernels; MLX's SDPA, LayerNorm and reductions), traced and run here. Our CUDA kernels
   (gpu_attention, gpu_reduce, gpu_activation, multi_tensor) need a CUDA device, so this is the Metal graph and, but
-  for those kernels, the CUDA one: where a host-bound GPU step's graph nodes come from, counted without a card.
+  for those kernels, the CUDA one: where a host-bound GPU step's graph nodes come from, counted without a card (the
+  clip norm as CUDA takes it by default: `--norm-like-kernel`).
 - same-process A/B (`--ab module.NAME=VALUE`): two workloads traced in one process, with the setting as it is and as
   VALUE (a module constant read when a step is traced), their steps run alternately for `--seconds`: the VM's drift
   (±15-30% within an hour here) moves both alike, which separate processes do not.

@@ -102,6 +102,7 @@ def report(measure: bool = True) -> dict:
         "pack_text": {"packed": loop.PACK_TEXT, "windows": loop.PACK_WINDOWS},
         "queue_state": loop.QUEUE_STATE,  # MLXCLIP_QUEUE_STATE: a queued train step's updates handed over with it
         "norm_squares": step.NORM_SQUARES,  # MLXCLIP_NORM_SQUARES: how the clip norm sums each gradient's squares
+        "gpu_norm_kernel": step.GPU_NORM_KERNEL,  # MLXCLIP_GPU_NORM_KERNEL: "auto" sums them with our kernel on CUDA
         "fold_clip": optim.FOLD_CLIP_GPU,  # MLXCLIP_GPU_FOLD_CLIP: off the CPU, the clip factor in AdamW's moments
         # MLXCLIP_GPU_INPLACE_UPDATE: off the CPU, large parameters' AdamW as kernels writing over p, m and v (opt-in)
         "gpu_inplace_update": optim.GPU_INPLACE_UPDATE,

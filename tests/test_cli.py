@@ -73,6 +73,7 @@ def test_doctor_reports_the_cache_and_attention_settings():
            "MLXCLIP_GPU_DKDV_ROWS": "32", "MLXCLIP_GPU_LDMATRIX": "0", "MLXCLIP_GPU_REDUCE": "0",
            "MLXCLIP_GPU_ACTIVATION": "off", "MLXCLIP_QKV_BLOCK": "1", "MLXCLIP_PATCH_EMBED": "conv",
            "MLXCLIP_PACK_WINDOWS": "0", "MLXCLIP_QUEUE_STATE": "0", "MLXCLIP_NORM_SQUARES": "reduce",
+           "MLXCLIP_GPU_NORM_KERNEL": "0",
            "MLXCLIP_GPU_EMBEDDING": "0", "MLXCLIP_GPU_FOLD_CLIP": "0", "MLXCLIP_GPU_INPLACE_UPDATE": "1",
            "MLXCLIP_GPU_DQ_STEP": "16", "MLXCLIP_GPU_DKDV_STEP": "32", "MLXCLIP_GPU_DKDV_WARPS": "4",
            "MLXCLIP_GPU_FWD_ROWS": "32", "MLXCLIP_GPU_FWD_WARPS": "4", "MLXCLIP_GPU_DQ_WARPS": "4"}
@@ -86,7 +87,7 @@ def test_doctor_reports_the_cache_and_attention_settings():
                                              "dq_warps": 4, "dkdv_warps": 4}
     assert info["gpu_reduce"] is False and info["gpu_activation"] is False and info["qkv_block"] is True
     assert info["gpu_embedding"] is False
-    assert info["patch_embed"] == "conv" and info["norm_squares"] == "reduce"
+    assert info["patch_embed"] == "conv" and info["norm_squares"] == "reduce" and info["gpu_norm_kernel"] is False
     assert info["pack_text"] == {"packed": True, "windows": False} and info["queue_state"] is False
     assert info["fold_clip"] is False and info["gpu_inplace_update"] is True
     if info["device"].startswith("Device(cpu"):  # CPU builds take the cache size from the variable
@@ -108,6 +109,7 @@ def test_unknown_gpu_attention_mode_is_named_and_ignored():
     assert info["gpu_embedding"] is True
     assert info["qkv_block"] is False  # opt-in
     assert info["patch_embed"] == "matmul" and info["norm_squares"] == "auto"
+    assert info["gpu_norm_kernel"] is True  # the default since session 27
     assert info["pack_text"] == {"packed": True, "windows": True} and info["queue_state"] is True
     assert info["fold_clip"] is True and info["gpu_inplace_update"] is False  # the defaults since session 22
     # MLX's command-buffer size: 1,000 kernels on CUDA unless set (gpu_buffers.py), nothing set elsewhere

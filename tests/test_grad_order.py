@@ -45,7 +45,8 @@ def test_ordered_weight_gradients_lower_the_step_peak(monkeypatch, gpu_branch, n
     if norm == "kernel-shaped":
         _kernel_shaped_norm(monkeypatch)
     else:
-        monkeypatch.setattr(step, "NORM_SQUARES", "flat")  # the GPU's default way ("auto" off the CPU)
+        # per-gradient sums: "auto" on GPUs but CUDA, and on CUDA with MLXCLIP_GPU_NORM_KERNEL=0
+        monkeypatch.setattr(step, "NORM_SQUARES", "flat")
     peaks = {}
     for ordered in (False, True):
         monkeypatch.setattr(linear, "ORDERED_WEIGHT_GRADS", ordered)

@@ -102,7 +102,9 @@ def test_adamw_matches_numpy_over_steps(finite):
         np.testing.assert_allclose(np.array(got_v[i]), vs[i], rtol=1e-5, atol=1e-12)
 
 
-def _train(enabled: bool, dtype: str, steps: int = 3, norm: str = "auto"):
+def _train(enabled: bool, dtype: str, steps: int = 3, norm: str = "flat"):
+    """Parameter moves and the last gradient norm of `steps` steps; `norm` the clip norm's way ("flat": one sum per
+    gradient, the way "auto" took on CUDA before the strided kernel became its default)."""
     saved, multi_tensor.ENABLED = multi_tensor.ENABLED, enabled
     saved_norm, step_module.NORM_SQUARES = step_module.NORM_SQUARES, norm
     try:
@@ -131,7 +133,7 @@ def _train(enabled: bool, dtype: str, steps: int = 3, norm: str = "auto"):
 # weight, more than its move), so there only the whole model's move is compared, as above.
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 1e-2)])
 def test_norm_kernel_gives_the_per_parameter_steps(dtype, tol):
-    """NORM_SQUARES = "kernel" (MLXCLIP_GPU_NORM_KERNEL=1) changes only how the clip norm is summed: the same norm
+    """NORM_SQUARES = "kernel" (the CUDA default under "auto") changes only how the clip norm is summed: the same norm
     to fp32 rounding, and the same moves."""
     fast, fast_norm = _train(False, dtype, norm="kernel")
     slow, slow_norm = _train(False, dtype)

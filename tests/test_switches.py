@@ -39,20 +39,52 @@ def test_env_word_takes_a_listed_name_in_any_case_and_names_any_other(monkeypatc
 
 
 def test_norm_squares_follows_its_environment_setting():
-    """MLXCLIP_NORM_SQUARES picks the clip norm's way for a whole process (separate-process A/Bs on a card), ahead of
-    MLXCLIP_GPU_NORM_KERNEL; MLXCLIP_GPU_FOLD_CLIP folds the clip factor (on by default since session 22). Read at
-    import, so each setting is read by a fresh process."""
+    """MLXCLIP_NORM_SQUARES picks the clip norm's way for a whole process (separate-process A/Bs on a card);
+    MLXCLIP_GPU_NORM_KERNEL whether "auto" takes the strided kernel on CUDA (on by default since session 27);
+    MLXCLIP_GPU_FOLD_CLIP folds the clip factor (on by default since session 22). Read at import, so each setting is
+    read by a fresh process."""
     import os
     import subprocess
     import sys
 
-    probe = "from mlx_clip.train import optim, step; print(step.NORM_SQUARES, optim.FOLD_CLIP_GPU)"
+    probe = ("from mlx_clip.train import optim, step; "
+             "print(step.NORM_SQUARES, step.GPU_NORM_KERNEL, optim.FOLD_CLIP_GPU)")
     base = {k: v for k, v in os.environ.items() if k not in ("MLXCLIP_NORM_SQUARES", "MLXCLIP_GPU_NORM_KERNEL",
                                                              "MLXCLIP_GPU_FOLD_CLIP")}
-    for env, want in (({}, "auto True"),
-                      ({"MLXCLIP_GPU_NORM_KERNEL": "1", "MLXCLIP_GPU_FOLD_CLIP": "0"}, "kernel False"),
+    for env, want in (({}, "auto True True"),
+                      ({"MLXCLIP_GPU_NORM_KERNEL": "0", "MLXCLIP_GPU_FOLD_CLIP": "0"}, "auto False False"),
                       ({"MLXCLIP_NORM_SQUARES": "flat", "MLXCLIP_GPU_NORM_KERNEL": "1", "MLXCLIP_GPU_FOLD_CLIP": "1"},
-                       "flat True")):
+                       "flat True True")):
         out = subprocess.run([sys.executable, "-c", probe], env={**base, **env}, capture_output=True, text=True,
                              check=True)
         assert out.stdout.split("\n")[-2] == want, (env, out.stdout)
+
+
+@pytest.mark.parametrize("way,switch,strided", [("auto", True, True), ("auto", False, False), ("kernel", False, True),
+                                                ("flat", True, False), ("reduce", True, False)])
+def test_the_clip_norm_takes_the_strided_kernel_where_its_settings_say(monkeypatch, way, switch, strided):
+    """Where CUDA's kernels apply (stood in for here: this machine has none), "auto" sums the clip norm's squares
+    with the strided kernel unless MLXCLIP_GPU_NORM_KERNEL=0, "kernel" always, the per-gradient ways never; the norm
+    is the same either way (the stand-in computes it with numpy)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_clip.train import multi_tensor, step
+
+    calls = []
+
+    def strided_stand_in(arrays):
+        calls.append(len(arrays))
+        return mx.array(sum(float(np.sum(np.square(np.array(a, dtype=np.float64)))) for a in arrays))
+
+    monkeypatch.setattr(step, "NORM_SQUARES", way)
+    monkeypatch.setattr(step, "GPU_NORM_KERNEL", switch)
+    monkeypatch.setattr(multi_tensor, "applies", lambda arrays, switched_on=None: bool(switched_on))
+    monkeypatch.setattr(multi_tensor, "sum_of_squares_strided", strided_stand_in)
+    rng = np.random.default_rng(0)
+    grads = {"w": mx.array(rng.standard_normal((6, 5)).astype(np.float32)),
+             "b": mx.array(rng.standard_normal(5).astype(np.float32))}
+    norm = float(step._global_norm(grads).item())
+    assert calls == ([2] if strided else [])
+    want = np.sqrt(sum(np.sum(np.square(np.array(g, dtype=np.float64))) for g in grads.values()))
+    assert abs(norm - want) <= 1e-5 * want

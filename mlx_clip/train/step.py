@@ -167,23 +167,25 @@ def _assign(target, source) -> None:
 # How each gradient's sum of squares is taken: "dot" (one BLAS dot product: one kernel and one read, where
 # square-then-sum is two kernels and a squared copy; BLAS spreads it over the CPU's cores), "flat" (flattened, squared
 # and summed by MLX: 4 graph nodes each, a copy of a transposed gradient) or "reduce" (square, then MLX's sum, over
-# the gradient as it lies: 2 graph nodes each). "auto": dot on the CPU, flat on a GPU, where each cuBLAS call costs
-# ~28 us of host work (stream capture, heuristics, workspace; measured with py-spy on an H200) against a few us for
-# MLX's own kernels. "reduce" was the GPU's way in sessions 16-17 (~800 fewer nodes for the host-bound ViT-B/32
-# step); on an H200 in session 18 it raised ViT-B-16's peak 21,979 -> 23,423 MiB (four runs at 23,423) at the same
-# step time (102.5-104.0 vs 104.3 ms), and ViT-B-32's step moved with the host either way
-# (benchmarks/results/gpu-s18-h200.md), so the GPU is back on "flat". "concat" (opt-in, for host-bound GPUs): the
+# the gradient as it lies: 2 graph nodes each). "auto": dot on the CPU, "kernel" (below) on CUDA, flat on other GPUs,
+# where each cuBLAS call costs ~28 us of host work (stream capture, heuristics, workspace; measured with py-spy on an
+# H200) against a few us for MLX's own kernels. "reduce" was the GPU's way in sessions 16-17 (~800 fewer nodes for
+# the host-bound ViT-B/32 step); on an H200 in session 18 it raised ViT-B-16's peak 21,979 -> 23,423 MiB (four runs
+# at 23,423) at the same step time (102.5-104.0 vs 104.3 ms), and ViT-B-32's step moved with the host either way
+# (benchmarks/results/gpu-s18-h200.md), so the GPU went back to "flat". "concat" (opt-in, for host-bound GPUs): the
 # flattened gradients joined NORM_CHUNK at a time and each join squared and summed, ~4 graph nodes per 64 parameters
 # (the ViT-B/32 step's norm was ~1,600 of its 6,782 nodes), for one extra copy of the gradients: on an H100 the
 # ViT-B/32 step -3% for +2.9 GiB of peak (benchmarks/results/gpu-aligned-h100-s11.md), so not the GPU default.
-# "kernel" (opt-in, MLXCLIP_GPU_NORM_KERNEL=1; CUDA, else as "auto"): multi_tensor.sum_of_squares_strided, our kernel
-# reading up to 24 gradients a launch where they lie (transposed ones too, so no copies and no extra memory): ~20 graph
-# nodes in all, where "reduce" makes ~800. Made in session 16 for the host-bound ViT-B/32 step; on an H200 (session 17)
-# correct to 1e-7 of float64 and no faster (benchmarks/results/gpu-s17-h200.md §2).
+# "kernel" (CUDA, else as "auto"): multi_tensor.sum_of_squares_strided, our kernel reading up to 24 gradients a launch
+# where they lie (transposed ones too, so no copies): ~20 graph nodes in all, ~1,200 fewer than "flat". Made in
+# session 16 for the host-bound ViT-B/32 step; correct to 1e-7 of float64 on an H200 (session 17). "auto" takes it on
+# CUDA since session 27 (GPU_NORM_KERNEL): the ViT-B/32 b256 step's host work -7 to -9 ms, the step 45.1 -> 36.6 ms
+# alone and 1.34x of torch.compile paired (MFU 45.6%) on an H200, ViT-B/16 equal in time and peak; its cost is
+# ViT-B/32's queued-run peak, 13.4-15.2 GiB against the flat sums' 8.8-13.2 (benchmarks/results/gpu-s27-h200.md),
+# which `--memory-limit` bounds where memory matters more. MLXCLIP_GPU_NORM_KERNEL=0: "auto" sums flat on CUDA too.
 NORM_WAYS = ("auto", "dot", "reduce", "flat", "concat", "kernel")
-# MLXCLIP_NORM_SQUARES names any of them (separate-process A/Bs on a card); unset: "kernel" if the switch says so
-NORM_SQUARES = env_word("MLXCLIP_NORM_SQUARES", NORM_WAYS,
-                        "kernel" if env_switch("MLXCLIP_GPU_NORM_KERNEL", False) else "auto")
+NORM_SQUARES = env_word("MLXCLIP_NORM_SQUARES", NORM_WAYS, "auto")  # any of them (separate-process A/Bs on a card)
+GPU_NORM_KERNEL = env_switch("MLXCLIP_GPU_NORM_KERNEL", True)
 NORM_CHUNK = 64
 # "dot" on a long gradient: MLX makes a 1-D dot one (1 x n) @ (n x 1) product, which this CPU's BLAS runs as one
 # serial loop, ~1.2 ns an element (the `small` token table's 6.3 M: 7.8 ms, a quarter of that step's fixed part). Cut
@@ -229,7 +231,8 @@ def _global_norm(grads) -> mx.array:
     arrays = [g for _, g in tree_flatten(grads)]
     if multi_tensor.applies(arrays):  # CUDA: a few launches instead of one reduction (and its views) per array
         return mx.sqrt(multi_tensor.sum_of_squares(arrays))
-    if multi_tensor.applies(arrays, switched_on=NORM_SQUARES == "kernel"):  # the same, without the copies
+    strided = NORM_SQUARES == "kernel" or (NORM_SQUARES == "auto" and GPU_NORM_KERNEL)
+    if multi_tensor.applies(arrays, switched_on=strided):  # the same, without the copies
         return mx.sqrt(multi_tensor.sum_of_squares_strided(arrays))
     if NORM_SQUARES == "concat":
         joined = (mx.concatenate([g.reshape(-1) for g in arrays[i:i + NORM_CHUNK]]).astype(mx.float32)
