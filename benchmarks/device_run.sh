@@ -341,10 +341,13 @@ for step in "$@"; do
     s33b) # the same for ViT-B-16 (torch.compile's peak 18.9 GiB), one round (~140 s)
       MLXCLIP_GPU_NORM_KERNEL=1 MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S33_TIMEOUT:-330} $BENCH --arch ViT-B-16 --memory-limit ${S33B_LIMIT:-18GiB} --out $OUT/s33-B-16-normkernel-limit 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s33b.txt ;;
     s34) # session 27, prepared: is ViT-B-32's queued peak the run-ahead or one step's? MLX alone, the norm kernel (the
-         # CUDA default since change 52): one step a run (no queue) against four, then limits just above one step's
-         # need (9, 10 GiB: s33's 8 GiB sat below it and the host waited, 0.91x). ~60 s a row once NVRTC has compiled
-      for v in "--steps-per-run 1" "" "--memory-limit 9GiB" "--memory-limit 10GiB"; do
-        MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout 150 ${BENCH/mlx,torch/mlx} --arch ViT-B-32 $v --out $OUT/s34-alone 2>&1 | grep items/s | sed "s/^/[$v] /"
+         # CUDA default since change 52) and the per-gradient sums: one step a run (no queue) against four queued,
+         # then limits just above one step's need (9, 10 GiB: s33's 8 GiB sat below it and the host waited, 0.91x).
+         # Rows "environment|flags", ~50 s each once NVRTC has compiled its kernels (a bare machine's first rows: >130 s, s32)
+      for row in "MLXCLIP_GPU_NORM_KERNEL=1|--steps-per-run 1" "MLXCLIP_GPU_NORM_KERNEL=1|" \
+                 "MLXCLIP_GPU_NORM_KERNEL=0|--steps-per-run 1" "MLXCLIP_GPU_NORM_KERNEL=0|" \
+                 "MLXCLIP_GPU_NORM_KERNEL=1|--memory-limit 9GiB" "MLXCLIP_GPU_NORM_KERNEL=1|--memory-limit 10GiB"; do
+        env ${row%%|*} MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S34_TIMEOUT:-240} ${BENCH/mlx,torch/mlx} --arch ViT-B-32 ${row#*|} --out $OUT/s34-alone 2>&1 | grep items/s | sed "s/^/[$row] /"
       done | tee $OUT/s34-alone.txt ;;
     *) echo "unknown step $step" ;;
   esac
