@@ -11,8 +11,8 @@ A variant is `default` (the process's settings) or settings joined by `+`:
   (MLXCLIP_GPU_DKDV_WARPS), dqwarps=4|8 (MLXCLIP_GPU_DQ_WARPS), fwdrows=16|32 (MLXCLIP_GPU_FWD_ROWS), fwdwarps=4|8
   (MLXCLIP_GPU_FWD_WARPS);
 - memlimit=GiB (mx.set_memory_limit), optimizer=per-param|multi (MLXCLIP_MULTI_TENSOR, mlx_clip/train/multi_tensor.py),
-  norm=auto|dot|reduce|concat|kernel|flat (step.NORM_SQUARES; "auto" is "kernel" on CUDA, flat sums the default
-  before session 27);
+  norm=auto|dot|reduce|concat|kernel|flat (step.NORM_SQUARES; "auto" is "kernel" on CUDA since session 27, "flat"
+  before);
 - layernorm=ours|mlx (MLXCLIP_CPU_LAYER_NORM, mlx_clip/layer_norm.py), split=on|off (CPU batch-parallel mode,
   mlx_clip/cpu_streams.py);
 - grads=autodiff|rowmajor (the GPU weight gradients' layout, linear.ROW_MAJOR_GRADS_ON_GPU), gradcopy=0|1

@@ -181,7 +181,7 @@ def _assign(target, source) -> None:
 # session 16 for the host-bound ViT-B/32 step; correct to 1e-7 of float64 on an H200 (session 17). "auto" takes it on
 # CUDA since session 27 (GPU_NORM_KERNEL): the ViT-B/32 b256 step's host work -7 to -9 ms, the step 45.1 -> 36.6 ms
 # alone and 1.34x of torch.compile paired (MFU 45.6%) on an H200, ViT-B/16 equal in time and peak; its cost is
-# ViT-B/32's queued-run peak, 13.4-15.2 GiB against the flat sums' 8.8-13.2 (benchmarks/results/gpu-s27-h200.md),
+# ViT-B/32's queued-run peak, 13.1-14.8 GiB against the flat sums' 8.6-12.9 (benchmarks/results/gpu-s27-h200.md),
 # which `--memory-limit` bounds where memory matters more. MLXCLIP_GPU_NORM_KERNEL=0: "auto" sums flat on CUDA too.
 NORM_WAYS = ("auto", "dot", "reduce", "flat", "concat", "kernel")
 NORM_SQUARES = env_word("MLXCLIP_NORM_SQUARES", NORM_WAYS, "auto")  # any of them (separate-process A/Bs on a card)
