@@ -23,7 +23,7 @@ from benchmarks.batches import CAPTION_HELP, parse_caption_tokens
 from benchmarks.bench_report import ratio_lines, write_report
 from benchmarks.workloads_mlx import MODES, TASKS
 from mlx_clip import host_malloc
-from mlx_clip.memory import parse_bytes
+from mlx_clip.memory import is_auto, parse_bytes
 
 BACKENDS = ("mlx", "torch")
 LATENCY_TASKS = ("embed-image", "embed-text")  # also timed at batch 1: the latency of one request
@@ -113,7 +113,9 @@ def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text",
 
     `memory_limit` ("19GiB", "8GB", ...) sets MLX's memory limit in its measuring processes (`mx.set_memory_limit`,
     as `mlxclip finetune --memory-limit` does): MLX then holds queued work back while its active memory is over it,
-    which lowers the peak that in-flight kernels' buffers add, at some speed; torch's side runs as it is.
+    which lowers the peak that in-flight kernels' buffers add, at some speed; torch's side runs as it is. "auto": one
+    un-queued run's measured peak and a tenth more (`mlx_clip.memory.one_step_limit`), measured in each MLX process
+    before its warm-up, so that only queued work waits.
 
     `steps_per_run` (train): each timed run queues that many steps back to back and waits once, as a training loop
     does (`mlx_clip.train.loop.train`; torch's asynchronous launches do the same), and reports the time per step.
@@ -124,7 +126,7 @@ def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text",
     if batch < 1 or runs < 1 or rounds < 1 or (steps_per_run is not None and steps_per_run < 1):
         raise ValueError("batch, runs, rounds and steps_per_run must be >= 1")
     parse_caption_tokens(caption_tokens)  # a bad spec fails here, not in every worker
-    limit = parse_bytes(memory_limit) if memory_limit else None
+    limit = "auto" if is_auto(memory_limit) else parse_bytes(memory_limit) if memory_limit else None
     device = resolve_device(device)
     if steps_per_run is None:
         steps_per_run = 1 if device == "cpu" else TRAIN_STEPS_PER_RUN
@@ -209,7 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--caption-tokens", help=CAPTION_HELP)
     ap.add_argument("--rounds", type=int, default=1, help="repeat each measurement, the backends taking turns")
-    ap.add_argument("--memory-limit", help="MLX's memory limit in its measuring processes, e.g. 19GiB")
+    ap.add_argument("--memory-limit", help="MLX's memory limit in its measuring processes, e.g. 19GiB, or auto (one "
+                                           "run's measured peak and 10%% more)")
     ap.add_argument("--steps-per-run", type=int, help="train: steps queued back to back per timed run (default: "
                     f"{TRAIN_STEPS_PER_RUN} on a GPU, 1 on the CPU)")
     ap.add_argument("--out")

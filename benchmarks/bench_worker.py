@@ -90,7 +90,7 @@ def _builder(spec: dict):
         from benchmarks.workloads_mlx import mlx_workload
 
         mx.set_default_device(mx.cpu if spec["device"] == "cpu" else mx.gpu)
-        if spec.get("memory_limit"):  # MLX holds queued work back while its active memory is over the limit
+        if spec.get("memory_limit") and spec["memory_limit"] != "auto":  # MLX holds queued work back over it
             mx.set_memory_limit(int(spec["memory_limit"]))
         return lambda batch: mlx_workload(config, spec["task"], batch, spec["mode"], spec["dtype"], spec["seed"],
                                           words)
@@ -109,6 +109,7 @@ class _Memory:
         self.backend, self.device = spec["backend"], spec["device"]
         self.limit = spec.get("memory_limit") if self.backend == "mlx" else None
         self.rss_start = _rss_now()
+        self.earlier_peak = 0  # MLX's peak before a reset that measured something else (--memory-limit auto)
 
     def reset(self) -> None:
         gc.collect()
@@ -130,7 +131,7 @@ class _Memory:
         if self.backend == "mlx":
             import mlx.core as mx
 
-            out["mlx_allocator_peak_bytes"] = int(mx.get_peak_memory())
+            out["mlx_allocator_peak_bytes"] = int(max(mx.get_peak_memory(), self.earlier_peak))
         if self.device == "cuda":
             if self.backend == "mlx":
                 out.update(peak_mem_bytes=out["mlx_allocator_peak_bytes"], peak_mem_source="mx.get_peak_memory")
@@ -144,9 +145,28 @@ class _Memory:
         if self.limit:
             import mlx.core as mx
 
-            out.update(mlx_memory_limit_bytes=int(mx.get_memory_limit()),  # read back from MLX: the run's limit
-                       peak_mem_source=out["peak_mem_source"] + f" (limit {self.limit / 2**30:.1f} GiB)")
+            limit = int(mx.get_memory_limit())  # read back from MLX: the run's limit
+            how = ", auto" if self.limit == "auto" else ""
+            out.update(mlx_memory_limit_bytes=limit,
+                       peak_mem_source=out["peak_mem_source"] + f" (limit {limit / 2**30:.1f} GiB{how})")
         return out
+
+
+def _limit_to_one_run(run) -> int:
+    """--memory-limit auto: MLX's limit at one un-queued run's peak (the second run's: the first traces and compiles)
+    and a tenth more, as `mlxclip finetune --memory-limit auto` sets it from one step. Returns the peak before that
+    measurement (the build's and the compiling run's), which the row's peak still counts. These runs come before the
+    warm-up, so the row's first run no longer includes the compilation."""
+    import mlx.core as mx
+
+    from mlx_clip.memory import one_step_limit
+
+    run()
+    earlier = mx.get_peak_memory()
+    mx.reset_peak_memory()
+    run()
+    mx.set_memory_limit(one_step_limit(mx.get_peak_memory()))
+    return earlier
 
 
 def run_worker(spec: dict) -> dict:
@@ -154,6 +174,8 @@ def run_worker(spec: dict) -> dict:
     memory = _Memory(spec)
     memory.reset()
     workload = build(spec["batch"])
+    if spec["backend"] == "mlx" and spec.get("memory_limit") == "auto":
+        memory.earlier_peak = _limit_to_one_run(workload.run)
     runs = max(spec["runs"], MIN_LATENCY_RUNS) if workload.items == 1 else spec["runs"]
     load_before = os.getloadavg()[0]
     per_run = spec.get("steps_per_run", 1) if workload.run_steps else 1

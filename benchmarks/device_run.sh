@@ -342,13 +342,15 @@ for step in "$@"; do
       MLXCLIP_GPU_NORM_KERNEL=1 MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S33_TIMEOUT:-330} $BENCH --arch ViT-B-16 --memory-limit ${S33B_LIMIT:-18GiB} --out $OUT/s33-B-16-normkernel-limit 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s33b.txt ;;
     s34) # session 27, prepared: is ViT-B-32's queued peak the run-ahead or one step's? MLX alone, the norm kernel (the
          # CUDA default since change 52) and the per-gradient sums: one step a run (no queue) against four queued,
-         # then limits just above one step's need (9, 10 GiB: s33's 8 GiB sat below it and the host waited, 0.91x).
+         # then limits just above one step's need (auto: one step's peak +10%, and 10 GiB; s33's 8 GiB sat below it and
+         # the host waited, 0.91x). Then s34p: the auto limit paired with torch.compile
          # Rows "environment|flags", ~50 s each once NVRTC has compiled its kernels (a bare machine's first rows: >130 s, s32)
       for row in "MLXCLIP_GPU_NORM_KERNEL=1|--steps-per-run 1" "MLXCLIP_GPU_NORM_KERNEL=1|" \
                  "MLXCLIP_GPU_NORM_KERNEL=0|--steps-per-run 1" "MLXCLIP_GPU_NORM_KERNEL=0|" \
-                 "MLXCLIP_GPU_NORM_KERNEL=1|--memory-limit 9GiB" "MLXCLIP_GPU_NORM_KERNEL=1|--memory-limit 10GiB"; do
+                 "MLXCLIP_GPU_NORM_KERNEL=1|--memory-limit auto" "MLXCLIP_GPU_NORM_KERNEL=1|--memory-limit 10GiB"; do
         env ${row%%|*} MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S34_TIMEOUT:-240} ${BENCH/mlx,torch/mlx} --arch ViT-B-32 ${row#*|} --out $OUT/s34-alone 2>&1 | grep items/s | sed "s/^/[$row] /"
       done | tee $OUT/s34-alone.txt ;;
+    s34p) MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S34_TIMEOUT:-400} $BENCH --arch ViT-B-32 --rounds 3 --memory-limit auto --out $OUT/s34-paired-auto 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s34-paired.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -395,7 +395,8 @@ def parity(arch, steps, device, out, batch, dtype, lr, warmup, seed, control):
               help="Repeat each measurement N times, the backends taking turns; report the median round (use on "
               "machines whose speed drifts, e.g. shared VMs).")
 @click.option("--memory-limit", help="MLX's memory limit while measuring (mx.set_memory_limit), e.g. 19GiB: MLX holds "
-              "queued work back to stay under it, lowering its peak at some speed. torch runs as it is.")
+              "queued work back to stay under it, lowering its peak at some speed. 'auto': one un-queued run's "
+              "measured peak and 10% more, so only queued work waits. torch runs as it is.")
 @click.option("--steps-per-run", type=int, help="train: steps queued back to back in each timed run, the time "
               "reported per step (a training loop's pace). Default: 4 on a GPU, 1 on the CPU.")
 def bench(arch, backend, task, mode, batch, device, dtype, runs, warmup, out, as_json, caption_tokens, rounds,

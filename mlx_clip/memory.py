@@ -175,20 +175,40 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+# --memory-limit auto: one step's measured peak and a tenth more, so that a step's own work never waits on the limit and
+# only queued work beyond it does. Why a limit at all: on CUDA MLX keeps every kernel's inputs until its command buffer
+# completes, so a queued step's buffers pile onto the running one's (ViT-B/32 b256 on an H200: 13.1-14.8 GiB queued,
+# benchmarks/results/gpu-s27-h200.md); a fixed limit below one step's need made each step wait (0.91x at 8 GiB).
+AUTO_HEADROOM = 1.10
+
+
+def one_step_limit(peak: int) -> int:
+    """--memory-limit auto's limit for a step whose measured peak is `peak` bytes."""
+    return int(peak * AUTO_HEADROOM)
+
+
+def is_auto(text) -> bool:
+    return isinstance(text, str) and text.strip().lower() == "auto"
+
+
 @contextmanager
 def limited_memory(text: str, flag: str = "--memory-limit"):
     """MLX's memory limit at `text` ('19GiB', '8GB', ...) inside the block, the previous one back after it; '' leaves
-    MLX's own. Over the limit MLX holds queued work back until running work frees memory: on a GPU, where each
-    kernel's inputs live until its command buffer completes, that bounds the buffers in flight, which otherwise set the
-    peak (benchmarks/perf-notes.md, session 11)."""
+    MLX's own; 'auto' leaves it for the run to set from a measured step (`limit_to_one_step`), and puts the previous
+    one back after the block too. Over the limit MLX holds queued work back until running work frees memory: on a
+    GPU, where each kernel's inputs live until its command buffer completes, that bounds the buffers in flight, which
+    otherwise set the peak (benchmarks/perf-notes.md, session 11)."""
     if not text:
         yield
         return
-    try:
-        limit = parse_bytes(text)
-    except ValueError as e:
-        raise ValueError(f"{flag}: {e}") from None
-    previous = mx.set_memory_limit(limit)
+    if is_auto(text):
+        previous = mx.get_memory_limit()
+    else:
+        try:
+            limit = parse_bytes(text)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
+        previous = mx.set_memory_limit(limit)
     try:
         yield
     finally:
@@ -264,31 +284,54 @@ def _set_path(root, dotted: str, value) -> None:
     root[int(last) if isinstance(root, list) else last] = value
 
 
+def _probe(model, args, loss_fn, use):
+    """use(step_fn, state) with the real compiled step and a throwaway optimizer (the same state the run's will have),
+    both freed after it: what --batch-size auto and --memory-limit auto measure."""
+    from mlx_clip.train.optim import build_optimizer
+
+    optimizer = build_optimizer(model, args, 1)
+    step_fn = build_train_step(model, optimizer, loss_fn, args)
+    try:
+        return use(step_fn, [model.state, optimizer.state])
+    finally:
+        del optimizer, step_fn
+        gc.collect()
+        mx.clear_cache()
+
+
 def choose_batch_size(model, args, loss_fn, image_size: int, limit: int = 4096, log=None) -> int:
     """--batch-size auto: the largest batch whose measured peak fits --memory-budget, trying the real compiled step
     (a throwaway optimizer with the same state) on synthetic batches. Says what it chose and why. Leaves MLX's memory
     limit at the budget."""
-    from mlx_clip.train.optim import build_optimizer
-
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     budget = parse_bytes(args.memory_budget)
-    optimizer = build_optimizer(model, args, 1)
-    step_fn = build_train_step(model, optimizer, loss_fn, args)
-    state = [model.state, optimizer.state]
-    # MLX allocates ahead of the computation up to its memory limit; at the budget, the probes and then the run itself
-    # hold back to it (the limit stays set), so the run sees the peaks that were measured.
-    mx.set_memory_limit(budget)
-    try:
-        batch, trials = find_batch_size(lambda b: _try(step_fn, state, model.config, b, image_size), budget,
-                                        start=max(args.accum_freq, 1), limit=limit)
-    finally:
-        del optimizer, step_fn, state
-        gc.collect()
-        mx.clear_cache()
+
+    def search(step_fn, state):
+        # MLX allocates ahead of the computation up to its memory limit; at the budget, the probes and then the run
+        # itself hold back to it (the limit stays set), so the run sees the peaks that were measured.
+        mx.set_memory_limit(budget)
+        return find_batch_size(lambda b: _try(step_fn, state, model.config, b, image_size), budget,
+                               start=max(args.accum_freq, 1), limit=limit)
+
+    batch, trials = _probe(model, args, loss_fn, search)
     tried = ", ".join(f"{b}: {_gb(p)}" for b, p in trials)
     log(f"--batch-size auto: {batch} per process, the largest whose measured peak fits {args.memory_budget} "
         f"({budget / 1e9:.3g} GB) at {image_size} px (peak by batch: {tried})")
     return batch
+
+
+def limit_to_one_step(model, args, loss_fn, batch: int, image_size: int, log=None) -> int:
+    """--memory-limit auto: MLX's memory limit set to one step's measured peak (the real compiled step on a synthetic
+    batch of this size, captions at the full context) and AUTO_HEADROOM more; returns it. Losses with state of their
+    own (a negatives bank) add theirs on top of what is measured here."""
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    peak = _probe(model, args, loss_fn, lambda step_fn, state: step_peak(step_fn, state, model.config, batch,
+                                                                         image_size))
+    limit = one_step_limit(peak)
+    mx.set_memory_limit(limit)
+    log(f"--memory-limit auto: {_gb(limit)}, one step's measured peak ({_gb(peak)} at batch {batch}, {image_size} px) "
+        f"and {AUTO_HEADROOM - 1:.0%} more")
+    return limit
 
 
 def batch_limit(records, world_size: int = 1, default: int = 4096) -> int:

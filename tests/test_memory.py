@@ -324,3 +324,40 @@ def test_finetune_memory_limit_holds_for_the_run_then_goes_back(tmp_path, monkey
         finetune_module.finetune(resolve_args({**flags, "memory_limit": "lots", "out": str(tmp_path / "run3")}),
                                  quiet=True)
     assert not (tmp_path / "run3").exists() and mx.get_memory_limit() == before
+
+
+def test_memory_limit_auto_is_one_measured_step_and_a_tenth(tmp_path, monkeypatch, capsys):
+    """--memory-limit auto: the run trains under one step's measured peak (the real compiled step, `step_peak`) times
+    AUTO_HEADROOM, read from MLX inside the loop, says so, and leaves MLX's previous limit in place after it."""
+    from converters.convert import init_model
+    from mlx_clip import memory
+    from mlx_clip.data.synth import synthesize
+    from mlx_clip.train import finetune as finetune_module
+
+    data = tmp_path / "data"
+    synthesize("industrial", data, n=8, seed=0, image_size=32)
+    model_dir = init_model("tiny", 0, tmp_path / "tiny")
+    measured, seen = [], []
+    real_peak, real_train = memory.step_peak, finetune_module.train
+    monkeypatch.setattr(memory, "step_peak", lambda *a, **kw: measured.append(real_peak(*a, **kw)) or measured[-1])
+    monkeypatch.setattr(finetune_module, "train", lambda *a, **kw: seen.append(mx.get_memory_limit()) or real_train(*a, **kw))
+    before = mx.get_memory_limit()
+    args = resolve_args(dict(model=str(model_dir), train_data=str(data / "train.csv"), out=str(tmp_path / "run"),
+                             steps=2, batch_size=4, lr=1e-3, log_every=1, workers=1, prefetch=1, memory_limit="Auto"))
+    finetune_module.finetune(args, quiet=True)
+    assert len(measured) == 1 and seen == [int(measured[0] * memory.AUTO_HEADROOM)]
+    model_bytes = sum(v.nbytes for _, v in tree_flatten(CLIP(get_config("tiny")).parameters()))
+    assert measured[0] > model_bytes  # the weights, their optimizer state and a step's activations
+    assert mx.get_memory_limit() == before
+    assert "--memory-limit auto: " in capsys.readouterr().err
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_limited_memory_auto_leaves_the_limit_to_the_run_and_puts_it_back():
+    from mlx_clip.memory import limited_memory
+
+    before = mx.get_memory_limit()
+    with limited_memory("auto"):
+        assert mx.get_memory_limit() == before  # nothing measured yet: the run sets it (limit_to_one_step)
+        mx.set_memory_limit(2**30)
+    assert mx.get_memory_limit() == before

@@ -309,6 +309,20 @@ def test_bench_memory_limit_reaches_the_mlx_worker(tmp_path, capsys):
         cli.main([*common, "--memory-limit", "19 gigs"], standalone_mode=False)
 
 
+def test_bench_memory_limit_auto_is_set_from_one_measured_run(capsys):
+    """--memory-limit auto: each MLX process sets its limit from one un-queued run's peak and a tenth more: set (under
+    MLX's own), within a tenth of the row's peak, which still counts the compiling run, and named as auto."""
+    common = ["bench", "--arch", "tiny", "--backend", "mlx", "--mode", "eager", "--batch", "2", "--runs", "1",
+              "--warmup", "1", "--device", "cpu", "--task", "embed-image", "--json"]
+    cli.main([*common, "--memory-limit", "auto"], standalone_mode=False)
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert records
+    for r in records:
+        assert 0 < r["mlx_memory_limit_bytes"] <= 1.1 * r["mlx_allocator_peak_bytes"] + 1
+        assert r["mlx_memory_limit_bytes"] < mx.get_memory_limit()  # this process's: MLX's own default
+        assert r["peak_mem_source"].endswith(" GiB, auto)")
+
+
 def _fake_record(spec: dict, v: float) -> dict:
     """What bench_worker measures for `spec`, made up: v items/s (the best run v + 1), peak memory int(v) bytes."""
     b = spec["batch"]

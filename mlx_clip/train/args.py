@@ -44,7 +44,8 @@ class TrainingArgs:
     memory_budget: str = opt("16GB", "Memory budget for --batch-size auto (e.g. 16GB, 800MB, 12GiB).")
     memory_limit: str = opt("", "MLX's memory limit for the run (e.g. 19GiB): over it MLX waits for running work before "
                             "queueing more, which lowers the peak (on a GPU: the buffers of kernels in flight) at some "
-                            "speed. Default: MLX's own; --batch-size auto sets it to --memory-budget.")
+                            "speed. 'auto': one step's measured peak and 10% more, so only queued work waits. "
+                            "Default: MLX's own; --batch-size auto sets it to --memory-budget.")
     lr: float = opt(1e-5, "Peak learning rate.")
     warmup: int = opt(0, "Linear warm-up steps.")
     schedule: str = opt("cosine", "LR schedule after warm-up.", choices=["cosine", "const"])

@@ -15,7 +15,8 @@ from mlx_clip.data.pipeline import Loader, LoaderConfig
 from mlx_clip.data.sources import open_source
 from mlx_clip.eval import evaluate_retrieval, evaluate_zeroshot, iter_eval_batches, load_classnames, load_templates
 from mlx_clip.io import load, save
-from mlx_clip.memory import apply_model_options, batch_limit, build_train_step, choose_batch_size, limited_memory
+from mlx_clip.memory import (apply_model_options, batch_limit, build_train_step, choose_batch_size, is_auto,
+                              limit_to_one_step, limited_memory)
 from mlx_clip.precision import max_bad_steps
 from mlx_clip.resolution import loader_preprocess, train_batches, training_resolutions
 from mlx_clip.losses import SIGLIP_INIT_LOGIT_BIAS, parse_loss_spec
@@ -133,6 +134,8 @@ def _finetune(args: TrainingArgs, quiet: bool) -> dict:
                                   limit=batch_limit(train_source.records, dist.world_size()))
         dist.check_same(batch, "--batch-size auto's choice (measured peaks differ; give --batch-size)")
         args.batch_size = batch * dist.world_size()
+    if is_auto(args.memory_limit):  # one step's measured peak and a tenth more (limited_memory puts MLX's back after)
+        limit_to_one_step(model, args, loss_fn, batch, max(sizes or [model.config.vision_config.image_size]))
     loader = Loader(train_source.records, loader_preprocess(preprocess, sizes), LoaderConfig(
         batch_size=batch, train=True, seed=args.seed, crop_scale=args.scale_range, hflip=args.hflip,
         rotate90=args.rotate90, views=views,
