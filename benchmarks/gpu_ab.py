@@ -23,7 +23,7 @@ A variant is `default` (the process's settings) or settings joined by `+`:
   (MLXCLIP_GPU_FUSED_QKV, mlx_clip/fused_qkv.py), gradorder=on|off (MLXCLIP_ORDERED_WEIGHT_GRADS, mlx_clip/linear.py),
   finish=0|1
   (MLXCLIP_GPU_REDUCE_FINISH), fold=1|0 (optim.FOLD_CLIP_GPU, MLXCLIP_GPU_FOLD_CLIP: the clip factor in AdamW's
-  moment coefficients; off by default since session 17).
+  moment coefficients; on by default since session 22).
 `--torch` adds torch.compile's step (CUDA, or the CPU when MLX runs there) to the rotation. Peak memory measured here
 depends on the order the variants were traced in (same-process allocations); compare memory across separate `mlxclip
 bench` runs.

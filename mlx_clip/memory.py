@@ -284,6 +284,11 @@ def _set_path(root, dotted: str, value) -> None:
     root[int(last) if isinstance(root, list) else last] = value
 
 
+def _to_stderr(line: str) -> None:
+    """Where --batch-size auto and --memory-limit auto say what they chose, unless given a log."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def _probe(model, args, loss_fn, use):
     """use(step_fn, state) with the real compiled step and a throwaway optimizer (the same state the run's will have),
     both freed after it: what --batch-size auto and --memory-limit auto measure."""
@@ -303,7 +308,7 @@ def choose_batch_size(model, args, loss_fn, image_size: int, limit: int = 4096, 
     """--batch-size auto: the largest batch whose measured peak fits --memory-budget, trying the real compiled step
     (a throwaway optimizer with the same state) on synthetic batches. Says what it chose and why. Leaves MLX's memory
     limit at the budget."""
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    log = log or _to_stderr
     budget = parse_bytes(args.memory_budget)
 
     def search(step_fn, state):
@@ -324,7 +329,7 @@ def limit_to_one_step(model, args, loss_fn, batch: int, image_size: int, log=Non
     """--memory-limit auto: MLX's memory limit set to one step's measured peak (the real compiled step on a synthetic
     batch of this size, captions at the full context) and AUTO_HEADROOM more; returns it. Losses with state of their
     own (a negatives bank) add theirs on top of what is measured here."""
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    log = log or _to_stderr
     peak = _probe(model, args, loss_fn, lambda step_fn, state: step_peak(step_fn, state, model.config, batch,
                                                                          image_size))
     limit = one_step_limit(peak)
