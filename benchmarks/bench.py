@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks import flops
 from benchmarks.batches import CAPTION_HELP, parse_caption_tokens
-from benchmarks.bench_report import ratio_lines, write_report
+from benchmarks.bench_report import phase_note, ratio_lines, write_report
 from benchmarks.workloads_mlx import MODES, TASKS
 from mlx_clip import host_malloc
 from mlx_clip.memory import is_auto, parse_bytes
@@ -164,7 +164,8 @@ def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text",
             else:
                 print(f"{arch} {task} batch {rec['batch']} {backend} {mode} ({device}, {dtype}): "
                       f"{rec['items_per_s']:.2f} items/s, {rec['latency_ms_p50']:.1f} ms p50, "
-                      f"peak {rec['peak_mem_bytes'] / 2**20:.0f} MiB" + _host_note(rec) + f", MFU {100 * rec['mfu']:.1f}%"
+                      f"peak {rec['peak_mem_bytes'] / 2**20:.0f} MiB" + phase_note(rec) + _host_note(rec)
+                      + f", MFU {100 * rec['mfu']:.1f}%"
                       + _rounds_note(rec), flush=True)
     for line in ratio_lines(records):
         (_say if as_json else print)(line)
@@ -184,6 +185,9 @@ def _median_round(recs: list[dict]) -> dict:
                items_per_s_best=max(r.get("items_per_s_best", r["items_per_s"]) for r in recs),
                min_s=min(r["min_s"] for r in recs), max_s=max(r["max_s"] for r in recs),
                peak_mem_bytes=max(r["peak_mem_bytes"] for r in recs))
+    phases = [r["peak_by_phase_bytes"] for r in recs if "peak_by_phase_bytes" in r]
+    if phases:  # each phase's highest over the rounds, as the row's peak is
+        rec["peak_by_phase_bytes"] = {k: max(p.get(k, 0) for p in phases) for k in phases[0]}
     return rec
 
 

@@ -98,7 +98,8 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
         f"{_pace(records)}"
         "Median of the timed runs after warm-up (first run, which includes compilation, reported apart); spread = "
         "(slowest − fastest) / median. Peak memory: see `benchmarks/bench_worker.py` (CPU: resident-set growth of "
-        "the measuring process, same rule for both backends; CUDA: allocator peak). Each row is its own process; "
+        "the measuring process, same rule for both backends; CUDA: allocator peak; in brackets, where the allocator "
+        "counts it, the first run's peak and the timed runs' highest). Each row is its own process; "
         "the load average of the machine before and after each row shows what else was running, and the host pace "
         "a fixed loop's time, three times before and three after the timed runs (`benchmarks/host_pace.py`, median "
         "and range): a row that ran slower with a slower probe met a slower machine.",
@@ -125,7 +126,7 @@ def markdown(records: list[dict], machine: dict, title: str, failures: list[str]
                              f"{r.get('items_per_s_best', float('nan')):.2f} | "
                              f"{r['latency_ms_p50']:.1f} | {r['spread_pct']:.0f}% | {r['runs']} | "
                              f"{r['first_run_s']:.1f} | "
-                             f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['peak_mem_source']} | "
+                             f"{r['peak_mem_bytes'] / 2**20:.0f}{phase_note(r)} | {r['peak_mem_source']} | "
                              f"{'/'.join(str(x) for x in r.get('load_avg', []))} | {_host_pace(r)} |")
     fastest = {(r["task"], r["batch"]): r for r in ratios(records, "items_per_s_best")}
     lines += ["", "## MLX / torch (items/s ratio; > 1 means MLX is faster)", "",
@@ -236,3 +237,13 @@ def _pace(records: list[dict]) -> str:
         return ""
     return (f"Train: each timed run queues {'/'.join(map(str, per_run))} steps back to back and waits once, as a "
             "training loop does (`mlx_clip.train.loop.train`); times are per step. ")
+
+
+def phase_note(rec: dict) -> str:
+    """Where a row's peak was (`bench_worker._Memory.mark`): its first run's (compilation, state made on first use)
+    against the timed runs' highest, in MiB; "" where the row's peak is not the allocator's (the CPU's resident set)
+    or there is no split (older files)."""
+    phases = rec.get("peak_by_phase_bytes")
+    if not phases or "timed" not in phases or rec.get("peak_mem_source", "").startswith("rss"):
+        return ""
+    return f" (first run {phases.get('first_run', 0) / 2**20:.0f}, timed runs {phases['timed'] / 2**20:.0f})"

@@ -57,22 +57,28 @@ def _reset_high_water() -> None:
         pass
 
 
-def measure(run, warmup: int, runs: int, per_run: int = 1) -> dict:
+def measure(run, warmup: int, runs: int, per_run: int = 1, mark=lambda phase: None) -> dict:
     """Time `runs` calls after `warmup` untimed ones (at least one: it pays for compilation and is reported apart, as
     the whole call). A call that does `per_run` iterations (train steps queued back to back) is timed per iteration.
     Around the timed calls, not between them (they run back to back, as before), a fixed loop is timed PACE_PROBES
-    times before and after (benchmarks.host_pace): the host core's pace while the row ran."""
+    times before and after (benchmarks.host_pace): the host core's pace while the row ran. `mark(phase)` is called
+    after each phase ("build" before the first call, "first_run", "warmup", "timed" after each timed call): the
+    memory's peak per phase (`_Memory.mark`), read outside the timed spans."""
+    mark("build")
     tick = time.perf_counter()
     run()
     first = time.perf_counter() - tick
+    mark("first_run")
     for _ in range(max(warmup, 1) - 1):
         run()
+    mark("warmup")
     pace = [settled_probe_ms() for _ in range(PACE_PROBES)]
     times = []
     for _ in range(runs):
         tick = time.perf_counter()
         run()
         times.append((time.perf_counter() - tick) / per_run)
+        mark("timed")  # after the clock: a host-side counter read and reset, no device sync
     pace += [settled_probe_ms() for _ in range(PACE_PROBES)]
     return {"first_run_s": first, "times_s": times, "median_s": statistics.median(times), "min_s": min(times),
             "max_s": max(times), "host_probe_ms": pace, "host_probe_ms_p50": statistics.median(pace)}
@@ -103,13 +109,46 @@ def _builder(spec: dict):
 
 
 class _Memory:
-    """Peak memory of one measurement, by the rule in the module docstring."""
+    """Peak memory of one measurement, by the rule in the module docstring, and the allocator's peak per phase
+    (`mark`): a row's peak may be its first run's (compilation, state made on first use) or the steady runs'
+    (queued steps), and only the split says which (session 28: ViT-B-32's un-queued step on an H200 peaked
+    at 11.4 GiB over a row and 8.4 GiB in one run)."""
 
     def __init__(self, spec: dict):
         self.backend, self.device = spec["backend"], spec["device"]
         self.limit = spec.get("memory_limit") if self.backend == "mlx" else None
         self.rss_start = _rss_now()
-        self.earlier_peak = 0  # MLX's peak before a reset that measured something else (--memory-limit auto)
+        self.phases: dict[str, int] = {}  # phase -> the allocator's peak in it (the highest, for "timed")
+        self.timed_peaks: list[int] = []
+
+    def _allocator(self):
+        """(peak since the last reset, reset) of the measuring allocator: MLX's on any device, torch's on CUDA; None
+        where there is none (torch on the CPU: its peak is the resident set's)."""
+        if self.backend == "mlx":
+            import mlx.core as mx
+
+            return mx.get_peak_memory, mx.reset_peak_memory
+        if self.device == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated, torch.cuda.reset_peak_memory_stats
+        return None
+
+    def mark(self, phase: str) -> None:
+        """Close `phase`: its allocator peak is recorded and the allocator's peak counter restarts (the row's peak
+        stays the highest of all phases: `read`)."""
+        allocator = self._allocator()
+        if allocator is None:
+            return
+        peak, reset = allocator
+        got = int(peak())
+        self.phases[phase] = max(self.phases.get(phase, 0), got)
+        if phase == "timed":
+            self.timed_peaks.append(got)
+        reset()
+
+    def _highest(self) -> int:
+        return max(self.phases.values(), default=0)
 
     def reset(self) -> None:
         gc.collect()
@@ -131,17 +170,19 @@ class _Memory:
         if self.backend == "mlx":
             import mlx.core as mx
 
-            out["mlx_allocator_peak_bytes"] = int(max(mx.get_peak_memory(), self.earlier_peak))
+            out["mlx_allocator_peak_bytes"] = int(max(mx.get_peak_memory(), self._highest()))
         if self.device == "cuda":
             if self.backend == "mlx":
                 out.update(peak_mem_bytes=out["mlx_allocator_peak_bytes"], peak_mem_source="mx.get_peak_memory")
             else:
                 import torch
 
-                out.update(peak_mem_bytes=int(torch.cuda.max_memory_allocated()),
+                out.update(peak_mem_bytes=int(max(torch.cuda.max_memory_allocated(), self._highest())),
                            peak_mem_source="torch.cuda.max_memory_allocated")
         else:
             out.update(peak_mem_bytes=out["rss_growth_bytes"], peak_mem_source="rss growth")
+        if self.phases:  # the allocator's, also where the row's peak is the resident set's (MLX on the CPU)
+            out.update(peak_by_phase_bytes=dict(self.phases), peak_timed_runs_bytes=list(self.timed_peaks))
         if self.limit:
             import mlx.core as mx
 
@@ -152,21 +193,21 @@ class _Memory:
         return out
 
 
-def _limit_to_one_run(run) -> int:
+def _limit_to_one_run(run, memory: "_Memory") -> None:
     """--memory-limit auto: MLX's limit at one un-queued run's peak (the second run's: the first traces and compiles)
-    and a tenth more, as `mlxclip finetune --memory-limit auto` sets it from one step. Returns the peak before that
-    measurement (the build's and the compiling run's), which the row's peak still counts. These runs come before the
-    warm-up, so the row's first run no longer includes the compilation."""
+    and a tenth more, as `mlxclip finetune --memory-limit auto` sets it from one step. Both runs' peaks stay in the
+    row's (phases "first_run" and "limit_probe"). These runs come before the warm-up, so the row's first run no
+    longer includes the compilation."""
     import mlx.core as mx
 
     from mlx_clip.memory import one_step_limit
 
+    memory.mark("build")
     run()
-    earlier = mx.get_peak_memory()
-    mx.reset_peak_memory()
+    memory.mark("first_run")
     run()
-    mx.set_memory_limit(one_step_limit(mx.get_peak_memory()))
-    return earlier
+    memory.mark("limit_probe")
+    mx.set_memory_limit(one_step_limit(memory.phases["limit_probe"]))
 
 
 def run_worker(spec: dict) -> dict:
@@ -175,12 +216,12 @@ def run_worker(spec: dict) -> dict:
     memory.reset()
     workload = build(spec["batch"])
     if spec["backend"] == "mlx" and spec.get("memory_limit") == "auto":
-        memory.earlier_peak = _limit_to_one_run(workload.run)
+        _limit_to_one_run(workload.run, memory)
     runs = max(spec["runs"], MIN_LATENCY_RUNS) if workload.items == 1 else spec["runs"]
     load_before = os.getloadavg()[0]
     per_run = spec.get("steps_per_run", 1) if workload.run_steps else 1
     run = workload.run if per_run == 1 else (lambda: workload.run_steps(per_run))
-    timing = measure(run, spec["warmup"], runs, per_run)
+    timing = measure(run, spec["warmup"], runs, per_run, memory.mark)
     record = {k: spec[k] for k in ("backend", "mode", "task", "arch", "device", "dtype")}
     record["caption_tokens"] = spec.get("caption_tokens")
     record.update(batch=workload.items, items_per_s=workload.items / timing["median_s"],

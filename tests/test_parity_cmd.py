@@ -23,6 +23,7 @@ from cli_util import invoke
 from mlx_clip import cli, cpu_jit
 from mlx_clip.config import get_config
 from mlx_clip.io import save
+from mlx_clip.memory import one_step_limit
 from mlx_clip.model import CLIP, init_weights
 from mlx_clip.train.args import TrainingArgs
 from mlx_clip.train.optim import lr_schedule, param_hparams
@@ -271,6 +272,34 @@ def test_measure_times_each_iteration_of_a_multi_step_run(monkeypatch):
     timing = bench_worker.measure(run, warmup=2, runs=3, per_run=4)
     assert timing["times_s"] == [0.25] * 3 and timing["median_s"] == 0.25
     assert timing["first_run_s"] == 1.0  # the first call whole: it pays for compilation
+    phases = []
+    bench_worker.measure(run, warmup=2, runs=3, per_run=4, mark=phases.append)
+    assert phases == ["build", "first_run", "warmup", "timed", "timed", "timed"]
+
+
+def test_the_peak_is_split_by_phase_and_the_row_keeps_the_highest():
+    """MLX's allocator peak per phase: a first run that holds 64 MB once (as compilation or state made on first use
+    can) shows in its phase and in the row's peak, not in the timed runs'; each timed run's own peak is listed."""
+    from benchmarks import bench_worker
+    from benchmarks.bench_report import phase_note
+
+    calls = []
+
+    def run():
+        calls.append(1)
+        mx.eval((mx.zeros((16 << 20 if len(calls) == 1 else 1 << 20,)) + 1).sum())  # 64 MB, then 4 MB
+
+    memory = bench_worker._Memory({"backend": "mlx", "device": "cpu"})
+    memory.reset()
+    bench_worker.measure(run, warmup=2, runs=3, mark=memory.mark)
+    got = memory.read()
+    phases, timed = got["peak_by_phase_bytes"], got["peak_timed_runs_bytes"]
+    assert phases["first_run"] >= 64 << 20 and len(timed) == 3 and phases["timed"] == max(timed)
+    assert 4 << 20 <= max(timed) < 32 << 20 and phases["warmup"] < 32 << 20
+    assert got["mlx_allocator_peak_bytes"] == max(phases.values()) >= 64 << 20
+    assert phase_note({"peak_by_phase_bytes": phases, "peak_mem_source": "mx.get_peak_memory"}).startswith(
+        f" (first run {phases['first_run'] / 2**20:.0f}, ")
+    assert phase_note(dict(got, peak_by_phase_bytes=phases)) == ""  # the CPU row's peak is the resident set's
 
 
 def test_bench_runs_accumulate_in_one_table(tmp_path, capsys):
@@ -319,6 +348,7 @@ def test_bench_memory_limit_auto_is_set_from_one_measured_run(capsys):
     assert records
     for r in records:
         assert 0 < r["mlx_memory_limit_bytes"] <= 1.1 * r["mlx_allocator_peak_bytes"] + 1
+        assert r["mlx_memory_limit_bytes"] == one_step_limit(r["peak_by_phase_bytes"]["limit_probe"])
         assert r["mlx_memory_limit_bytes"] < mx.get_memory_limit()  # this process's: MLX's own default
         assert r["peak_mem_source"].endswith(" GiB, auto)")
 
