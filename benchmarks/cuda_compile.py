@@ -224,10 +224,12 @@ def multi_tensor_units(dtypes=("bfloat16", "float32")) -> list[tuple[str, str]]:
             grads = [(f"g{i}", dtype) for i in range(count)] + [("tiles", "int32")]
             name = f"mlxclip_multi_sumsq_{count}_{dtype}"
             units.append((name, wrap(name, mt._HEADER, mt.sumsq_source(count), grads, [("partial", "float32")], {})))
-            inputs = ([(f"{k}{i}", dtype if k in "pg" else "float32") for k in "pgmv" for i in range(count)]
+            # the moments as optim.moment_dtypes makes them: m in the weight's dtype, v fp32
+            inputs = ([(f"{k}{i}", dtype if k in "pgm" else "float32") for k in "pgmv" for i in range(count)]
                       + [("tiles", "int32"), ("hp", "float32"), ("lr", "float32"), ("step", "int32"),
                          ("gscale", "float32"), ("finite", "bool")])
-            outputs = [(f"{k}{i}", dtype if k == "po" else "float32") for k in ("po", "mo", "vo") for i in range(count)]
+            outputs = [(f"{k}{i}", dtype if k in ("po", "mo") else "float32") for k in ("po", "mo", "vo")
+                       for i in range(count)]
             name = f"mlxclip_multi_adamw_{count}_{dtype}"
             units.append((name, wrap(name, mt._HEADER, mt.adamw_source(count, 0.9, 0.98, 1e-6), inputs, outputs, {})))
     return units

@@ -23,7 +23,8 @@ A variant is `default` (the process's settings) or settings joined by `+`:
   (MLXCLIP_GPU_FUSED_QKV, mlx_clip/fused_qkv.py), gradorder=on|off (MLXCLIP_ORDERED_WEIGHT_GRADS, mlx_clip/linear.py),
   finish=0|1
   (MLXCLIP_GPU_REDUCE_FINISH), fold=1|0 (optim.FOLD_CLIP_GPU, MLXCLIP_GPU_FOLD_CLIP: the clip factor in AdamW's
-  moment coefficients; on by default since session 22).
+  moment coefficients; on by default since session 22), moments=bf16|fp32 (optim.BF16_MOMENTS, MLXCLIP_BF16_MOMENTS:
+  AdamW's moments for bf16 weights; bf16 by default since session 28).
 `--torch` adds torch.compile's step (CUDA, or the CPU when MLX runs there) to the rotation. Peak memory measured here
 depends on the order the variants were traced in (same-process allocations); compare memory across separate `mlxclip
 bench` runs.
@@ -71,6 +72,7 @@ SETTINGS = {  # name -> (module, attribute, values); unnamed settings keep the p
     "gradorder": (linear, "ORDERED_WEIGHT_GRADS", {"on": True, "off": False}),  # weight-gradient GEMMs in order
     "lnforward": (gpu_reduce, "LN_FORWARD", {"ours": True, "mlx": False}),  # the GPU LayerNorm forward's kernel
     "fold": (optim, "FOLD_CLIP_GPU", {"1": True, "0": False}),  # the clip factor in AdamW's moment coefficients
+    "moments": (optim, "BF16_MOMENTS", {"bf16": True, "fp32": False}),  # AdamW's moments for bf16 weights
     "finish": (gpu_reduce, "FINISH_KERNEL", {"1": True, "0": False}),  # the column sums' partials summed by our kernel
 }
 DEFAULTS = {name: getattr(module, attr) for name, (module, attr, _) in SETTINGS.items()}

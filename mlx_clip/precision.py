@@ -2,10 +2,12 @@
 forward and backward passes compute in, and whether the loss is scaled.
 
 - float32: everything fp32.
-- bfloat16: weights, optimizer state and compute in bf16 (least memory; updates smaller than bf16's resolution vanish).
+- bfloat16: weights and compute in bf16 (least memory; updates smaller than bf16's resolution vanish), AdamW's first
+  moment bf16 and its second fp32 (train.optim.moment_dtypes), each update computed in fp32 and rounded once.
 - bf16-mixed: fp32 master weights and optimizer state; each step computes in bf16 on a cast copy, and the gradient
   arrives in fp32 (the cast's transpose), so small updates accumulate.
-- float16: weights and compute in fp16 with dynamic loss scaling: the backward pass runs on loss * S so small gradients
+- float16: weights and compute in fp16 (AdamW's moments fp32: fp16's range would lose squared gradients) with dynamic
+  loss scaling: the backward pass runs on loss * S so small gradients
   do not flush to zero; each gradient is divided by S at the weight, in fp32. An overflow (inf/nan gradient) skips the
   step (the compiled step's non-finite guard) and halves S; S doubles after `growth_interval` good steps in a row.
 - auto: float32 on CPU (MLX-CPU half-precision matmul is a scalar loop), bfloat16 on a GPU.
@@ -24,7 +26,7 @@ from mlx.utils import tree_map
 @dataclass(frozen=True)
 class Policy:
     name: str
-    param_dtype: mx.Dtype  # stored weights; the optimizer state follows them
+    param_dtype: mx.Dtype  # stored weights; the optimizer state's dtypes follow from them (optim.moment_dtypes)
     compute_dtype: mx.Dtype  # the forward and backward passes
     loss_scaling: bool = False
 

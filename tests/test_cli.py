@@ -75,6 +75,7 @@ def test_doctor_reports_the_cache_and_attention_settings():
            "MLXCLIP_PACK_WINDOWS": "0", "MLXCLIP_QUEUE_STATE": "0", "MLXCLIP_NORM_SQUARES": "reduce",
            "MLXCLIP_GPU_NORM_KERNEL": "0",
            "MLXCLIP_GPU_EMBEDDING": "0", "MLXCLIP_GPU_FOLD_CLIP": "0", "MLXCLIP_GPU_INPLACE_UPDATE": "1",
+           "MLXCLIP_BF16_MOMENTS": "0",
            "MLXCLIP_GPU_DQ_STEP": "16", "MLXCLIP_GPU_DKDV_STEP": "32", "MLXCLIP_GPU_DKDV_WARPS": "4",
            "MLXCLIP_GPU_FWD_ROWS": "32", "MLXCLIP_GPU_FWD_WARPS": "4", "MLXCLIP_GPU_DQ_WARPS": "4"}
     proc = subprocess.run([sys.executable, "-m", "mlx_clip", "doctor", "--json", "--no-bench"], capture_output=True,
@@ -89,7 +90,7 @@ def test_doctor_reports_the_cache_and_attention_settings():
     assert info["gpu_embedding"] is False
     assert info["patch_embed"] == "conv" and info["norm_squares"] == "reduce" and info["gpu_norm_kernel"] is False
     assert info["pack_text"] == {"packed": True, "windows": False} and info["queue_state"] is False
-    assert info["fold_clip"] is False and info["gpu_inplace_update"] is True
+    assert info["fold_clip"] is False and info["gpu_inplace_update"] is True and info["bf16_moments"] is False
     if info["device"].startswith("Device(cpu"):  # CPU builds take the cache size from the variable
         assert info["cache_limit_bytes"] == 10**9
 
@@ -112,6 +113,7 @@ def test_unknown_gpu_attention_mode_is_named_and_ignored():
     assert info["gpu_norm_kernel"] is True  # the default since session 27
     assert info["pack_text"] == {"packed": True, "windows": True} and info["queue_state"] is True
     assert info["fold_clip"] is True and info["gpu_inplace_update"] is False  # the defaults since session 22
+    assert info["bf16_moments"] is True  # since session 28
     # MLX's command-buffer size: 1,000 kernels on CUDA unless set (gpu_buffers.py), nothing set elsewhere
     from mlx_clip import gpu_buffers
 

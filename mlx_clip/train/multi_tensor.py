@@ -48,16 +48,18 @@ template <> __device__ inline float from_float<float>(float x) { return x; }
 template <> __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> __device__ inline __half from_float<__half>(float x) { return __float2half(x); }
 
-template <typename P, typename G, typename M, typename V, typename PO>
-__device__ void adamw(const P* p, const G* g, const M* m, const V* v, PO* po, float* mo, float* vo, int start,
+template <typename P, typename G, typename M, typename V, typename PO, typename MO, typename VO>
+__device__ void adamw(const P* p, const G* g, const M* m, const V* v, PO* po, MO* mo, VO* vo, int start,
                       int end, float ok, float gscale, float keep_m, float keep_v, float c1, float c2, float eps,
                       float decay) {
   for (int j = start + threadIdx.x; j < end; j += blockDim.x) {
     // A skipped step (ok == 0) must not read an inf/nan gradient into the moments: select, do not multiply.
     const float gj = ok != 0.0f ? to_float(g[j]) * gscale : 0.0f;
-    const float mj = keep_m * to_float(m[j]) + (1.0f - keep_m) * gj;
-    const float vj = keep_v * to_float(v[j]) + (1.0f - keep_v) * gj * gj;
-    po[j] = from_float<PO>(to_float(p[j]) * decay - c1 * mj / (sqrtf(vj) * c2 + eps));
+    // the moments in the state's dtypes (optim.moment_dtypes: m bf16 for bf16 weights), read back as stored, as
+    // GroupedAdamW's per-parameter update does
+    const MO mj = from_float<MO>(keep_m * to_float(m[j]) + (1.0f - keep_m) * gj);
+    const VO vj = from_float<VO>(keep_v * to_float(v[j]) + (1.0f - keep_v) * gj * gj);
+    po[j] = from_float<PO>(to_float(p[j]) * decay - c1 * to_float(mj) / (sqrtf(to_float(vj)) * c2 + eps));
     mo[j] = mj;
     vo[j] = vj;
   }
@@ -244,7 +246,7 @@ def adamw(params: list[mx.array], grads: list[mx.array], ms: list[mx.array], vs:
           hparams: list[tuple[float, float]], lr: mx.array, step: mx.array, gradient_scale: mx.array,
           finite: mx.array, betas: tuple[float, float], eps: float):
     """AdamW over parallel lists (see GroupedAdamW._adamw); `hparams` is each parameter's (LR scale, weight decay).
-    Returns the new parameters (their own dtypes) and the fp32 moments."""
+    Returns the new parameters and moments, each in its input's dtype (optim.moment_dtypes)."""
     new_p, new_m, new_v = [], [], []
     scalars = [lr.astype(mx.float32), step, gradient_scale.astype(mx.float32), finite]
     for chunk in _chunks(len(params)):
@@ -255,7 +257,7 @@ def adamw(params: list[mx.array], grads: list[mx.array], ms: list[mx.array], vs:
         out = _adamw_kernel(count, *betas, eps)(
             inputs=[*p, *g, *m, *v, tiles, hp, *scalars], grid=(tiles.shape[0] * THREADS, 1, 1),
             threadgroup=(THREADS, 1, 1), output_shapes=[x.shape for x in p] * 3,
-            output_dtypes=[x.dtype for x in p] + [mx.float32] * (2 * count))
+            output_dtypes=[x.dtype for x in (*p, *m, *v)])
         new_p += out[:count]
         new_m += out[count : 2 * count]
         new_v += out[2 * count :]

@@ -110,6 +110,13 @@ FUSED_UPDATE_MAX = 1 << 18
 # host-bound. Queued, a step's updates overlap the next step's forward (ViT-B/16 on an H200: 22.9 GiB peak queued,
 # 22.0 one step at a time).
 GPU_INPLACE_UPDATE = env_switch("MLXCLIP_GPU_INPLACE_UPDATE", False)
+# AdamW's first moment kept in bf16 for bf16 weights (the "bfloat16" policy), since session 28; the second in fp32
+# (`moment_dtypes` says why). MLXCLIP_BF16_MOMENTS=0 keeps both in fp32 as before: 2 bytes a parameter more (0.28 GiB
+# of a ViT-B). The GPU branch's update stays one fused kernel per parameter either way (GPU-branch ViT-B-32 b2: 5,705
+# graph nodes, `python -m benchmarks.step_census --arch ViT-B-32 --batch 2 --gpu-branch`); a bf16 v read back by the
+# update would put its longest chain one op past MLX's fusion depth (mlx/compile.cpp: 11) and cut the skipped step's
+# zeroing into a kernel of its own writing an fp32 copy of every gradient (6,076 nodes, and a larger peak)
+BF16_MOMENTS = env_switch("MLXCLIP_BF16_MOMENTS", True)
 
 
 class GroupedAdamW(optim.Adam):
@@ -174,6 +181,10 @@ class GroupedAdamW(optim.Adam):
         for state, m, v in zip(states, new_m, new_v):
             state["m"], state["v"] = m, v
         return tree_unflatten(list(zip(names, new_p)))
+
+    def init_single(self, parameter: mx.array, state: dict):
+        first, second = moment_dtypes(parameter.dtype)
+        state["m"], state["v"] = mx.zeros(parameter.shape, first), mx.zeros(parameter.shape, second)
 
     def init(self, parameters: dict):
         super().init(parameters)
@@ -245,14 +256,34 @@ class GroupedAdamW(optim.Adam):
             keep_m, keep_v = 1 - own((1 - b1) * ok), 1 - own((1 - b2) * ok)
             lr, c1 = lr * ok, c1 * ok
         into_m, into_v = 1 - keep_m, 1 - keep_v
-        if fold:  # the unclipped gradient squared in fp32: in fp16 a large one (the steps clipping is for) overflows
+        if fold:
             into_m, into_v = into_m * self._moment_scale, into_v * self._moment_scale_sq
-            gradient = gradient.astype(mx.float32)
-        m = keep_m * m + into_m * gradient
-        v = keep_v * v + into_v * mx.square(gradient)
+        # squared in fp32 (a no-op for fp32 gradients): in fp16 a large gradient (the steps clipping is for)
+        # overflows, and in bf16 the square lost a fp32 v half its bits (the cast was made after it before session 28)
+        gradient = gradient.astype(mx.float32)
+        # computed in fp32 (the coefficients are fp32 arrays) and stored in the state's own dtypes (moment_dtypes); the
+        # update reads them as stored: an fp32 value read by both a stored bf16 moment and the update would end MLX's
+        # fused kernel there (three kernels a parameter)
+        m = (keep_m * m + into_m * gradient).astype(m.dtype)
+        v = (keep_v * v + into_v * mx.square(gradient)).astype(v.dtype)
         update = c1 * m / (mx.sqrt(v) * c2 + own(self.eps))
-        new = parameter * (1 - lr * state["wd"]).astype(parameter.dtype) - update.astype(parameter.dtype)
+        # decay and step in fp32, rounded once to the weight's dtype (in bf16 each product and the difference were
+        # rounded: up to ~2 ulps off where a weight crosses zero); for fp32 weights the same operations as before
+        new = (parameter.astype(mx.float32) * (1 - lr * state["wd"]) - update).astype(parameter.dtype)
         return new, m, v
+
+
+def moment_dtypes(weight: mx.Dtype) -> tuple[mx.Dtype, mx.Dtype]:
+    """(m, v) dtypes for a weight of dtype `weight`. Until session 28 both followed the weight at init and the fp32
+    coefficients promoted bf16 ones to fp32 at the first update (and a second trace of the compiled step). Now:
+    m in bf16 for bf16 weights (BF16_MOMENTS): its average (β1 = 0.9) moves 10% a step, far above bf16's resolution
+    (2^-8); v in fp32 for half-precision weights: its average (β2 = 0.98, 0.999 in many recipes) moves 2% or 0.1%
+    a step, at or below that resolution, so in bf16 it would lag or freeze (the torch reference's fused AdamW keeps
+    both in bf16; MLX's v stays the finer); fp16 weights keep both in fp32 (fp16's range loses squared gradients)."""
+    if weight not in (mx.bfloat16, mx.float16):
+        return weight, weight
+    first = mx.bfloat16 if weight == mx.bfloat16 and BF16_MOMENTS else mx.float32
+    return first, mx.float32
 
 
 def _zeroed(gradient: mx.array, finite: mx.array, own=lambda x: x) -> mx.array:
