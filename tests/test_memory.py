@@ -40,6 +40,16 @@ def _tiny(seed=0) -> CLIP:
     return model
 
 
+# On CUDA MLX keeps each kernel's inputs until its command buffer completes (a commit every 1,000 kernels or
+# MLX_MAX_MB_PER_BUFFER of inputs, 1,000 MB on an H200: mlx/backend/cuda), so a step of this file's size runs in a few
+# buffers and frees little early: on an H200 (session 28) sliced attention's gradient peaked at 39.4 MB where the score
+# matrix is 16.8 MB, and the 12-layer model's checkpointed step at 495 MB against 468 plain. At training sizes the
+# techniques are measured on the card by `mlxclip memory` (benchmarks/results/memory-cuda.md: checkpointing -27% to
+# -64%; chunked attention +14-23%, as CUDA's fused attention keeps no score matrix). strict: a pass there is news.
+_CUDA_BUFFERS = pytest.mark.xfail(mx.default_device() == mx.gpu and mx.cuda.is_available(), strict=True,
+                                  reason="CUDA frees a command buffer's inputs when it completes (see above)")
+
+
 # ---- sliced attention ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -82,6 +92,7 @@ print(json.dumps([full, sliced]))
 """
 
 
+@_CUDA_BUFFERS
 def test_sliced_attention_never_holds_the_whole_score_matrix(tmp_path):
     # Peak memory is process-global allocator state that earlier tests disturb: measure in a fresh process.
     import json
@@ -131,6 +142,7 @@ def test_grad_checkpointing_gives_the_plain_gradients(lora):
         assert _rel(ckpt[name], plain[name]) <= 1e-6, name
 
 
+@_CUDA_BUFFERS
 def test_grad_checkpointing_saves_activation_memory():
     # As deep as CLIP's towers (12 layers), with a small vocabulary: activations dominate. (At 6 layers the plain peak,
     # already lean through mlp_block's backward, left checkpointing at 0.58-0.60 of it, on the bar's edge.)

@@ -66,7 +66,8 @@ class TrainingArgs:
                      "fp32 master weights and optimizer state), bfloat16, float16 (dynamic loss scaling).",
                      choices=["auto", "float32", "bf16-mixed", "bfloat16", "float16"])
     attention_chunk: int = opt(0, "Compute attention in chunks of N tokens (online softmax): same output, no full score "
-                               "matrix; 0: off.")
+                               "matrix; 0: off. A CPU / Metal technique: on CUDA the fused attention keeps no score "
+                               "matrix, and chunks raised the peak there (+14-23%, benchmarks/results/memory-cuda.md).")
     grad_checkpoint: bool = opt(False, "Recompute each transformer block in the backward pass instead of storing its "
                                 "activations (less memory, about a third more compute).")
     lock_image: bool = opt(False, "Freeze the image tower (LiT when the text tower trains).")
