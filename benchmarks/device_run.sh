@@ -340,17 +340,39 @@ for step in "$@"; do
       MLXCLIP_GPU_NORM_KERNEL=1 MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S33_TIMEOUT:-330} $BENCH --arch ViT-B-32 --rounds ${S33_ROUNDS:-3} --memory-limit ${S33_LIMIT:-8GiB} --out $OUT/s33-normkernel-limit 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s33.txt ;;
     s33b) # the same for ViT-B-16 (torch.compile's peak 18.9 GiB), one round (~140 s)
       MLXCLIP_GPU_NORM_KERNEL=1 MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S33_TIMEOUT:-330} $BENCH --arch ViT-B-16 --memory-limit ${S33B_LIMIT:-18GiB} --out $OUT/s33-B-16-normkernel-limit 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s33b.txt ;;
-    s34) # session 27, prepared: is ViT-B-32's queued peak the run-ahead or one step's? MLX alone, the norm kernel (the
+    # s34, session 27, prepared: is ViT-B-32's queued peak the run-ahead or one step's? MLX alone, the norm kernel (the
          # CUDA default since change 52) and the per-gradient sums: one step a run (no queue) against four queued,
          # then limits just above one step's need (auto: one step's peak +10%, and 10 GiB; s33's 8 GiB sat below it and
          # the host waited, 0.91x). Then s34p: the auto limit paired with torch.compile
          # Rows "environment|flags", ~50 s each once NVRTC has compiled its kernels (a bare machine's first rows: >130 s, s32)
-      for row in "MLXCLIP_GPU_NORM_KERNEL=1|--steps-per-run 1" "MLXCLIP_GPU_NORM_KERNEL=1|" \
-                 "MLXCLIP_GPU_NORM_KERNEL=0|--steps-per-run 1" "MLXCLIP_GPU_NORM_KERNEL=0|" \
-                 "MLXCLIP_GPU_NORM_KERNEL=1|--memory-limit auto" "MLXCLIP_GPU_NORM_KERNEL=1|--memory-limit 10GiB"; do
+         # s34a / s34b: its first three rows / last three, one call each (a bare machine's first call runs past 600 s with all six)
+    s34|s34a|s34b)
+      rows=("MLXCLIP_GPU_NORM_KERNEL=1|--steps-per-run 1" "MLXCLIP_GPU_NORM_KERNEL=1|"
+            "MLXCLIP_GPU_NORM_KERNEL=0|--steps-per-run 1" "MLXCLIP_GPU_NORM_KERNEL=0|"
+            "MLXCLIP_GPU_NORM_KERNEL=1|--memory-limit auto" "MLXCLIP_GPU_NORM_KERNEL=1|--memory-limit 10GiB")
+      case $step in s34a) rows=("${rows[@]:0:3}") ;; s34b) rows=("${rows[@]:3}") ;; esac
+      for row in "${rows[@]}"; do
         env ${row%%|*} MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S34_TIMEOUT:-240} ${BENCH/mlx,torch/mlx} --arch ViT-B-32 ${row#*|} --out $OUT/s34-alone 2>&1 | grep items/s | sed "s/^/[$row] /"
-      done | tee $OUT/s34-alone.txt ;;
+      done | tee -a $OUT/s34-alone.txt ;;
     s34p) MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S34_TIMEOUT:-400} $BENCH --arch ViT-B-32 --rounds 3 --memory-limit auto --out $OUT/s34-paired-auto 2>&1 | grep "items/s\|MLX/torch" | tee $OUT/s34-paired.txt ;;
+    # s35, session 28, prepared. (1) Where a row's peak is: the bench now splits the allocator's peak by phase
+    # ("(first run X, timed runs Y)"; s34's un-queued kernel step: 11.7 GiB over its row, 8.4 GiB in auto's one probe
+    # run). (2) AdamW's first moment bf16 for bf16 weights (change 53, the default; MLXCLIP_BF16_MOMENTS=0 the old
+    # fp32): -0.28 GiB predicted for ViT-B, the same graph. (3) Does a command buffer's
+    # retention set one step's peak (MLX_MAX_MB_PER_BUFFER=200)? Rows "environment|flags", MLX alone, ViT-B-32
+    s35|s35a|s35b)
+      rows=("|--steps-per-run 1" "|" "MLXCLIP_BF16_MOMENTS=0|--steps-per-run 1"
+            "MLXCLIP_BF16_MOMENTS=0|" "MLXCLIP_GPU_NORM_KERNEL=0|--steps-per-run 1" "MLX_MAX_MB_PER_BUFFER=200|--steps-per-run 1")
+      case $step in s35a) rows=("${rows[@]:0:3}") ;; s35b) rows=("${rows[@]:3}") ;; esac
+      for row in "${rows[@]}"; do
+        env ${row%%|*} MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S35_TIMEOUT:-185} ${BENCH/mlx,torch/mlx} --arch ViT-B-32 ${row#*|} --out $OUT/s35-alone 2>&1 | grep items/s | sed "s/^/[$row] /"
+      done | tee -a $OUT/s35-alone.txt ;;
+    s35ab) timeout ${S35_TIMEOUT:-400} python3 -m benchmarks.gpu_ab --arch ViT-B-32 --variants moments=bf16,moments=fp32 --rounds 8 2>&1 | tee $OUT/s35-moments-ab32.txt ;;
+    s35p) for a in ViT-B-32 ViT-B-16; do MLXCLIP_MALLOC=$PWD/.whlP/libmimalloc.so.2 timeout ${S35_TIMEOUT:-420} $BENCH --arch $a --rounds ${S35_ROUNDS:-3} --out $OUT/s35-paired-$a 2>&1 | grep "items/s\|MLX/torch"; done | tee $OUT/s35-paired.txt ;;
+    s35t) # the card's tests of this session's changes; then the two CPU-scale memory tests (xfail on CUDA) with
+          # command buffers of a few kernels: do they pass when MLX frees inputs early (the xfail's reason)?
+      MLX_ENABLE_TF32=0 timeout 300 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_optim.py tests/test_memory.py tests/test_multi_tensor.py 2>&1 | tail -15 | tee $OUT/s35-tests.txt
+      MLX_MAX_OPS_PER_BUFFER=4 MLX_MAX_MB_PER_BUFFER=1 timeout 120 python3 -m pytest -q -p no:cacheprovider --runxfail tests/test_memory.py -k "never_holds or saves_activation" 2>&1 | tail -8 | tee -a $OUT/s35-tests.txt ;;
     *) echo "unknown step $step" ;;
   esac
 done
