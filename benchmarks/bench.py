@@ -117,8 +117,9 @@ def bench(arch: str, backends="mlx,torch", tasks="train,embed-image,embed-text",
     un-queued run's measured peak and a tenth more (`mlx_clip.memory.one_step_limit`), measured in each MLX process
     before its warm-up, so that only queued work waits.
 
-    `steps_per_run` (train): each timed run queues that many steps back to back and waits once, as a training loop
-    does (`mlx_clip.train.loop.train`; torch's asynchronous launches do the same), and reports the time per step.
+    `steps_per_run` (train): each timed run queues that many steps back to back, reading each step's loss once the
+    next is queued, and waits for the last, as a training loop does (`mlx_clip.train.loop.train`; torch's reference
+    step the same way), and reports the time per step.
     Default (None): TRAIN_STEPS_PER_RUN on a GPU, where a step's host work would otherwise leave the device idle at
     every step's start, 1 on the CPU, where host and computation share the cores."""
     backends, tasks = _split(backends, BACKENDS, "backend"), _split(tasks, TASKS, "task")

@@ -235,8 +235,9 @@ def _pace(records: list[dict]) -> str:
     per_run = sorted({r.get("steps_per_run", 1) for r in records if r["task"] == "train"})
     if not per_run or per_run == [1]:
         return ""
-    return (f"Train: each timed run queues {'/'.join(map(str, per_run))} steps back to back and waits once, as a "
-            "training loop does (`mlx_clip.train.loop.train`); times are per step. ")
+    return (f"Train: each timed run queues {'/'.join(map(str, per_run))} steps back to back, each step's loss read "
+            "once the next is queued (the host at most a step ahead), and waits for the last, as a training loop "
+            "does (`mlx_clip.train.loop.train`); times are per step. ")
 
 
 def phase_note(rec: dict) -> str:

@@ -358,8 +358,11 @@ for step in "$@"; do
     # s35, session 28, prepared. (1) Where a row's peak is: the bench now splits the allocator's peak by phase
     # ("(first run X, timed runs Y)"; s34's un-queued kernel step: 11.7 GiB over its row, 8.4 GiB in auto's one probe
     # run). (2) AdamW's first moment bf16 for bf16 weights (change 53, the default; MLXCLIP_BF16_MOMENTS=0 the old
-    # fp32): -0.28 GiB predicted for ViT-B, the same graph. (3) Does a command buffer's
-    # retention set one step's peak (MLX_MAX_MB_PER_BUFFER=200)? Rows "environment|flags", MLX alone, ViT-B-32
+    # fp32): -0.28 GiB predicted for ViT-B, the same graph. (3) Does a command buffer's retention set one step's peak
+    # (MLX_MAX_MB_PER_BUFFER=200)? (4) The bench's queued runs now read each step's loss once the next is queued, as
+    # the training loop does (before: up to 3 steps ahead, MLX's 10 buffers in flight the bound): a lower peak
+    # predicted where the device is the bound (ViT-B-16, s35p), none for host-bound ViT-B-32.
+    # Rows "environment|flags", MLX alone, ViT-B-32
     s35|s35a|s35b)
       rows=("|--steps-per-run 1" "|" "MLXCLIP_BF16_MOMENTS=0|--steps-per-run 1"
             "MLXCLIP_BF16_MOMENTS=0|" "MLXCLIP_GPU_NORM_KERNEL=0|--steps-per-run 1" "MLX_MAX_MB_PER_BUFFER=200|--steps-per-run 1")

@@ -98,6 +98,7 @@ def mlx_workload(config: CLIPConfig, task: str, batch: int, mode: str = "compile
         host_s = []
 
         def run_steps(k: int):
+            before = None
             for i in range(k):  # as train.loop.train queues them: each step's host work overlaps the one before
                 tick = time.thread_time()
                 (loss, norm, applied), *state = launch()
@@ -106,6 +107,9 @@ def mlx_workload(config: CLIPConfig, task: str, batch: int, mode: str = "compile
                 else:  # the run ends here: all of it, so that host_s holds every step's queueing
                     mx.async_eval(loss, norm, applied, state)
                 host_s.append(time.thread_time() - tick)
+                if before is not None:  # the step before's numbers, read once this one is queued, as the loop
+                    mx.eval(*before)  # reads them: the host at most a step ahead (and its buffers with it)
+                before = (loss, norm, applied)
             mx.eval(loss, norm, applied, state)
 
         def run():

@@ -29,8 +29,12 @@ def torch_workload(config: CLIPConfig, task: str, batch: int, mode: str = "compi
     pixels, tokens = ref.pixels(data["images"]), ref.tokens(data["input_ids"])
     if task == "train":
         def run_steps(k: int):
+            before = None
             for _ in range(k):  # queued back to back as a training loop does; synchronised once at the end
-                ref.train_step_on(pixels, tokens)
+                loss = ref.train_step_on(pixels, tokens)[0]
+                if before is not None:  # the step before's loss read once this one is queued, as mlxclip's loop
+                    before.item()  # reads it (the same loop for both backends: benchmarks/workloads_mlx.py)
+                before = loss
             synchronize(ref.device)
 
         return Workload(lambda: run_steps(1), batch, run_steps=run_steps)

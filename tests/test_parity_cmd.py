@@ -245,7 +245,7 @@ def test_bench_train_reports_mlx_host_time(tmp_path, capsys):
 
 
 def test_bench_steps_per_run_queues_train_steps_and_reports_per_step(tmp_path, capsys):
-    """--steps-per-run k: each timed train run queues k steps and waits once; the times are per step (MLX's host time
+    """--steps-per-run k: each timed train run queues k steps and waits for the last; the times are per step (MLX's host time
     too: one per step), the rows and the report say so; the CPU default is 1 (host and computation share cores)."""
     common = ["bench", "--arch", "tiny", "--backend", "mlx,torch", "--task", "train", "--mode", "compiled",
               "--batch", "2", "--runs", "2", "--warmup", "1", "--device", "cpu", "--json"]
@@ -258,6 +258,55 @@ def test_bench_steps_per_run_queues_train_steps_and_reports_per_step(tmp_path, c
     assert {json.loads(line)["steps_per_run"] for line in capsys.readouterr().out.strip().splitlines()} == {1}
     with pytest.raises(ValueError, match="steps_per_run must be >= 1"):
         cli.main([*common, "--steps-per-run", "0"], standalone_mode=False)
+
+
+def test_queued_train_steps_read_each_loss_once_the_next_is_queued(monkeypatch):
+    """As mlxclip's training loop does (train.loop.train: step s + 1 queued, then step s read), both backends' bench
+    workloads read a step's loss only once the next step is queued, so the host runs at most a step ahead (and, on
+    CUDA, MLX's buffers with it: they are freed when their command buffer completes); the last step waits at the end."""
+    from benchmarks import workloads_mlx, workloads_torch
+    from mlx_clip.train import loop
+    from torch_ref import model as torch_model
+
+    events = []
+    load = workloads_mlx.mlx_workload(get_config("tiny"), "train", 2, "compiled", "float32", words=(3, 5))
+    real_queue = loop.queue
+
+    class Mx:  # mlx.core as the workload sees it, its evaluations logged (loop.queue keeps the real one)
+        def __getattr__(self, name):
+            return getattr(mx, name)
+
+        def eval(self, *a):
+            events.append(("read", id(a[0])))
+            mx.eval(*a)
+
+        def async_eval(self, *a):
+            events.append(("last", id(a[0])))
+            mx.async_eval(*a)
+
+    monkeypatch.setattr(loop, "queue", lambda *out, state: (events.append(("queue", id(out[0]))),
+                                                            real_queue(*out, state=state)))
+    monkeypatch.setattr(workloads_mlx, "mx", Mx())
+    load.run_steps(3)
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["queue", "queue", "read", "last", "read", "read"], kinds
+    assert events[2][1] == events[0][1] and events[4][1] == events[1][1]  # step 0's loss after step 1 is queued, ...
+    assert events[5][1] == events[3][1]  # ... and the last step's at the end
+
+    class Loss:  # a step's loss whose read is logged (the torch step itself is replaced: the loop is what is tested)
+        def __init__(self, step):
+            self.step = step
+
+        def item(self):
+            events.append(("read", self.step))
+
+    steps = iter(range(3))
+    monkeypatch.setattr(torch_model.TorchCLIP, "train_step_on",
+                        lambda self, pixels, tokens: (events.append(("queue", s := next(steps))), (Loss(s), None, None))[1])
+    monkeypatch.setattr(workloads_torch, "synchronize", lambda device: events.append(("last", None)))
+    events.clear()
+    workloads_torch.torch_workload(get_config("tiny"), "train", 2, "eager", "float32", "cpu", words=(3, 5)).run_steps(3)
+    assert events == [("queue", 0), ("queue", 1), ("read", 0), ("queue", 2), ("read", 1), ("last", None)], events
 
 
 def test_measure_times_each_iteration_of_a_multi_step_run(monkeypatch):
