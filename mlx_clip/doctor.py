@@ -104,7 +104,7 @@ def report(measure: bool = True) -> dict:
         "norm_squares": step.NORM_SQUARES,  # MLXCLIP_NORM_SQUARES: how the clip norm sums each gradient's squares
         "gpu_norm_kernel": step.GPU_NORM_KERNEL,  # MLXCLIP_GPU_NORM_KERNEL: "auto" sums them with our kernel on CUDA
         "fold_clip": optim.FOLD_CLIP_GPU,  # MLXCLIP_GPU_FOLD_CLIP: off the CPU, the clip factor in AdamW's moments
-        "bf16_moments": optim.BF16_MOMENTS,  # MLXCLIP_BF16_MOMENTS: AdamW's moments bf16 for bf16 weights
+        "bf16_moments": optim.BF16_MOMENTS,  # MLXCLIP_BF16_MOMENTS: AdamW's first moment bf16 for bf16 weights
         # MLXCLIP_GPU_INPLACE_UPDATE: off the CPU, large parameters' AdamW as kernels writing over p, m and v (opt-in)
         "gpu_inplace_update": optim.GPU_INPLACE_UPDATE,
         # MLX_MAX_OPS_PER_BUFFER on CUDA (1,000 unless set, gpu_buffers.py); None where MLX's own default applies

@@ -42,8 +42,9 @@ def _tiny(seed=0) -> CLIP:
 
 # On CUDA MLX keeps each kernel's inputs until its command buffer completes (a commit every 1,000 kernels or
 # MLX_MAX_MB_PER_BUFFER of inputs, 1,000 MB on an H200: mlx/backend/cuda), so a step of this file's size runs in a few
-# buffers and frees little early: on an H200 (session 28) sliced attention's gradient peaked at 39.4 MB where the score
-# matrix is 16.8 MB, and the 12-layer model's checkpointed step at 495 MB against 468 plain. At training sizes the
+# buffers and can free little early; consistent with that (device_run.sh s35t tests it with buffers of 4 kernels), on
+# an H200 (session 28) sliced attention's gradient peaked at 39.4 MB where the score matrix is 16.8 MB, and the
+# 12-layer model's checkpointed step at 495 MB against 468 plain. At training sizes the
 # techniques are measured on the card by `mlxclip memory` (benchmarks/results/memory-cuda.md: checkpointing -27% to
 # -64%; chunked attention +14-23%, as CUDA's fused attention keeps no score matrix). strict: a pass there is news.
 _CUDA_BUFFERS = pytest.mark.xfail(mx.default_device() == mx.gpu and mx.cuda.is_available(), strict=True,

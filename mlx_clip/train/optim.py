@@ -259,7 +259,7 @@ class GroupedAdamW(optim.Adam):
         if fold:
             into_m, into_v = into_m * self._moment_scale, into_v * self._moment_scale_sq
         # squared in fp32 (a no-op for fp32 gradients): in fp16 a large gradient (the steps clipping is for)
-        # overflows, and in bf16 the square lost a fp32 v half its bits (the cast was made after it before session 28)
+        # overflows, and in bf16 the square lost an fp32 v half its bits (the cast came after it before session 28)
         gradient = gradient.astype(mx.float32)
         # computed in fp32 (the coefficients are fp32 arrays) and stored in the state's own dtypes (moment_dtypes); the
         # update reads them as stored: an fp32 value read by both a stored bf16 moment and the update would end MLX's
