@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import mlx.core as mx
 
 from mlx_clip import _blas
 from mlx_clip.switches import env_switch
 
-_STREAMS: list | None = None
+# Per thread: MLX (0.32) binds a stream from mx.new_stream to the thread that made it ("There is no Stream(cpu, 1) in
+# current thread" elsewhere), and a process may run the model on more than one thread (the server's model thread after
+# a training run in the main one: found in session 28's test suite, after a bench test left this mode on)
+_LOCAL = threading.local()
 
 
 def cores() -> int:
@@ -38,13 +42,12 @@ def on_cpu() -> bool:
 
 
 def cpu_streams() -> list:
-    """One CPU stream per core (at most 4), made once; [] when the default device is not the CPU."""
-    global _STREAMS
+    """One CPU stream per core (at most 4), made once per thread; [] when the default device is not the CPU."""
     if not on_cpu():
         return []
-    if _STREAMS is None:
-        _STREAMS = [mx.new_stream(mx.cpu) for _ in range(max(1, min(cores(), 4)))]
-    return _STREAMS
+    if getattr(_LOCAL, "streams", None) is None:
+        _LOCAL.streams = [mx.new_stream(mx.cpu) for _ in range(max(1, min(cores(), 4)))]
+    return _LOCAL.streams
 
 
 class Spread:
@@ -93,7 +96,7 @@ def in_own_shape(stream, fn, *arrays: mx.array):
     streams ran that way. A shape of its own per stream keeps those broadcasts apart. With fastmath's kernel
     boundaries, alternating processes: ViT-B-32 b16 train step 3,996 / 3,984 / 3,856 -> 3,775 / 3,795 / 3,705 ms,
     `small` b32 438 / 418 / 400 -> 393 / 352 / 376 ms."""
-    streams = [str(s) for s in (_STREAMS or [])]
+    streams = [str(s) for s in (getattr(_LOCAL, "streams", None) or [])]  # this thread's, where made
     k = streams.index(str(stream)) + 1 if str(stream) in streams else 0
     return with_leading_axes(k, fn, *arrays)
 

@@ -134,3 +134,38 @@ def test_activation_gradient_on_two_streams_under_compile_equals_one_stream():
         one = mx.compile(lambda: grad_of(act, [mx.default_stream(mx.cpu)]))()
         two = mx.compile(lambda: grad_of(act, cpu_streams.cpu_streams()[:2]))()
         np.testing.assert_allclose(np.array(two), np.array(one), rtol=1e-6, atol=1e-7)
+
+
+def test_batch_parallel_mode_runs_in_a_thread_that_did_not_make_the_streams():
+    """MLX binds a stream from mx.new_stream to the thread that made it, so each thread gets its own CPU streams: a
+    batch cut over the streams in one thread, then in another (a server's model thread after training in the main
+    one), gives the same embeddings as the whole batch. With streams shared across threads the second raised
+    "There is no Stream(cpu, N) in current thread" (session 28)."""
+    import threading
+
+    from mlx_clip.config import get_config
+    from mlx_clip.model import CLIP
+
+    mx.random.seed(0)
+    model = CLIP(get_config("tiny"))
+    size = model.config.vision_config.image_size
+    x = mx.random.normal((4, size, size, 3), key=mx.random.key(1))
+    whole = np.array(model.encode_image(x))
+    got = {}
+
+    def cut(name):
+        try:
+            with cpu_streams.batch_parallel_mode():
+                assert cpu_streams.groups_for(4) == len(cpu_streams.cpu_streams()) > 1
+                got[name] = np.array(cpu_streams.split_batch(model.encode_image, x))
+        except Exception as e:  # noqa: BLE001  (reported by the assertion below, with its message)
+            got[name] = e
+
+    cut("main")
+    thread = threading.Thread(target=cut, args=("other",))
+    thread.start()
+    thread.join(60)
+    for name in ("main", "other"):
+        assert not isinstance(got[name], Exception), (name, got[name])
+        np.testing.assert_allclose(got[name], whole, rtol=1e-5, atol=1e-6)
+    assert cpu_streams.cpu_streams() is cpu_streams.cpu_streams()  # made once per thread

@@ -265,6 +265,7 @@ def test_queued_train_steps_read_each_loss_once_the_next_is_queued(monkeypatch):
     workloads read a step's loss only once the next step is queued, so the host runs at most a step ahead (and, on
     CUDA, MLX's buffers with it: they are freed when their command buffer completes); the last step waits at the end."""
     from benchmarks import workloads_mlx, workloads_torch
+    from mlx_clip import cpu_streams
     from mlx_clip.train import loop
     from torch_ref import model as torch_model
 
@@ -287,7 +288,8 @@ def test_queued_train_steps_read_each_loss_once_the_next_is_queued(monkeypatch):
     monkeypatch.setattr(loop, "queue", lambda *out, state: (events.append(("queue", id(out[0]))),
                                                             real_queue(*out, state=state)))
     monkeypatch.setattr(workloads_mlx, "mx", Mx())
-    load.run_steps(3)
+    with cpu_streams.batch_parallel_mode(cpu_streams.ENABLED):  # the workload sets the CPU's mode: put back after
+        load.run_steps(3)
     kinds = [kind for kind, _ in events]
     assert kinds == ["queue", "queue", "read", "last", "read", "read"], kinds
     assert events[2][1] == events[0][1] and events[4][1] == events[1][1]  # step 0's loss after step 1 is queued, ...
