@@ -236,3 +236,21 @@ def test_logit_scale_is_clamped_even_with_a_huge_lr(tiny_dir):
         assert model.logit_scale.item() == LN100  # Adam moved it by ~1000; the clamp holds it at ln(100)
 
 
+
+
+def test_a_bfloat16_run_resumed_equals_the_uninterrupted_one(tiny_dir, data_dir, tmp_path, monkeypatch):
+    """Under --dtype bfloat16 the optimizer's state mixes dtypes (m bf16, v fp32: optim.moment_dtypes, session 28):
+    a checkpoint keeps each as it is, so an interrupted bf16 run resumed from step 4 ends with the uninterrupted run's
+    weights, and its saved moments in those dtypes."""
+    whole = run_args(tiny_dir, data_dir, tmp_path / "A", dtype="bfloat16", save_every=4)
+    ft.finetune(whole, quiet=True)
+    resumed = run_args(tiny_dir, data_dir, tmp_path / "B", dtype="bfloat16", save_every=4)
+    assert _interrupt_then_resume(resumed, 7, monkeypatch)["resumed_from"] == 4
+    saved = mx.load(str(checkpoint_dirs(resumed.out)[-1] / "optimizer.safetensors"))
+    kinds = {(k.rsplit(".", 1)[-1], v.dtype) for k, v in saved.items() if k.endswith((".m", ".v"))}
+    assert kinds == {("m", mx.bfloat16), ("v", mx.float32)}, kinds
+    wa, wb = (mx.load(str(Path(run.out) / "final" / "model.safetensors")) for run in (whole, resumed))
+    assert wa.keys() == wb.keys()
+    for k in wa:  # bf16 values compared exactly, through fp32 (numpy has no bf16)
+        np.testing.assert_array_equal(np.array(wb[k].astype(mx.float32)), np.array(wa[k].astype(mx.float32)),
+                                      err_msg=k)
