@@ -1,6 +1,12 @@
 #!/bin/bash
 # Issue 7 measurements on a lent CUDA machine (../shared/docs/GPU.md stages the wheels into /tmp/site first).
 # Usage there: bash benchmarks/device_run.sh STEP...   (steps below; each writes its output under $OUT)
+# Staging as used since session 27 (the tracked tree plus a call's carry must stay under 64 MiB, so the wheel goes in
+# three ~30 MiB parts): after ../shared/tools/stage-mlx-cuda.sh, `cat .whl1/part_aa .whl2/part_ab > /tmp/w.whl;
+# split -b 30m /tmp/w.whl /tmp/wp_`, parts into .whlA/.whlB/.whlC (the small wheels from .whl2 into .whlC); call 1
+# carries .whlA (copy to /root/stash), call 2 .whlB, call 3 .whlC and .whlP (mimalloc): cat the parts into
+# /root/stash/mlx_cuda_13-<version>-py3-none-manylinux_2_35_x86_64.whl, `pip install --no-index --no-deps --target
+# /tmp/site` it with .whlC/*.whl, then run steps; later calls carry .whlP only. The machine goes back after 30 s idle.
 # tree-ab compares against ab_old/, made here first: mkdir ab_old && git archive BASE mlx_clip benchmarks | tar -x -C ab_old
 # (each tree runs from its own directory: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH,
 # so an old tree named only in PYTHONPATH would be shadowed by this one, as it was before session 7)
