@@ -120,6 +120,7 @@ class _Memory:
         self.rss_start = _rss_now()
         self.phases: dict[str, int] = {}  # phase -> the allocator's peak in it (the highest, for "timed")
         self.timed_peaks: list[int] = []
+        self.allocator = self._allocator()  # the backend is imported by now (run_worker builds it first)
 
     def _allocator(self):
         """(peak since the last reset, reset) of the measuring allocator: MLX's on any device, torch's on CUDA; None
@@ -137,18 +138,18 @@ class _Memory:
     def mark(self, phase: str) -> None:
         """Close `phase`: its allocator peak is recorded and the allocator's peak counter restarts (the row's peak
         stays the highest of all phases: `read`)."""
-        allocator = self._allocator()
-        if allocator is None:
+        if self.allocator is None:
             return
-        peak, reset = allocator
+        peak, reset = self.allocator
         got = int(peak())
         self.phases[phase] = max(self.phases.get(phase, 0), got)
         if phase == "timed":
             self.timed_peaks.append(got)
         reset()
 
-    def _highest(self) -> int:
-        return max(self.phases.values(), default=0)
+    def _allocator_peak(self) -> int:
+        """The allocator's peak over the whole measurement: the phases `mark` closed and the one still open."""
+        return int(max(self.allocator[0](), *self.phases.values()))
 
     def reset(self) -> None:
         gc.collect()
@@ -168,17 +169,10 @@ class _Memory:
     def read(self) -> dict:
         out = {"rss_growth_bytes": _rss_high_water() - self.rss_start}
         if self.backend == "mlx":
-            import mlx.core as mx
-
-            out["mlx_allocator_peak_bytes"] = int(max(mx.get_peak_memory(), self._highest()))
+            out["mlx_allocator_peak_bytes"] = self._allocator_peak()
         if self.device == "cuda":
-            if self.backend == "mlx":
-                out.update(peak_mem_bytes=out["mlx_allocator_peak_bytes"], peak_mem_source="mx.get_peak_memory")
-            else:
-                import torch
-
-                out.update(peak_mem_bytes=int(max(torch.cuda.max_memory_allocated(), self._highest())),
-                           peak_mem_source="torch.cuda.max_memory_allocated")
+            source = "mx.get_peak_memory" if self.backend == "mlx" else "torch.cuda.max_memory_allocated"
+            out.update(peak_mem_bytes=self._allocator_peak(), peak_mem_source=source)
         else:
             out.update(peak_mem_bytes=out["rss_growth_bytes"], peak_mem_source="rss growth")
         if self.phases:  # the allocator's, also where the row's peak is the resident set's (MLX on the CPU)
